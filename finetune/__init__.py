@@ -1,0 +1,1 @@
+"""Finetuning-data selection and LoRA finetuning of generators (paper §5). Not built yet."""

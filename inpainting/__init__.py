@@ -1,0 +1,1 @@
+"""Heatmap-guided inpainting repair (paper §5, Fig. 9). Not built yet."""

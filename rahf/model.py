@@ -1,0 +1,530 @@
+"""RAHF: the Rich Automatic Human Feedback model (Liang et al., CVPR 2024, §4.1).
+
+Read top to bottom: the channel norm and convolution blocks, the heatmap and score heads, the config
+dataclass, then the model.
+
+A ViT turns the image into tokens; a linear layer projects them to the T5 width; they are concatenated with
+the T5-embedded prompt tokens and fused by the T5 *encoder* under an attention mask that hides prompt padding.
+The encoded image tokens (CLS dropped) form a (B, D, g, g) grid read by the heads:
+
+* heatmap head: two convs, then log2(patch) stride-2 transposed-conv stages with residual conv blocks
+  (g -> patch * g = the ViT input size), then conv -> 1 channel -> sigmoid: (B, S, S) in [0, 1].
+* score head: six conv3x3 + channel-norm + ReLU blocks narrowing the channels, flatten, MLP -> sigmoid: (B,).
+* keyword sequence: the T5 decoder cross-attends to the encoded *text* tokens and emits the cleaned prompt with
+  `_0` appended to each misaligned word.
+
+Two variants: ``multi_head`` (one head per heatmap and per score, one encoder pass) and ``augmented_prompt``
+(one heatmap head, one score head; the prompt is prefixed with a task string and the encoder runs once per
+task, batched; the ViT runs once per image either way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel
+from transformers.modeling_outputs import BaseModelOutput
+
+SCORE_NAMES = ("plausibility", "alignment", "aesthetics", "overall")
+HEATMAP_NAMES = ("implausibility", "misalignment")
+KEYWORDS_TASK = "keywords"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ChannelRMSNorm(nn.Module):
+    """T5-style norm over the channel axis of a feature map: no mean subtraction, no bias.
+
+    Works on NCHW and channels-last tensors alike (the reduction is over dim 1 either way).
+    """
+
+    def __init__(self, channels: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        inv = torch.rsqrt(x.float().square().mean(dim=1, keepdim=True) + self.eps).to(x.dtype)
+        return x * inv * self.scale.to(x.dtype).view(1, -1, 1, 1)
+
+
+def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1)
+
+
+class UpStage(nn.Module):
+    """Stride-2 transposed conv -> norm -> ReLU, then a residual block (conv-norm-ReLU-conv-norm) + ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, eps: float) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_in, c_out, kernel_size=3, stride=2, padding=1, output_padding=1)
+        self.up_norm = ChannelRMSNorm(c_out, eps)
+        self.conv1 = conv3x3(c_out, c_out)
+        self.norm1 = ChannelRMSNorm(c_out, eps)
+        self.conv2 = conv3x3(c_out, c_out)
+        self.norm2 = ChannelRMSNorm(c_out, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, h, w) -> (B, C_out, 2h, 2w)."""
+        x = F.relu(self.up_norm(self.up(x)))
+        y = self.norm2(self.conv2(F.relu(self.norm1(self.conv1(x)))))
+        return F.relu(x + y)
+
+
+class HeatmapHead(nn.Module):
+    """Feature grid (B, D, g, g) -> heatmap (B, g * 2**len(up_channels), same) in [0, 1]."""
+
+    def __init__(self, config: RAHFConfig) -> None:
+        super().__init__()
+        eps = config.head_norm_eps
+        stem = []
+        c = config.text["d_model"]
+        for c_out in config.heatmap_stem_channels:  # conv -> ReLU -> norm, as in the published model
+            stem.append(nn.ModuleDict({"conv": conv3x3(c, c_out), "norm": ChannelRMSNorm(c_out, eps)}))
+            c = c_out
+        self.stem = nn.ModuleList(stem)
+        ups = []
+        for c_out in config.heatmap_up_channels:
+            ups.append(UpStage(c, c_out, eps))
+            c = c_out
+        self.up = nn.ModuleList(ups)
+        self.out_conv1 = conv3x3(c, config.heatmap_out_channels)
+        self.out_conv2 = conv3x3(config.heatmap_out_channels, 1)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid: (B, D, g, g) -> (B, S, S) float in [0, 1], S = g * 2**stages."""
+        x = grid
+        for block in self.stem:
+            x = block["norm"](F.relu(block["conv"](x)))
+        for stage in self.up:
+            x = stage(x)
+        x = self.out_conv2(F.relu(self.out_conv1(x)))
+        return torch.sigmoid(x).squeeze(1)
+
+
+class ScoreHead(nn.Module):
+    """Feature grid (B, D, g, g) -> score (B,) in [0, 1]."""
+
+    def __init__(self, config: RAHFConfig) -> None:
+        super().__init__()
+        eps = config.head_norm_eps
+        blocks = []
+        c = config.text["d_model"]
+        for c_out in config.score_channels:
+            blocks.append(nn.ModuleDict({"conv": conv3x3(c, c_out), "norm": ChannelRMSNorm(c_out, eps)}))
+            c = c_out
+        self.blocks = nn.ModuleList(blocks)
+        dims = [c * config.grid_size**2, *config.score_mlp_widths, 1]
+        self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid: (B, D, g, g) -> (B,) float in [0, 1]."""
+        x = grid
+        for block in self.blocks:
+            x = F.relu(block["norm"](block["conv"](x)))
+        # Flatten in NCHW order whatever the memory format, so weights mean the same everywhere.
+        x = x.contiguous().flatten(1)
+        for i, linear in enumerate(self.mlp):
+            x = linear(x)
+            if i < len(self.mlp) - 1:
+                x = F.relu(x)
+        return torch.sigmoid(x).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RAHFConfig:
+    """Every hyperparameter of RAHF. ``vision`` and ``text`` are ViTConfig / T5Config keyword dicts."""
+
+    vision: dict[str, Any]  # ViTConfig kwargs: image_size, patch_size, hidden_size, layers, heads, ...
+    text: dict[str, Any]  # T5Config kwargs: vocab_size, d_model, d_kv, d_ff, num_layers, num_heads, ...
+    variant: str = "multi_head"  # "multi_head" | "augmented_prompt"
+    score_names: tuple[str, ...] = SCORE_NAMES
+    heatmap_names: tuple[str, ...] = HEATMAP_NAMES
+    heatmap_stem_channels: tuple[int, ...] = (768, 384)  # convs before upsampling
+    heatmap_up_channels: tuple[int, ...] = (768, 384, 384, 192)  # one stride-2 stage each: log2(patch) of them
+    heatmap_out_channels: int = 192  # width of the last conv before the 1-channel output
+    score_channels: tuple[int, ...] = (768, 384, 192, 96, 48, 12)  # six narrowing conv blocks
+    score_mlp_widths: tuple[int, ...] = (512, 128)  # hidden widths of the score MLP
+    head_norm_eps: float = 1e-8  # eps of the channel RMS norm in the heads
+    # Task strings prefixed to the prompt in the augmented-prompt variant, one per output.
+    task_prefixes: dict[str, str] = field(
+        default_factory=lambda: {
+            "implausibility": "implausibility heatmap:",
+            "misalignment": "misalignment heatmap:",
+            "plausibility": "plausibility score:",
+            "alignment": "alignment score:",
+            "aesthetics": "aesthetics score:",
+            "overall": "overall score:",
+            KEYWORDS_TASK: "misaligned keywords:",
+        }
+    )
+    max_text_tokens: int = 128  # prompt tokens kept (longer prompts are truncated, and reported)
+    max_keyword_tokens: int = 160  # upper bound on generated keyword-sequence tokens
+    misaligned_suffix: str = "_0"  # appended to each misaligned word in the keyword sequence
+    heatmap_loss_weight: float = 1.0  # w_h: per-heatmap pixel MSE
+    score_loss_weight: float = 1.0  # w_s: per-score MSE
+    token_loss_weight: float = 1.0  # w_t: keyword-sequence token cross-entropy (pads ignored)
+
+    def __post_init__(self) -> None:
+        self.score_names = tuple(self.score_names)
+        self.heatmap_names = tuple(self.heatmap_names)
+        self.heatmap_stem_channels = tuple(self.heatmap_stem_channels)
+        self.heatmap_up_channels = tuple(self.heatmap_up_channels)
+        self.score_channels = tuple(self.score_channels)
+        self.score_mlp_widths = tuple(self.score_mlp_widths)
+        if self.variant not in ("multi_head", "augmented_prompt"):
+            raise ValueError(f"variant must be 'multi_head' or 'augmented_prompt', got {self.variant!r}")
+        size, patch = self.vision["image_size"], self.vision["patch_size"]
+        if size % patch:
+            raise ValueError(f"image_size {size} is not a multiple of patch_size {patch}")
+        if 2 ** len(self.heatmap_up_channels) != patch:
+            raise ValueError(
+                f"{len(self.heatmap_up_channels)} upsampling stages give x{2 ** len(self.heatmap_up_channels)}, "
+                f"but the heatmap must grow by the patch size {patch} to reach the input resolution"
+            )
+        if self.variant == "augmented_prompt":
+            missing = [t for t in (*self.heatmap_names, *self.score_names) if t not in self.task_prefixes]
+            if missing:
+                raise ValueError(f"augmented_prompt needs a task prefix for {missing}")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.vision["image_size"])
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // int(self.vision["patch_size"])
+
+    def vit_config(self) -> ViTConfig:
+        return ViTConfig(**self.vision)
+
+    def t5_config(self) -> T5Config:
+        return T5Config(**self.text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps({"model_type": "rahf", **self.to_dict()}, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RAHFConfig:
+        data = {k: v for k, v in data.items() if k != "model_type"}
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown RAHFConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> RAHFConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RAHFLabels:
+    """Training targets. Maps (B, S, S) and scores (B,) in [0, 1]; keyword_ids (B, L) with -100 on pads."""
+
+    heatmaps: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    keyword_ids: torch.Tensor | None = None
+
+
+@dataclass
+class RAHFOutput:
+    """Forward result. heatmaps name -> (B, S, S) in [0, 1]; scores name -> (B,) in [0, 1]."""
+
+    heatmaps: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+    text_states: torch.Tensor | None = None  # (B, T, D) encoded prompt tokens the decoder reads
+    text_mask: torch.Tensor | None = None  # (B, T) 1 = real token
+    keyword_logits: torch.Tensor | None = None  # (B, L, V) under teacher forcing
+    loss: torch.Tensor | None = None
+    loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RAHFModel(nn.Module):
+    """RAHF built only from a :class:`RAHFConfig` (random init); weights come from ``from_pretrained``."""
+
+    def __init__(self, config: RAHFConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = ViTModel(config.vit_config(), add_pooling_layer=False)
+        self.text = T5ForConditionalGeneration(config.t5_config())
+        self.visual_projection = nn.Linear(config.vision["hidden_size"], config.text["d_model"])
+        if config.variant == "multi_head":
+            self.heatmap_heads = nn.ModuleDict({n: HeatmapHead(config) for n in config.heatmap_names})
+            self.score_heads = nn.ModuleDict({n: ScoreHead(config) for n in config.score_names})
+        else:
+            self.heatmap_heads = nn.ModuleDict({"shared": HeatmapHead(config)})
+            self.score_heads = nn.ModuleDict({"shared": ScoreHead(config)})
+
+    # -- encoders ------------------------------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, S, S) normalised to [-1, 1] -> projected image tokens (B, 1 + g*g, D)."""
+        tokens = self.vision(pixel_values=pixel_values).last_hidden_state
+        return self.visual_projection(tokens)
+
+    def fuse(
+        self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the T5 encoder over [image tokens ; prompt tokens] with prompt padding masked out.
+
+        Returns the feature grid (B, D, g, g) of the encoded image tokens (CLS dropped) and the encoded
+        prompt tokens (B, T, D).
+        """
+        n_img = image_tokens.shape[1]
+        text_embeds = self.text.get_input_embeddings()(input_ids)
+        embeds = torch.cat([image_tokens.to(text_embeds.dtype), text_embeds], dim=1)
+        image_mask = attention_mask.new_ones(attention_mask.shape[0], n_img)
+        mask = torch.cat([image_mask, attention_mask], dim=1)
+        hidden = self.text.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        g = self.config.grid_size
+        grid = hidden[:, 1:n_img].transpose(1, 2).reshape(hidden.shape[0], -1, g, g)
+        return grid, hidden[:, n_img:]
+
+    # -- heads ---------------------------------------------------------------------------------------------
+
+    def heatmap_head(self, name: str) -> HeatmapHead:
+        return self.heatmap_heads[name if self.config.variant == "multi_head" else "shared"]
+
+    def score_head(self, name: str) -> ScoreHead:
+        return self.score_heads[name if self.config.variant == "multi_head" else "shared"]
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        heatmaps: tuple[str, ...] | None = None,
+        scores: tuple[str, ...] | None = None,
+        keywords: bool = True,
+        labels: RAHFLabels | None = None,
+        channels_last: bool = False,
+    ) -> RAHFOutput:
+        """Predict the requested heatmaps and scores (default: all) and, with labels, the losses.
+
+        Args:
+            pixel_values: (B, 3, S, S) float, normalised with mean = std = 0.5.
+            input_ids, attention_mask: (B, T) prompt tokens. In the augmented-prompt variant these are
+                (B, K, T): one row per task in ``task_order(heatmaps, scores, keywords)``.
+            heatmaps, scores: names to compute; ``()`` skips the heads entirely.
+            keywords: keep the encoded prompt for the decoder (and compute the token loss with labels).
+            labels: training targets; every target given must be among the computed outputs.
+            channels_last: run the convolutional heads in channels-last memory format (faster on CPU/GPU).
+        """
+        heatmaps = self.config.heatmap_names if heatmaps is None else tuple(heatmaps)
+        scores = self.config.score_names if scores is None else tuple(scores)
+        image_tokens = self.encode_image(pixel_values)
+        if self.config.variant == "multi_head":
+            out = self._forward_multi_head(
+                image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, channels_last
+            )
+        else:
+            out = self._forward_augmented(
+                image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, channels_last
+            )
+        if labels is not None:
+            self._add_losses(out, labels)
+        return out
+
+    def task_order(self, heatmaps: tuple[str, ...], scores: tuple[str, ...], keywords: bool) -> list[str]:
+        """Tasks run by the augmented-prompt encoder, in batch order."""
+        return [*heatmaps, *scores, *([KEYWORDS_TASK] if keywords else [])]
+
+    def _forward_multi_head(
+        self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, channels_last
+    ) -> RAHFOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"multi_head expects input_ids (B, T), got {tuple(input_ids.shape)}")
+        grid, text_states = self.fuse(image_tokens, input_ids, attention_mask)
+        if channels_last:
+            grid = grid.contiguous(memory_format=torch.channels_last)
+        return RAHFOutput(
+            heatmaps={n: self.heatmap_heads[n](grid) for n in heatmaps},
+            scores={n: self.score_heads[n](grid) for n in scores},
+            text_states=text_states if keywords else None,
+            text_mask=attention_mask if keywords else None,
+        )
+
+    def _forward_augmented(
+        self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, channels_last
+    ) -> RAHFOutput:
+        tasks = self.task_order(heatmaps, scores, keywords)
+        b = image_tokens.shape[0]
+        if input_ids.dim() != 3 or input_ids.shape[1] != len(tasks):
+            raise ValueError(
+                f"augmented_prompt expects input_ids (B, {len(tasks)}, T) for tasks {tasks}, "
+                f"got {tuple(input_ids.shape)}"
+            )
+        k, t = input_ids.shape[1], input_ids.shape[2]
+        # The ViT ran once per image; every task reuses its tokens. Batch layout: (B * K) rows, image-major.
+        tokens = (
+            image_tokens.unsqueeze(1).expand(b, k, *image_tokens.shape[1:]).reshape(b * k, -1, image_tokens.shape[-1])
+        )
+        grid, text_states = self.fuse(tokens, input_ids.reshape(b * k, t), attention_mask.reshape(b * k, t))
+        grid = grid.reshape(b, k, *grid.shape[1:])
+        text_states = text_states.reshape(b, k, t, -1)
+        nh, ns = len(heatmaps), len(scores)
+        out = RAHFOutput(heatmaps={}, scores={})
+        if nh:
+            g = grid[:, :nh].reshape(b * nh, *grid.shape[2:])
+            maps = self.heatmap_heads["shared"](
+                g.contiguous(memory_format=torch.channels_last) if channels_last else g
+            ).reshape(b, nh, *([self.config.image_size] * 2))
+            out.heatmaps = {n: maps[:, i] for i, n in enumerate(heatmaps)}
+        if ns:
+            g = grid[:, nh : nh + ns].reshape(b * ns, *grid.shape[2:])
+            vals = self.score_heads["shared"](
+                g.contiguous(memory_format=torch.channels_last) if channels_last else g
+            ).reshape(b, ns)
+            out.scores = {n: vals[:, i] for i, n in enumerate(scores)}
+        if keywords:
+            out.text_states = text_states[:, -1]
+            out.text_mask = attention_mask[:, -1]
+        return out
+
+    # -- keyword sequence ----------------------------------------------------------------------------------
+
+    def keyword_logits(
+        self, text_states: torch.Tensor, text_mask: torch.Tensor, keyword_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Teacher-forced decoder logits (B, L, V); keyword_ids (B, L) with -100 on pads."""
+        decoder_input_ids = self.text._shift_right(
+            keyword_ids.masked_fill(keyword_ids < 0, self.config.text["pad_token_id"])
+        )
+        return self.text(
+            encoder_outputs=BaseModelOutput(last_hidden_state=text_states),
+            attention_mask=text_mask,
+            decoder_input_ids=decoder_input_ids,
+        ).logits
+
+    @torch.no_grad()
+    def generate_keyword_ids(
+        self, text_states: torch.Tensor, text_mask: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
+        """Greedy decoding of the keyword sequence: (B, T, D), (B, T) -> token ids (B, <= max_new_tokens + 1)."""
+        return self.text.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=text_states),
+            attention_mask=text_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )
+
+    # -- losses --------------------------------------------------------------------------------------------
+
+    def _add_losses(self, out: RAHFOutput, labels: RAHFLabels) -> None:
+        cfg = self.config
+        parts: dict[str, torch.Tensor] = {}
+        for name, target in labels.heatmaps.items():
+            if name not in out.heatmaps:
+                raise ValueError(f"heatmap target {name!r} given but the heatmap was not computed")
+            parts[f"heatmap/{name}"] = F.mse_loss(out.heatmaps[name].float(), target.float())
+        for name, target in labels.scores.items():
+            if name not in out.scores:
+                raise ValueError(f"score target {name!r} given but the score was not computed")
+            parts[f"score/{name}"] = F.mse_loss(out.scores[name].float(), target.float())
+        total = sum(
+            (cfg.heatmap_loss_weight * v for k, v in parts.items() if k.startswith("heatmap/")),
+            torch.zeros((), device=next(self.parameters()).device),
+        )
+        total = total + sum(
+            (cfg.score_loss_weight * v for k, v in parts.items() if k.startswith("score/")), torch.zeros_like(total)
+        )
+        if labels.keyword_ids is not None:
+            if out.text_states is None:
+                raise ValueError("keyword targets given but keywords=False")
+            logits = self.keyword_logits(out.text_states, out.text_mask, labels.keyword_ids)
+            out.keyword_logits = logits
+            parts["tokens"] = F.cross_entropy(
+                logits.float().flatten(0, 1), labels.keyword_ids.flatten(), ignore_index=-100
+            )
+            total = total + cfg.token_loss_weight * parts["tokens"]
+        out.loss = total
+        out.loss_parts = parts
+
+    # -- persistence ---------------------------------------------------------------------------------------
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in _untied_state_dict(self).items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "model_type": "rahf"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> RAHFModel:
+        """Build from ``config.json`` and load ``model.safetensors``; every key must match."""
+        directory = Path(directory)
+        model = cls(RAHFConfig.load(directory))
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+        model.load_state_dict_strict(load_file(str(weights)))
+        return model.to(device).eval()
+
+    def load_state_dict_strict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state dict saved by :meth:`save_pretrained`; missing, unexpected or mis-shaped keys raise."""
+        own = _untied_state_dict(self)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or bad:
+            raise ValueError(
+                "state dict does not match the model: "
+                f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, "
+                f"mis-shaped {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in bad[:8]]}"
+            )
+        self.load_state_dict(state, strict=False)
+        self.text.tie_weights()
+
+
+def _untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each shared tensor kept under its first name only (safetensors refuses aliases)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr()
+        if key in seen and tensor.numel() > 0:
+            continue
+        seen[key] = name
+        out[name] = tensor
+    return out

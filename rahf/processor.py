@@ -1,0 +1,232 @@
+"""Inputs and outputs of RAHF: images, prompts, keyword sequences (paper §3–4, RichHF-18K conventions).
+
+* Images: any PIL mode or size -> RGB at the model size -> [0, 1] -> normalised with mean = std = 0.5.
+* Prompts: the RichHF-18K word rule (split on any of ``,.?!":;`` and space, drop empties, join with one space),
+  then the T5 tokenizer, truncated to ``max_text_tokens``.
+* Keyword sequence: the cleaned prompt with ``_0`` appended to each misaligned word (``a yellow_0 cat``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+PROCESSOR_NAME = "processor_config.json"
+_WORD_SPLIT = re.compile(r'[,.?!":; ]+')
+ImageInput = Image.Image | str | Path | bytes
+
+
+class InvalidImageError(ValueError):
+    """An image that cannot be decoded or converted; the message names the image."""
+
+
+def prompt_words(prompt: str) -> list[str]:
+    """Words of a prompt by the RichHF-18K rule: split on ``,.?!":;`` and spaces, drop empty pieces."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be str, got {type(prompt).__name__}")
+    return [w for w in _WORD_SPLIT.split(prompt.replace("\n", " ").replace("\t", " ")) if w]
+
+
+def clean_prompt(prompt: str) -> str:
+    """The cleaned prompt: its words joined with one space (``"A cat, sleeping."`` -> ``"A cat sleeping"``)."""
+    return " ".join(prompt_words(prompt))
+
+
+def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
+    """Open a path, bytes or PIL image and decode it fully; failures raise :class:`InvalidImageError`."""
+    if isinstance(source, Image.Image):
+        return source
+    label = name or (str(source) if isinstance(source, (str, Path)) else f"<{len(source)} bytes>")
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as err:
+        raise InvalidImageError(f"cannot open image {label}: {err}") from err
+    try:
+        with fp:
+            image = Image.open(fp)
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InvalidImageError(f"cannot decode image {label}: {err}") from err
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB.
+
+    Transparency is composited over white; 16- and 32-bit integer images are scaled from their full range
+    (``I;16*``: 0..65535; ``I``: 0..65535, clipped); float images (``F``) are taken as [0, 1], clipped;
+    CMYK, YCbCr, LAB, HSV, palette and 1-bit images go through PIL's own conversion.
+    """
+    if image.width < 1 or image.height < 1:
+        raise InvalidImageError(f"image has no pixels: {image.size}")
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(image, dtype=np.float64)
+        arr = np.clip(arr, 0, 65535) / 65535.0 * 255.0
+        return Image.fromarray(np.round(arr).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)).convert("RGB")
+    if mode == "P" or "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass
+class TextBatch:
+    """Tokenised prompts. input_ids / attention_mask: (B, T) or, per task, (B, K, T)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    truncated: list[bool]
+
+
+class RAHFProcessor:
+    """Turns (prompt, image) pairs into model inputs and decoded keyword sequences back into words."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_size: int,
+        max_text_tokens: int = 128,
+        image_mean: float = 0.5,
+        image_std: float = 0.5,
+        misaligned_suffix: str = "_0",
+        resample: str = "bicubic",
+    ) -> None:
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs pad and eos tokens")
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.max_text_tokens = max_text_tokens
+        self.image_mean = image_mean
+        self.image_std = image_std
+        self.misaligned_suffix = misaligned_suffix
+        self.resample = resample
+
+    # -- images --------------------------------------------------------------------------------------------
+
+    def preprocess_image(self, image: ImageInput) -> torch.Tensor:
+        """One image -> (3, S, S) float32, normalised: (x / 255 - mean) / std, so [-1, 1] at 0.5 / 0.5."""
+        rgb = to_rgb(load_image(image))
+        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[self.resample]
+        if rgb.size != (self.image_size, self.image_size):
+            rgb = rgb.resize((self.image_size, self.image_size), resample=resample)
+        arr = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        return (arr - self.image_mean) / self.image_std
+
+    def preprocess_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images -> (B, 3, S, S) float32."""
+        return torch.stack([self.preprocess_image(im) for im in images])
+
+    # -- prompts -------------------------------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str], prefix: str | None = None) -> TextBatch:
+        """Clean and tokenise prompts (optionally after a task prefix) -> (B, T) padded to the longest."""
+        texts = [clean_prompt(p) for p in prompts]
+        if prefix:
+            texts = [f"{prefix} {t}".strip() for t in texts]
+        full = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        enc = self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        )
+        return TextBatch(enc["input_ids"], enc["attention_mask"], [len(ids) > self.max_text_tokens for ids in full])
+
+    def tokenize_tasks(self, prompts: Sequence[str], prefixes: Sequence[str]) -> TextBatch:
+        """Each prompt once per task prefix -> (B, K, T), padded to the longest row over all tasks."""
+        per_task = [self.tokenize(prompts, prefix) for prefix in prefixes]
+        t = max(b.input_ids.shape[1] for b in per_task)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.stack([pad_right(b.input_ids, t, pad) for b in per_task], dim=1)
+        mask = torch.stack([pad_right(b.attention_mask, t, 0) for b in per_task], dim=1)
+        truncated = [any(b.truncated[i] for b in per_task) for i in range(len(prompts))]
+        return TextBatch(ids, mask, truncated)
+
+    # -- keyword sequences ---------------------------------------------------------------------------------
+
+    def keyword_target(self, prompt: str, word_labels: Sequence[int]) -> str:
+        """Cleaned prompt with the suffix on each misaligned word; label 0 = misaligned (RichHF-18K)."""
+        words = prompt_words(prompt)
+        if len(words) != len(word_labels):
+            raise ValueError(f"prompt has {len(words)} words but {len(word_labels)} labels: {prompt!r}")
+        return " ".join(w + self.misaligned_suffix if lab == 0 else w for w, lab in zip(words, word_labels))
+
+    def tokenize_targets(self, targets: Sequence[str]) -> torch.Tensor:
+        """Keyword sequences -> label ids (B, L) with -100 on padding (ignored by the token loss)."""
+        enc = self.tokenizer(
+            list(targets), padding="longest", truncation=True, max_length=self.max_text_tokens * 2, return_tensors="pt"
+        )
+        return enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+
+    def decode_keywords(self, token_ids: torch.Tensor, budgets: Sequence[int] | None = None) -> list[str]:
+        """Generated ids (B, L) -> keyword sequences, row i cut after ``budgets[i]`` generated tokens.
+
+        Ids outside the tokenizer's vocabulary (possible from an LM head larger than it) are dropped.
+        """
+        vocab = len(self.tokenizer)
+        rows = token_ids.tolist()
+        if budgets is not None:
+            rows = [row[: b + 1] for row, b in zip(rows, budgets)]  # + 1: the decoder start token
+        rows = [[int(i) for i in row if 0 <= int(i) < vocab] for row in rows]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def misaligned_keywords(self, sequence: str) -> list[str]:
+        """Words of a keyword sequence that carry the suffix, with the suffix removed, in order."""
+        suffix = self.misaligned_suffix
+        return [w[: -len(suffix)] for w in sequence.split() if w.endswith(suffix) and len(w) > len(suffix)]
+
+    def keyword_budgets(self, batch: TextBatch, limit: int) -> list[int]:
+        """Per-prompt generation budgets: its tokens plus room for one suffix per token, capped at ``limit``.
+
+        Budgets depend on each prompt alone, so a prompt decodes the same whatever batch it is in.
+        """
+        mask = batch.attention_mask if batch.attention_mask.dim() == 2 else batch.attention_mask[:, -1]
+        suffix_len = len(self.tokenizer(self.misaligned_suffix, add_special_tokens=False)["input_ids"])
+        return [max(1, min(limit, int(n) * (1 + suffix_len) + 1)) for n in mask.sum(dim=1).tolist()]
+
+    # -- persistence ---------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(directory))
+        config = {
+            "image_size": self.image_size,
+            "max_text_tokens": self.max_text_tokens,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "misaligned_suffix": self.misaligned_suffix,
+            "resample": self.resample,
+        }
+        (directory / PROCESSOR_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> RAHFProcessor:
+        directory = Path(directory)
+        path = directory / PROCESSOR_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {PROCESSOR_NAME} in {directory}")
+        config = json.loads(path.read_text())
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return cls(tokenizer, **config)
+
+
+def pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """Right-pad (B, T) to (B, length)."""
+    return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)

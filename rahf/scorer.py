@@ -1,0 +1,254 @@
+"""The scoring API: rich feedback for (prompt, image) pairs, batched, with explicit device and dtype.
+
+Callers ask only for what they need — every output costs: at ``richhf-base`` size the two heatmap heads are
+about three quarters of the compute and keyword decoding most of the rest. ``scores_only=True`` runs the ViT,
+the fusion encoder and the four score heads only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from rahf.model import RAHFModel
+from rahf.presets import PRESETS, build_rahf
+from rahf.processor import ImageInput, InvalidImageError, RAHFProcessor, load_image, to_rgb
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class RichFeedback:
+    """RAHF's prediction for one (prompt, image) pair; every value in [0, 1], higher score = better."""
+
+    prompt: str
+    scores: dict[str, float]  # plausibility, alignment, aesthetics, overall
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (H, W) float32 in [0, 1]
+    misaligned_keywords: list[str] = field(default_factory=list)
+    keyword_sequence: str | None = None  # the decoded prompt with `_0` marks; None when not generated
+    prompt_truncated: bool = False  # the prompt was longer than the model's token limit and was cut
+
+
+@dataclass
+class ScoringFailure:
+    """Stands in for a RichFeedback when an input could not be scored (``errors="return"``)."""
+
+    index: int
+    prompt: str
+    error: str
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class RAHFScorer:
+    """Scores (prompt, image) pairs with a RAHF model under ``torch.inference_mode``.
+
+    Args:
+        model, processor: a RAHF model and its processor.
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        dtype: ``fp32``, ``bf16`` or ``fp16``; lower precisions run under autocast with fp32 weights (T5 is
+            unstable with fp16 weights), outputs are returned as float32.
+        batch_size: images per forward pass.
+        channels_last: run the convolutional heads channels-last (faster on CPU and GPU; same values).
+    """
+
+    def __init__(
+        self,
+        model: RAHFModel,
+        processor: RAHFProcessor,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "fp32",
+        batch_size: int = 8,
+        channels_last: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.batch_size = batch_size
+        self.channels_last = channels_last
+        self.processor = processor
+        self.model = model.to(self.device).eval()
+        if channels_last:
+            self.model.heatmap_heads.to(memory_format=torch.channels_last)
+            self.model.score_heads.to(memory_format=torch.channels_last)
+
+    # -- construction --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, **kwargs) -> RAHFScorer:
+        """Load a saved RAHF folder, a hub id of one, or build a preset name at random init (seed 0)."""
+        if str(source) in PRESETS and not Path(source).exists():
+            model, processor = build_rahf(str(source))
+            return cls(model, processor, **kwargs)
+        directory = resolve_model_dir(source)
+        return cls(RAHFModel.from_pretrained(directory), RAHFProcessor.from_pretrained(directory), **kwargs)
+
+    @property
+    def identity(self) -> str:
+        return getattr(self.model, "name_or_path", self.model.config.variant)
+
+    # -- scoring -------------------------------------------------------------------------------------------
+
+    def score(
+        self,
+        prompt: str | Sequence[str],
+        images: Sequence[ImageInput],
+        *,
+        heatmaps: Sequence[str] | None = None,
+        keywords: bool = True,
+        scores_only: bool = False,
+        heatmap_size: str = "model",
+        errors: str = "raise",
+    ) -> list[RichFeedback | ScoringFailure]:
+        """Predict rich feedback for each image.
+
+        Args:
+            prompt: one prompt for all images, or one per image.
+            images: PIL images (any mode, any size), paths or encoded bytes.
+            heatmaps: heatmap names to predict (default all); ``()`` for none.
+            keywords: decode the misaligned-keyword sequence.
+            scores_only: only the four scores (no heatmaps, no decoding): the cheapest path.
+            heatmap_size: ``"model"`` ((S, S), the ViT input size) or ``"image"`` (each image's own (H, W)).
+            errors: ``"raise"`` stops at the first bad input with a message naming it; ``"return"`` puts a
+                :class:`ScoringFailure` at that position and scores the rest.
+        """
+        prompts = _expand_prompts(prompt, len(images))
+        if heatmap_size not in ("model", "image"):
+            raise ValueError(f"heatmap_size must be 'model' or 'image', got {heatmap_size!r}")
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        names = () if scores_only else tuple(self.model.config.heatmap_names if heatmaps is None else heatmaps)
+        unknown = set(names) - set(self.model.config.heatmap_names)
+        if unknown:
+            raise ValueError(f"unknown heatmaps {sorted(unknown)}; known: {self.model.config.heatmap_names}")
+        keywords = keywords and not scores_only
+        results: list[RichFeedback | ScoringFailure | None] = [None] * len(images)
+        for start in range(0, len(images), self.batch_size):
+            # Decode per batch, so memory stays flat and one bad file is reported, not fatal to the rest.
+            chunk = self._decode(
+                images, prompts, range(start, min(start + self.batch_size, len(images))), results, errors
+            )
+            if not chunk:
+                continue
+            feedback = self._score_batch(
+                [prompts[i] for i, _ in chunk], [im for _, im in chunk], names, keywords, heatmap_size
+            )
+            for (i, _), fb in zip(chunk, feedback):
+                results[i] = fb
+        return results  # type: ignore[return-value]
+
+    def _decode(self, images, prompts, indices, results, errors) -> list[tuple[int, Image.Image]]:
+        ok = []
+        for i in indices:
+            try:
+                ok.append((i, to_rgb(load_image(images[i], name=f"#{i}"))))
+            except InvalidImageError as err:
+                if errors == "raise":
+                    raise InvalidImageError(f"image {i}: {err}") from err
+                results[i] = ScoringFailure(i, prompts[i], str(err))
+        return ok
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def _score_batch(self, prompts, images, names, keywords, heatmap_size) -> list[RichFeedback]:
+        model, proc = self.model, self.processor
+        pixels = proc.preprocess_images(images).to(self.device)
+        scores = model.config.score_names
+        if model.config.variant == "multi_head":
+            text = proc.tokenize(prompts)
+        else:
+            tasks = model.task_order(names, scores, keywords)
+            text = proc.tokenize_tasks(prompts, [model.config.task_prefixes[t] for t in tasks])
+        with self._autocast():
+            out = model(
+                pixels,
+                text.input_ids.to(self.device),
+                text.attention_mask.to(self.device),
+                heatmaps=names,
+                scores=scores,
+                keywords=keywords,
+                channels_last=self.channels_last,
+            )
+            sequences = None
+            if keywords:
+                budgets = proc.keyword_budgets(text, model.config.max_keyword_tokens)
+                ids = model.generate_keyword_ids(out.text_states, out.text_mask, max(budgets))
+                sequences = proc.decode_keywords(ids.cpu(), budgets)
+        score_values = {n: out.scores[n].float().cpu().numpy() for n in scores}
+        maps = {n: out.heatmaps[n].float() for n in names}
+        results = []
+        for j, prompt in enumerate(prompts):
+            hm = {}
+            for n in names:
+                m = maps[n][j]
+                if heatmap_size == "image" and (images[j].height, images[j].width) != tuple(m.shape):
+                    m = F.interpolate(
+                        m[None, None], size=(images[j].height, images[j].width), mode="bilinear", align_corners=False
+                    )[0, 0].clamp(0, 1)
+                hm[n] = m.cpu().numpy().astype(np.float32)
+            results.append(
+                RichFeedback(
+                    prompt=prompt,
+                    scores={n: float(score_values[n][j]) for n in scores},
+                    heatmaps=hm,
+                    misaligned_keywords=proc.misaligned_keywords(sequences[j]) if sequences else [],
+                    keyword_sequence=sequences[j] if sequences else None,
+                    prompt_truncated=text.truncated[j],
+                )
+            )
+        return results
+
+
+def resolve_model_dir(source: str | Path) -> Path:
+    """A local RAHF folder as is; otherwise a hub id, fetched with ``huggingface_hub`` (needs the hub)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists() or str(source).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"RAHF model folder not found: {source}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # the hub client raises many types; the message is what matters
+        raise FileNotFoundError(
+            f"{source!r} is neither a local RAHF folder, a preset ({sorted(PRESETS)}), nor a reachable hub id: {err}"
+        ) from err
+
+
+def _expand_prompts(prompt: str | Sequence[str], n: int) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt] * n
+    prompts = list(prompt)
+    if len(prompts) != n:
+        raise ValueError(f"got {len(prompts)} prompts for {n} images; pass one prompt or one per image")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be str; positions {bad[:5]} are not")
+    return prompts

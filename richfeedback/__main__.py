@@ -1,0 +1,3 @@
+from richfeedback.cli import main
+
+raise SystemExit(main())

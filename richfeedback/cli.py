@@ -1,0 +1,137 @@
+"""The ``richfeedback`` command line: one entry point, one subcommand per job.
+
+Subcommands import their libraries lazily, so ``richfeedback --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+
+def _add_scorer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="rahf-tiny",
+        help="RAHF folder, hub id, or preset name (presets build at random init, seed 0)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--scores-only", action="store_true", help="only the four scores (fastest)")
+    p.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlay PNGs")
+
+
+def _scorer(args: argparse.Namespace):
+    import torch
+
+    from rahf.scorer import RAHFScorer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return RAHFScorer.from_pretrained(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+
+
+def _print_rows(rows: list[dict], out: Path) -> None:
+    for r in rows:
+        if "error" in r:
+            print(f"  ERROR {Path(r['image']).name}: {r['error']}")
+            continue
+        s = "  ".join(f"{k}={v:.3f}" for k, v in r["scores"].items())
+        kw = ", ".join(r["misaligned_keywords"]) or "-"
+        print(f"  {Path(r['image']).name:32s} {s}  misaligned: {kw}")
+    print(f"wrote {out / 'scores.jsonl'}, {out / 'scores.csv'} and overlays in {out / 'overlays'}")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from rahf.batch import ScoreItem, read_items, score_items
+
+    if args.items:
+        items = read_items(args.items)
+    elif args.image and args.prompt is not None:
+        items = [ScoreItem(Path(p), args.prompt) for p in args.image]
+    else:
+        print("error: give --items FILE.jsonl, or --image PATH [PATH ...] with --prompt TEXT", file=sys.stderr)
+        return 2
+    rows = score_items(_scorer(args), items, args.out, overlays=not args.no_overlays, scores_only=args.scores_only)
+    _print_rows(rows, Path(args.out))
+    return 1 if all("error" in r for r in rows) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rahf.batch import read_items, score_items
+
+    samples = resources.files("rahf") / "samples" / "prompts.jsonl"
+    with resources.as_file(samples) as path:
+        items = read_items(path)
+        print(f"scoring {len(items)} bundled sample images with {args.model} on {args.device} ({args.dtype})")
+        if args.model in ("rahf-tiny",):
+            print("note: presets are at random init until trained: the numbers show the pipeline, not quality")
+        rows = score_items(_scorer(args), items, args.out, overlays=not args.no_overlays, scores_only=args.scores_only)
+    _print_rows(rows, Path(args.out))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def cmd_save_preset(args: argparse.Namespace) -> int:
+    from rahf.presets import build_rahf
+
+    model, processor = build_rahf(args.preset, variant=args.variant, seed=args.seed, pretrained=args.pretrained)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    print(json.dumps({"saved": args.out, "parameters": model.num_parameters()}))
+    return 0
+
+
+def cmd_import_richhf(args: argparse.Namespace) -> int:
+    from rahf.convert import import_reference_checkpoint
+
+    out = import_reference_checkpoint(args.checkpoint, args.out, preset=args.preset, tokenizer_source=args.tokenizer)
+    print(f"converted {args.checkpoint} -> {out} (config.json, model.safetensors, tokenizer)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="richfeedback", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score images against their prompts; write scores, overlays, keywords")
+    p.add_argument("--items", help='JSONL of {"image": path, "prompt": text}')
+    p.add_argument("--image", nargs="+", help="image files (with --prompt)")
+    p.add_argument("--prompt", help="the prompt of the --image files")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_scorer_args(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("demo", help="score the bundled sample images (the offline default)")
+    p.add_argument("--out", default="outputs/demo")
+    _add_scorer_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("save-preset", help="build a RAHF preset and save it as a model folder")
+    p.add_argument("preset", help="rahf-tiny | richhf-base")
+    p.add_argument("out")
+    p.add_argument("--variant", default="multi_head", choices=["multi_head", "augmented_prompt"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrained", action="store_true", help="load the backbones' hub weights (needs the hub)")
+    p.set_defaults(func=cmd_save_preset)
+
+    p = sub.add_parser("import-richhf", help="convert a youweiliang/RichHF .pt checkpoint to safetensors")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--preset", default="richhf-base")
+    p.add_argument("--tokenizer", default=None, help="T5 tokenizer id or folder (default: the preset's)")
+    p.set_defaults(func=cmd_import_richhf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny RAHF models at fixed seeds, small images of every kind. Everything offline, on CPU."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rahf.presets import build_rahf
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(params=["multi_head", "augmented_prompt"])
+def variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(variant):
+    """(model, processor) of rahf-tiny in the requested variant, seed 0, eval mode."""
+    return build_rahf("rahf-tiny", variant=variant, seed=0)
+
+
+@pytest.fixture
+def tiny_multi():
+    return build_rahf("rahf-tiny", variant="multi_head", seed=0)
+
+
+def random_image(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def images() -> list[Image.Image]:
+    return [random_image(i, (80 + 16 * i, 64 + 8 * i)) for i in range(3)]

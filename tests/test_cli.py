@@ -1,0 +1,53 @@
+"""The command line: `richfeedback demo` and `richfeedback score`, end to end on files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from richfeedback.cli import main
+
+
+def test_demo_writes_scores_overlays_and_keywords(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and not any("error" in r for r in rows)
+    for r in rows:
+        assert set(r["scores"]) == {"plausibility", "alignment", "aesthetics", "overall"}
+        assert all(0.0 < v < 1.0 for v in r["scores"].values())
+        assert isinstance(r["misaligned_keywords"], list) and isinstance(r["keyword_sequence"], str)
+        overlay = Image.open(out / r["overlay"])
+        source = Image.open(r["image"])
+        # image | implausibility | misalignment, 4 px gaps, at the image's own size
+        assert overlay.size == (3 * source.width + 8, source.height) and overlay.mode == "RGB"
+    header = (out / "scores.csv").read_text().splitlines()[0]
+    assert header.startswith("image,prompt,plausibility,alignment,aesthetics,overall")
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_score_keeps_going_past_a_bad_file(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((40, 50, 3), 90, dtype=np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"definitely not a png")
+    items = tmp_path / "items.jsonl"
+    items.write_text(
+        json.dumps({"image": "good.png", "prompt": "a grey square"})
+        + "\n"
+        + json.dumps({"image": "bad.png", "prompt": "a cat"})
+        + "\n"
+    )
+    out = tmp_path / "run"
+    assert main(["score", "--items", str(items), "--out", str(out), "--scores-only"]) == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert "scores" in rows[0] and "overlay" not in rows[0]
+    assert "cannot decode image" in rows[1]["error"]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_score_needs_inputs(tmp_path, capsys):
+    assert main(["score", "--out", str(tmp_path)]) == 2
+    assert "--items" in capsys.readouterr().err

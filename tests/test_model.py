@@ -1,0 +1,239 @@
+"""RAHFModel: shapes, ranges, persistence, determinism, losses, padding invariance, learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rahf.model import HEATMAP_NAMES, SCORE_NAMES, RAHFConfig, RAHFLabels, RAHFModel
+from rahf.presets import build_rahf, preset_config
+
+PROMPTS = ["a red cat on a blue mat", "two dogs", "an astronaut riding a horse, photo, 4k, detailed"]
+
+
+def model_inputs(model, processor, images, prompts, heatmaps=HEATMAP_NAMES, scores=SCORE_NAMES, keywords=True):
+    pixels = processor.preprocess_images(images)
+    if model.config.variant == "multi_head":
+        text = processor.tokenize(prompts)
+    else:
+        tasks = model.task_order(tuple(heatmaps), tuple(scores), keywords)
+        text = processor.tokenize_tasks(prompts, [model.config.task_prefixes[t] for t in tasks])
+    return pixels, text
+
+
+def run(model, processor, images, prompts, channels_last=False, **kw):
+    pixels, text = model_inputs(model, processor, images, prompts, **kw)
+    with torch.no_grad():
+        return model(pixels, text.input_ids, text.attention_mask, channels_last=channels_last, **kw)
+
+
+def test_output_shapes_and_ranges(tiny, images):
+    model, processor = tiny
+    out = run(model, processor, images, PROMPTS)
+    s = model.config.image_size
+    assert set(out.heatmaps) == set(HEATMAP_NAMES) and set(out.scores) == set(SCORE_NAMES)
+    for hm in out.heatmaps.values():
+        assert hm.shape == (3, s, s) and hm.dtype == torch.float32
+        assert float(hm.min()) >= 0.0 and float(hm.max()) <= 1.0
+    for sc in out.scores.values():
+        assert sc.shape == (3,) and float(sc.min()) > 0.0 and float(sc.max()) < 1.0
+    assert out.text_states.shape[0] == 3 and out.text_states.shape[2] == model.config.text["d_model"]
+    ids = model.generate_keyword_ids(out.text_states, out.text_mask, max_new_tokens=7)
+    assert ids.shape[0] == 3 and ids.shape[1] <= 8
+    assert int(ids.max()) < model.config.text["vocab_size"]
+
+
+def test_subsets_skip_heads_and_match_full(tiny, images):
+    model, processor = tiny
+    full = run(model, processor, images, PROMPTS)
+    part = run(model, processor, images, PROMPTS, heatmaps=("implausibility",), keywords=False)
+    assert set(part.heatmaps) == {"implausibility"} and part.text_states is None
+    torch.testing.assert_close(part.heatmaps["implausibility"], full.heatmaps["implausibility"], atol=1e-5, rtol=0)
+    for n in SCORE_NAMES:
+        torch.testing.assert_close(part.scores[n], full.scores[n], atol=1e-5, rtol=0)
+
+
+def test_heads_differ_between_outputs(tiny, images):
+    """Each heatmap / score is its own output (own head, or own task prefix), not one value copied."""
+    model, processor = tiny
+    out = run(model, processor, images, PROMPTS)
+    assert not torch.allclose(out.heatmaps["implausibility"], out.heatmaps["misalignment"])
+    assert not torch.allclose(out.scores["plausibility"], out.scores["alignment"])
+
+
+def test_channels_last_heads_give_same_values(tiny, images):
+    model, processor = tiny
+    ref = run(model, processor, images, PROMPTS)
+    model.heatmap_heads.to(memory_format=torch.channels_last)
+    model.score_heads.to(memory_format=torch.channels_last)
+    fast = run(model, processor, images, PROMPTS, channels_last=True)
+    for n in HEATMAP_NAMES:
+        torch.testing.assert_close(fast.heatmaps[n], ref.heatmaps[n], atol=1e-5, rtol=0)
+    for n in SCORE_NAMES:
+        torch.testing.assert_close(fast.scores[n], ref.scores[n], atol=1e-5, rtol=0)
+
+
+def test_save_load_identical_outputs(tiny, images, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "processor_config.json"}
+    loaded = RAHFModel.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    a = run(model, processor, images, PROMPTS)
+    b = run(loaded, processor, images, PROMPTS)
+    for n in HEATMAP_NAMES:
+        assert torch.equal(a.heatmaps[n], b.heatmaps[n])
+    for n in SCORE_NAMES:
+        assert torch.equal(a.scores[n], b.scores[n])
+    # Tied T5 embeddings stay tied after loading.
+    assert loaded.text.lm_head.weight.data_ptr() == loaded.text.shared.weight.data_ptr()
+
+
+def test_load_rejects_mismatched_weights(tiny_multi, tmp_path):
+    model, _ = tiny_multi
+    model.save_pretrained(tmp_path)
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "visual_projection.bias"}
+    with pytest.raises(ValueError, match=r"missing.*visual_projection.bias"):
+        RAHFModel(model.config).load_state_dict_strict(state)
+
+
+def test_same_seed_same_model_different_seed_differs():
+    a, _ = build_rahf("rahf-tiny", seed=3)
+    b, _ = build_rahf("rahf-tiny", seed=3)
+    c, _ = build_rahf("rahf-tiny", seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["visual_projection.weight"], sc["visual_projection.weight"])
+
+
+def test_padding_invariance(tiny, images):
+    """One prompt alone, and padded beside a much longer one, gives the same outputs (mask over padding)."""
+    model, processor = tiny
+    prompt, long_prompt = "a red cat", "a red cat on a blue mat with three tiny dogs and a golden castle " * 3
+    alone = run(model, processor, images[:1], [prompt])
+    padded = run(model, processor, [images[0], images[1]], [prompt, long_prompt])
+    for n in HEATMAP_NAMES:
+        torch.testing.assert_close(padded.heatmaps[n][0], alone.heatmaps[n][0], atol=1e-5, rtol=0)
+    for n in SCORE_NAMES:
+        torch.testing.assert_close(padded.scores[n][0], alone.scores[n][0], atol=1e-5, rtol=0)
+
+
+def test_padding_would_leak_without_the_mask(tiny_multi, images):
+    """The invariance above is the mask's doing: attending to pads changes the image tokens."""
+    model, processor = tiny_multi
+    text = processor.tokenize(["a red cat", "a red cat on a blue mat with three tiny dogs and a golden castle"])
+    tokens = model.encode_image(processor.preprocess_images(images[:1]).repeat(2, 1, 1, 1))
+    with torch.no_grad():
+        masked, _ = model.fuse(tokens[:1], text.input_ids[:1], text.attention_mask[:1])
+        leaky, _ = model.fuse(tokens[:1], text.input_ids[:1], torch.ones_like(text.attention_mask[:1]))
+        short = processor.tokenize(["a red cat"])
+        ref, _ = model.fuse(tokens[:1], short.input_ids, short.attention_mask)
+    torch.testing.assert_close(masked, ref, atol=1e-5, rtol=0)
+    assert float((leaky - ref).abs().max()) > 1e-3
+
+
+def labels_for(model, processor, prompts, word_labels, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, s = len(prompts), model.config.image_size
+    maps = {
+        n: (torch.rand(b, s, s, generator=g) > 0.7).float() * torch.rand(b, 1, 1, generator=g) for n in HEATMAP_NAMES
+    }
+    scores = {n: torch.rand(b, generator=g) for n in SCORE_NAMES}
+    targets = [processor.keyword_target(p, w) for p, w in zip(prompts, word_labels)]
+    return RAHFLabels(heatmaps=maps, scores=scores, keyword_ids=processor.tokenize_targets(targets))
+
+
+def test_loss_parts_and_pad_positions_ignored(tiny, images):
+    model, processor = tiny
+    prompts = PROMPTS[:2]
+    labels = labels_for(model, processor, prompts, [[1, 0, 1, 1, 1, 0, 1], [1, 0]])
+    pixels, text = model_inputs(model, processor, images[:2], prompts)
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+        assert set(out.loss_parts) == {
+            *(f"heatmap/{n}" for n in HEATMAP_NAMES),
+            *(f"score/{n}" for n in SCORE_NAMES),
+            "tokens",
+        }
+        total = sum(out.loss_parts.values())
+        torch.testing.assert_close(out.loss, total)
+        expected = torch.mean((out.scores["overall"] - labels.scores["overall"]) ** 2)
+        torch.testing.assert_close(out.loss_parts["score/overall"], expected)
+        # Extra padding columns (-100) in the targets change nothing.
+        ids = labels.keyword_ids
+        wider = torch.cat([ids, torch.full((ids.shape[0], 5), -100)], dim=1)
+        out2 = model(
+            pixels, text.input_ids, text.attention_mask, labels=RAHFLabels(labels.heatmaps, labels.scores, wider)
+        )
+        torch.testing.assert_close(out2.loss_parts["tokens"], out.loss_parts["tokens"], atol=1e-6, rtol=0)
+        # And the token loss is the mean cross-entropy over the real (non-pad) positions only.
+        logits = out.keyword_logits
+        real = ids != -100
+        ce = torch.nn.functional.cross_entropy(logits[real], ids[real])
+        torch.testing.assert_close(out.loss_parts["tokens"], ce, atol=1e-6, rtol=0)
+
+
+def test_loss_weights_apply(tiny_multi, images):
+    model, processor = tiny_multi
+    labels = labels_for(model, processor, PROMPTS[:1], [[1] * 7])
+    pixels, text = model_inputs(model, processor, images[:1], PROMPTS[:1])
+    model.config.heatmap_loss_weight, model.config.score_loss_weight, model.config.token_loss_weight = 2.0, 3.0, 0.5
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+    p = out.loss_parts
+    expected = (
+        2.0 * sum(v for k, v in p.items() if k.startswith("heatmap/"))
+        + 3.0 * sum(v for k, v in p.items() if k.startswith("score/"))
+        + 0.5 * p["tokens"]
+    )
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_overfits_four_examples(tiny, images):
+    """A few dozen Adam steps on 4 examples cut the total loss by a large factor."""
+    model, processor = tiny
+    torch.manual_seed(0)
+    prompts = ["a red cat on a mat", "two blue dogs", "a golden castle", "a tiny green frog"]
+    word_labels = [[1, 0, 1, 1, 1, 1], [0, 1, 1], [1, 1, 0], [1, 0, 1, 1]]
+    imgs = [*images, images[0].rotate(90)]
+    labels = labels_for(model, processor, prompts, word_labels, seed=1)
+    pixels, text = model_inputs(model, processor, imgs, prompts)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(40):
+        out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss))
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0] / 10, losses[::8]
+
+
+def test_config_validation_and_roundtrip(tmp_path):
+    cfg = preset_config("rahf-tiny", "augmented_prompt")
+    cfg.save(tmp_path)
+    assert RAHFConfig.load(tmp_path) == cfg
+    with pytest.raises(ValueError, match="variant"):
+        preset_config("rahf-tiny", "two_heads")
+    with pytest.raises(ValueError, match="patch size 8"):
+        RAHFConfig(vision=dict(cfg.vision), text=dict(cfg.text), heatmap_up_channels=(8, 8))
+    with pytest.raises(ValueError, match="unknown RAHFConfig fields"):
+        RAHFConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(KeyError, match="unknown RAHF preset"):
+        preset_config("rahf-huge")
+
+
+def test_richhf_base_size_matches_the_published_model():
+    """At full size (meta device: no memory, no weights) the model has the reference's parameter count.
+
+    The reference reports 642.6M with the ViT pooler (1024*1024 + 1024), which RAHF never uses; we build none.
+    """
+    with torch.device("meta"):
+        model = RAHFModel(preset_config("richhf-base"))
+    pooler = 1024 * 1024 + 1024
+    assert abs(model.num_parameters() + pooler - 642.6e6) < 0.1e6, model.num_parameters()
+    assert model.config.grid_size == 24 and model.config.image_size == 384

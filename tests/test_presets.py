@@ -1,0 +1,58 @@
+"""Presets: the real weight-loading path, exercised on backbones saved to disk and loaded back offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import T5ForConditionalGeneration, ViTModel
+
+from rahf.presets import PRESETS, build_rahf, preset_config
+from rahf.tokenizer import build_offline_t5_tokenizer
+
+
+@pytest.fixture
+def backbone_dirs(tmp_path):
+    """A ViT and a T5 (with tokenizer) at rahf-tiny shapes, saved the way the hub stores them."""
+    cfg = preset_config("rahf-tiny")
+    torch.manual_seed(123)
+    vit = ViTModel(cfg.vit_config(), add_pooling_layer=True)  # hub ViTs carry a pooler; RAHF ignores it
+    t5 = T5ForConditionalGeneration(cfg.t5_config())
+    vit.save_pretrained(tmp_path / "vit")
+    t5.save_pretrained(tmp_path / "t5")
+    build_offline_t5_tokenizer().save_pretrained(tmp_path / "t5")
+    return tmp_path / "vit", tmp_path / "t5", vit, t5
+
+
+def test_pretrained_backbones_load_from_local_folders(backbone_dirs):
+    vit_dir, t5_dir, vit, t5 = backbone_dirs
+    model, processor = build_rahf("rahf-tiny", pretrained=True, vision_source=vit_dir, text_source=t5_dir)
+    assert torch.equal(model.vision.layers[1].mlp.fc2.weight, vit.layers[1].mlp.fc2.weight)
+    assert torch.equal(
+        model.text.decoder.block[1].layer[2].DenseReluDense.wo.weight,
+        t5.decoder.block[1].layer[2].DenseReluDense.wo.weight,
+    )
+    random, _ = build_rahf("rahf-tiny", seed=0)
+    assert not torch.equal(model.vision.layers[1].mlp.fc2.weight, random.vision.layers[1].mlp.fc2.weight)
+    assert processor.tokenizer("a red_0 cat")["input_ids"] == build_offline_t5_tokenizer()("a red_0 cat")["input_ids"]
+
+
+def test_backbone_of_the_wrong_size_is_refused(backbone_dirs, tmp_path):
+    _vit_dir, t5_dir, _, _ = backbone_dirs
+    cfg = preset_config("rahf-tiny")
+    bigger = ViTModel(type(cfg.vit_config())(**{**cfg.vision, "hidden_size": 96}))
+    bigger.save_pretrained(tmp_path / "big")
+    with pytest.raises(ValueError, match="do not fit the preset"):
+        build_rahf("rahf-tiny", pretrained=True, vision_source=tmp_path / "big", text_source=t5_dir)
+
+
+def test_pretrained_without_sources_is_clear():
+    with pytest.raises(ValueError, match="no hub weights"):
+        build_rahf("rahf-tiny", pretrained=True)
+    assert PRESETS["richhf-base"].vision_id == "google/vit-large-patch16-384"
+    assert PRESETS["richhf-base"].text_id == "t5-base"
+
+
+def test_richhf_base_hub_ids_fail_clearly_offline():
+    """With no hub here the real path fails with the library's own error, not a crash deep inside RAHF."""
+    with pytest.raises(OSError):
+        build_rahf("richhf-base", pretrained=True)
