@@ -59,8 +59,10 @@ class ChannelRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
-        inv = torch.rsqrt(x.float().square().mean(dim=1, keepdim=True) + self.eps).to(x.dtype)
-        return x * inv * self.scale.to(x.dtype).view(1, -1, 1, 1)
+        # ||x||_2 over channels avoids materialising x**2; the scale is applied in place on the fresh output.
+        ms = torch.linalg.vector_norm(x.float(), ord=2, dim=1, keepdim=True).square() / x.shape[1]
+        out = x * torch.rsqrt(ms + self.eps).to(x.dtype)
+        return out.mul_(self.scale.to(x.dtype).view(1, -1, 1, 1))
 
 
 def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
@@ -81,9 +83,10 @@ class UpStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, h, w) -> (B, C_out, 2h, 2w)."""
-        x = F.relu(self.up_norm(self.up(x)))
-        y = self.norm2(self.conv2(F.relu(self.norm1(self.conv1(x)))))
-        return F.relu(x + y)
+        # In-place activations act on fresh intermediates only (autograd-safe), saving memory traffic.
+        x = F.relu(self.up_norm(self.up(x)), inplace=True)
+        y = self.norm2(self.conv2(F.relu(self.norm1(self.conv1(x)), inplace=True)))
+        return F.relu(y.add_(x), inplace=True)
 
 
 class HeatmapHead(nn.Module):
@@ -110,10 +113,10 @@ class HeatmapHead(nn.Module):
         """grid: (B, D, g, g) -> (B, S, S) float in [0, 1], S = g * 2**stages."""
         x = grid
         for block in self.stem:
-            x = block["norm"](F.relu(block["conv"](x)))
+            x = block["norm"](F.relu(block["conv"](x), inplace=True))
         for stage in self.up:
             x = stage(x)
-        x = self.out_conv2(F.relu(self.out_conv1(x)))
+        x = self.out_conv2(F.relu(self.out_conv1(x), inplace=True))
         return torch.sigmoid(x).squeeze(1)
 
 
@@ -136,7 +139,7 @@ class ScoreHead(nn.Module):
         """grid: (B, D, g, g) -> (B,) float in [0, 1]."""
         x = grid
         for block in self.blocks:
-            x = F.relu(block["norm"](block["conv"](x)))
+            x = F.relu(block["norm"](block["conv"](x)), inplace=True)
         # Flatten in NCHW order whatever the memory format, so weights mean the same everywhere.
         x = x.contiguous().flatten(1)
         for i, linear in enumerate(self.mlp):
@@ -144,6 +147,24 @@ class ScoreHead(nn.Module):
             if i < len(self.mlp) - 1:
                 x = F.relu(x)
         return torch.sigmoid(x).squeeze(1)
+
+
+class HeadRunner:
+    """Applies a head to feature grids in the requested memory format, at most ``chunk`` grids at a time."""
+
+    def __init__(self, channels_last: bool = False, chunk: int | None = None) -> None:
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"head_chunk must be >= 1, got {chunk}")
+        self.channels_last = channels_last
+        self.chunk = chunk
+
+    def __call__(self, head: nn.Module, grid: torch.Tensor) -> torch.Tensor:
+        """grid (N, D, g, g) -> head output (N, ...)."""
+        if self.channels_last:
+            grid = grid.contiguous(memory_format=torch.channels_last)
+        if self.chunk is None or grid.shape[0] <= self.chunk:
+            return head(grid)
+        return torch.cat([head(part) for part in grid.split(self.chunk)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -333,6 +354,7 @@ class RAHFModel(nn.Module):
         keywords: bool = True,
         labels: RAHFLabels | None = None,
         channels_last: bool = False,
+        head_chunk: int | None = None,
     ) -> RAHFOutput:
         """Predict the requested heatmaps and scores (default: all) and, with labels, the losses.
 
@@ -344,18 +366,18 @@ class RAHFModel(nn.Module):
             keywords: keep the encoded prompt for the decoder (and compute the token loss with labels).
             labels: training targets; every target given must be among the computed outputs.
             channels_last: run the convolutional heads in channels-last memory format (faster on CPU/GPU).
+            head_chunk: run the heads on at most this many feature maps at a time. Full-resolution heatmap
+                activations cost ~0.5 GB per image at richhf-base size, so chunks bound peak memory; the
+                convolutions at 384² already fill the hardware at batch 1, so speed does not suffer.
         """
         heatmaps = self.config.heatmap_names if heatmaps is None else tuple(heatmaps)
         scores = self.config.score_names if scores is None else tuple(scores)
         image_tokens = self.encode_image(pixel_values)
+        heads = HeadRunner(channels_last, head_chunk)
         if self.config.variant == "multi_head":
-            out = self._forward_multi_head(
-                image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, channels_last
-            )
+            out = self._forward_multi_head(image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads)
         else:
-            out = self._forward_augmented(
-                image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, channels_last
-            )
+            out = self._forward_augmented(image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads)
         if labels is not None:
             self._add_losses(out, labels)
         return out
@@ -364,24 +386,18 @@ class RAHFModel(nn.Module):
         """Tasks run by the augmented-prompt encoder, in batch order."""
         return [*heatmaps, *scores, *([KEYWORDS_TASK] if keywords else [])]
 
-    def _forward_multi_head(
-        self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, channels_last
-    ) -> RAHFOutput:
+    def _forward_multi_head(self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads):
         if input_ids.dim() != 2:
             raise ValueError(f"multi_head expects input_ids (B, T), got {tuple(input_ids.shape)}")
         grid, text_states = self.fuse(image_tokens, input_ids, attention_mask)
-        if channels_last:
-            grid = grid.contiguous(memory_format=torch.channels_last)
         return RAHFOutput(
-            heatmaps={n: self.heatmap_heads[n](grid) for n in heatmaps},
-            scores={n: self.score_heads[n](grid) for n in scores},
+            heatmaps={n: heads(self.heatmap_heads[n], grid) for n in heatmaps},
+            scores={n: heads(self.score_heads[n], grid) for n in scores},
             text_states=text_states if keywords else None,
             text_mask=attention_mask if keywords else None,
         )
 
-    def _forward_augmented(
-        self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, channels_last
-    ) -> RAHFOutput:
+    def _forward_augmented(self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads):
         tasks = self.task_order(heatmaps, scores, keywords)
         b = image_tokens.shape[0]
         if input_ids.dim() != 3 or input_ids.shape[1] != len(tasks):
@@ -391,28 +407,20 @@ class RAHFModel(nn.Module):
             )
         k, t = input_ids.shape[1], input_ids.shape[2]
         # The ViT ran once per image; every task reuses its tokens. Batch layout: (B * K) rows, image-major.
-        tokens = (
-            image_tokens.unsqueeze(1).expand(b, k, *image_tokens.shape[1:]).reshape(b * k, -1, image_tokens.shape[-1])
-        )
+        tokens = image_tokens.unsqueeze(1).expand(b, k, *image_tokens.shape[1:]).flatten(0, 1)
         grid, text_states = self.fuse(tokens, input_ids.reshape(b * k, t), attention_mask.reshape(b * k, t))
         grid = grid.reshape(b, k, *grid.shape[1:])
-        text_states = text_states.reshape(b, k, t, -1)
         nh, ns = len(heatmaps), len(scores)
         out = RAHFOutput(heatmaps={}, scores={})
         if nh:
-            g = grid[:, :nh].reshape(b * nh, *grid.shape[2:])
-            maps = self.heatmap_heads["shared"](
-                g.contiguous(memory_format=torch.channels_last) if channels_last else g
-            ).reshape(b, nh, *([self.config.image_size] * 2))
+            size = self.config.image_size
+            maps = heads(self.heatmap_heads["shared"], grid[:, :nh].flatten(0, 1)).reshape(b, nh, size, size)
             out.heatmaps = {n: maps[:, i] for i, n in enumerate(heatmaps)}
         if ns:
-            g = grid[:, nh : nh + ns].reshape(b * ns, *grid.shape[2:])
-            vals = self.score_heads["shared"](
-                g.contiguous(memory_format=torch.channels_last) if channels_last else g
-            ).reshape(b, ns)
+            vals = heads(self.score_heads["shared"], grid[:, nh : nh + ns].flatten(0, 1)).reshape(b, ns)
             out.scores = {n: vals[:, i] for i, n in enumerate(scores)}
         if keywords:
-            out.text_states = text_states[:, -1]
+            out.text_states = text_states.reshape(b, k, t, -1)[:, -1]
             out.text_mask = attention_mask[:, -1]
         return out
 

@@ -237,3 +237,18 @@ def test_richhf_base_size_matches_the_published_model():
     pooler = 1024 * 1024 + 1024
     assert abs(model.num_parameters() + pooler - 642.6e6) < 0.1e6, model.num_parameters()
     assert model.config.grid_size == 24 and model.config.image_size == 384
+
+
+def test_head_chunks_give_same_values(tiny, images):
+    """Running the heads a few maps at a time (to bound memory) changes nothing."""
+    model, processor = tiny
+    pixels, text = model_inputs(model, processor, images, PROMPTS)
+    with torch.no_grad():
+        whole = model(pixels, text.input_ids, text.attention_mask)
+        chunked = model(pixels, text.input_ids, text.attention_mask, head_chunk=1)
+    for n in HEATMAP_NAMES:
+        torch.testing.assert_close(chunked.heatmaps[n], whole.heatmaps[n], atol=1e-6, rtol=0)
+    for n in SCORE_NAMES:
+        torch.testing.assert_close(chunked.scores[n], whole.scores[n], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="head_chunk"):
+        model(pixels, text.input_ids, text.attention_mask, head_chunk=0)
