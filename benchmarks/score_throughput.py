@@ -90,6 +90,8 @@ def run_child(spec: dict) -> dict:
 
     for _ in range(spec["warmup"]):
         once()
+    if spec["warmup_batch_1"]:  # full-size models: one single-image call warms kernels and allocator cheaply
+        scorer.score(prompts[:1], images[:1], **opts)
     sync()
     if spec["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -203,6 +205,7 @@ def grid(args) -> list[dict]:
                         "dtype": args.dtype,
                         "threads": args.threads,
                         "warmup": 0 if big else 1,
+                        "warmup_batch_1": big,
                         "repeats": 1 if big else 3,
                         "count_flops": batch == 1,
                         "compare_fp32": args.dtype != "fp32",

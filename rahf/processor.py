@@ -94,7 +94,8 @@ class TextBatch:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    truncated: list[bool]
+    truncated: list[bool]  # the prompt was cut at max_text_tokens
+    num_words: list[int]  # words of each cleaned prompt (RichHF-18K rule)
 
 
 class RAHFProcessor:
@@ -146,7 +147,8 @@ class RAHFProcessor:
         enc = self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
         )
-        return TextBatch(enc["input_ids"], enc["attention_mask"], [len(ids) > self.max_text_tokens for ids in full])
+        truncated = [len(ids) > self.max_text_tokens for ids in full]
+        return TextBatch(enc["input_ids"], enc["attention_mask"], truncated, [len(prompt_words(p)) for p in prompts])
 
     def tokenize_tasks(self, prompts: Sequence[str], prefixes: Sequence[str]) -> TextBatch:
         """Each prompt once per task prefix -> (B, K, T), padded to the longest row over all tasks."""
@@ -156,7 +158,7 @@ class RAHFProcessor:
         ids = torch.stack([pad_right(b.input_ids, t, pad) for b in per_task], dim=1)
         mask = torch.stack([pad_right(b.attention_mask, t, 0) for b in per_task], dim=1)
         truncated = [any(b.truncated[i] for b in per_task) for i in range(len(prompts))]
-        return TextBatch(ids, mask, truncated)
+        return TextBatch(ids, mask, truncated, per_task[0].num_words)
 
     # -- keyword sequences ---------------------------------------------------------------------------------
 
@@ -192,13 +194,17 @@ class RAHFProcessor:
         return [w[: -len(suffix)] for w in sequence.split() if w.endswith(suffix) and len(w) > len(suffix)]
 
     def keyword_budgets(self, batch: TextBatch, limit: int) -> list[int]:
-        """Per-prompt generation budgets: its tokens plus room for one suffix per token, capped at ``limit``.
+        """Per-prompt generation budgets: the prompt's tokens, one suffix per word, one spare; at most ``limit``.
 
-        Budgets depend on each prompt alone, so a prompt decodes the same whatever batch it is in.
+        The keyword sequence is the prompt with ``_0`` after some words, so it cannot need more. Budgets depend
+        on each prompt alone, so a prompt decodes the same whatever batch it is in.
         """
         mask = batch.attention_mask if batch.attention_mask.dim() == 2 else batch.attention_mask[:, -1]
         suffix_len = len(self.tokenizer(self.misaligned_suffix, add_special_tokens=False)["input_ids"])
-        return [max(1, min(limit, int(n) * (1 + suffix_len) + 1)) for n in mask.sum(dim=1).tolist()]
+        return [
+            max(1, min(limit, int(n) + words * suffix_len + 1))
+            for n, words in zip(mask.sum(dim=1).tolist(), batch.num_words)
+        ]
 
     # -- persistence ---------------------------------------------------------------------------------------
 

@@ -134,3 +134,15 @@ def test_tokenize_tasks_shape(proc):
     first = proc.tokenize(["a cat"], "plausibility score:")
     n = first.input_ids.shape[1]
     assert torch.equal(batch.input_ids[0, 0, :n], first.input_ids[0])
+
+
+def test_keyword_budget_covers_every_word_marked(proc):
+    """The per-prompt decoding budget fits the longest possible target: every word carrying the suffix."""
+    prompts = ["a cat", "a red cat on a mat with two dogs"]
+    batch = proc.tokenize(prompts)
+    budgets = proc.keyword_budgets(batch, limit=1000)
+    for prompt, budget in zip(prompts, budgets):
+        worst = proc.keyword_target(prompt, [0] * len(prompt_words(prompt)))
+        assert len(proc.tokenizer(worst)["input_ids"]) <= budget
+    assert budgets[0] < budgets[1]
+    assert proc.keyword_budgets(batch, limit=5) == [5, 5]
