@@ -109,9 +109,10 @@ class RAHFScorer:
         directory = resolve_model_dir(source)
         return cls(RAHFModel.from_pretrained(directory), RAHFProcessor.from_pretrained(directory), **kwargs)
 
-    @property
-    def identity(self) -> str:
-        return getattr(self.model, "name_or_path", self.model.config.variant)
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the model and its processor as one RAHF folder (``from_pretrained`` reads it back)."""
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
 
     # -- scoring -------------------------------------------------------------------------------------------
 

@@ -121,8 +121,7 @@ def test_edge_prompts(scorer, images):
 
 def test_from_pretrained_folder(tiny, images, tmp_path):
     model, processor = tiny
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    RAHFScorer(model, processor).save_pretrained(tmp_path)
     a = RAHFScorer(model, processor).score("a cat", images, keywords=False)
     b = RAHFScorer.from_pretrained(tmp_path).score("a cat", images, keywords=False)
     for x, y in zip(a, b):

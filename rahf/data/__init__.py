@@ -1,0 +1,1 @@
+"""RichHF-18K data: TFRecord reading and writing without TensorFlow."""
