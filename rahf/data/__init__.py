@@ -1,1 +1,16 @@
-"""RichHF-18K data: TFRecord reading and writing without TensorFlow."""
+"""RichHF-18K data: TFRecord framing, tf.train.Example coding and typed examples, without TensorFlow."""
+
+from rahf.data.richhf import Annotation, RichHFExample, RichHFFormatError, consolidate, read_richhf, write_richhf
+from rahf.data.tfrecord import TFRecordError, read_records, write_records
+
+__all__ = [
+    "Annotation",
+    "RichHFExample",
+    "RichHFFormatError",
+    "TFRecordError",
+    "consolidate",
+    "read_richhf",
+    "read_records",
+    "write_richhf",
+    "write_records",
+]
