@@ -1,25 +1,35 @@
-"""RAHF: Rich Automatic Human Feedback for text-to-image generation (Liang et al., CVPR 2024)."""
+"""RAHF: Rich Automatic Human Feedback for text-to-image generation (Liang et al., CVPR 2024).
 
-from rahf.model import HEATMAP_NAMES, SCORE_NAMES, RAHFConfig, RAHFLabels, RAHFModel, RAHFOutput
-from rahf.presets import PRESETS, build_rahf, preset_config
-from rahf.processor import InvalidImageError, RAHFProcessor, clean_prompt, prompt_words
-from rahf.scorer import RAHFScorer, RichFeedback, ScoringFailure
+Exports load lazily, so ``rahf.data`` (the dataset codecs and the synthetic renderer) imports without torch.
+"""
 
-__all__ = [
-    "HEATMAP_NAMES",
-    "PRESETS",
-    "SCORE_NAMES",
-    "InvalidImageError",
-    "RAHFConfig",
-    "RAHFLabels",
-    "RAHFModel",
-    "RAHFOutput",
-    "RAHFProcessor",
-    "RAHFScorer",
-    "RichFeedback",
-    "ScoringFailure",
-    "build_rahf",
-    "clean_prompt",
-    "preset_config",
-    "prompt_words",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "HEATMAP_NAMES": "rahf.model",
+    "SCORE_NAMES": "rahf.model",
+    "RAHFConfig": "rahf.model",
+    "RAHFLabels": "rahf.model",
+    "RAHFModel": "rahf.model",
+    "RAHFOutput": "rahf.model",
+    "PRESETS": "rahf.presets",
+    "build_rahf": "rahf.presets",
+    "preset_config": "rahf.presets",
+    "InvalidImageError": "rahf.processor",
+    "RAHFProcessor": "rahf.processor",
+    "clean_prompt": "rahf.processor",
+    "prompt_words": "rahf.processor",
+    "RAHFScorer": "rahf.scorer",
+    "RichFeedback": "rahf.scorer",
+    "ScoringFailure": "rahf.scorer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rahf' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

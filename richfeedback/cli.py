@@ -94,6 +94,16 @@ def cmd_import_richhf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from rahf.data.synthetic import write_split
+
+    for split, n in (("train", args.train), ("dev", args.dev), ("test", args.test)):
+        if n:
+            path = write_split(args.out, split, n, size=args.size, seed=args.seed)
+            print(f"{split}: {n} examples -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="richfeedback", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrained", action="store_true", help="load the backbones' hub weights (needs the hub)")
     p.set_defaults(func=cmd_save_preset)
+
+    p = sub.add_parser("synth", help="write a synthetic rich-feedback benchmark in the RichHF-18K schema")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--dev", type=int, default=200)
+    p.add_argument("--test", type=int, default=200)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("import-richhf", help="convert a youweiliang/RichHF .pt checkpoint to safetensors")
     p.add_argument("checkpoint")

@@ -9,8 +9,8 @@ __all__ = [
     "RichHFFormatError",
     "TFRecordError",
     "consolidate",
-    "read_richhf",
     "read_records",
-    "write_richhf",
+    "read_richhf",
     "write_records",
+    "write_richhf",
 ]

@@ -1,0 +1,270 @@
+"""A synthetic rich-feedback world: procedurally rendered scenes with known flaws and exact ground truth.
+
+RichHF-18K's images and pretrained weights cannot be had offline, so this renderer produces examples in the same
+schema whose answers are known exactly. It needs numpy and PIL only (no torch), so generator backends can use it.
+
+Prompt grammar: one or two object groups joined by ``and``; a group is ``<count> <colour> <shape>[s] <place>``,
+for example ``two red circles at the left and a blue square at the bottom``.
+
+Flaws, sampled from a :class:`FlawModel` (the world's "generator parameters"):
+
+* distortion (implausibility): a spiky, noisy blotch over part of one object; its region is the implausibility
+  map;
+* wrong colour (misalignment): one group drawn in another colour; its objects are the misalignment map and its
+  colour word is misaligned;
+* missing object: one object of a group not drawn; the count and shape words are misaligned, the map is empty
+  where nothing was drawn (as annotators cannot point at an absent object);
+* extra object: one more object than the count says; it is the misalignment map and the count word is
+  misaligned.
+
+Scores (all in [0, 1], higher is better), from the flaws alone:
+
+* plausibility = 1 − min(1, 6 · A_impl), A_impl = implausible fraction of the image;
+* alignment = 1 − misaligned words / content words (count, colour and shape words);
+* aesthetics = clip(0.9 − 3 · A_impl − 0.1 · max(0, objects − 3), 0, 1);
+* overall = 0.4 · plausibility + 0.4 · alignment + 0.2 · aesthetics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from rahf.data.richhf import RichHFExample, write_richhf
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {
+    "red": (215, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 215),
+    "yellow": (240, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+}
+PLACES = {  # phrase -> centre of the region objects are scattered in, as fractions of (x, y)
+    "at the left": (0.27, 0.5),
+    "at the right": (0.73, 0.5),
+    "at the top": (0.5, 0.27),
+    "at the bottom": (0.5, 0.73),
+    "in the middle": (0.5, 0.5),
+}
+COUNTS = {1: "a", 2: "two", 3: "three"}
+BACKGROUNDS = ((200, 220, 235), (225, 215, 195), (205, 230, 205), (230, 225, 235))
+
+
+@dataclass
+class FlawModel:
+    """Probabilities of each flaw; ``distortion`` is per shape (the concept-level parameter that ``fit`` moves)."""
+
+    distortion: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SHAPES, 0.4))
+    wrong_colour: float = 0.2
+    missing: float = 0.15
+    extra: float = 0.15
+
+
+@dataclass
+class Group:
+    count: int
+    colour: str
+    shape: str
+    place: str
+
+
+@dataclass
+class SyntheticSample:
+    """An image, its prompt, and its exact RichHF-style ground truth."""
+
+    image: Image.Image
+    prompt: str
+    example: RichHFExample
+    flaws: list[str]
+
+
+def sample_groups(rng: np.random.Generator) -> list[Group]:
+    n = 1 if rng.random() < 0.5 else 2
+    places = rng.permutation(list(PLACES))[:n]
+    return [
+        Group(int(rng.integers(1, 4)), str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), str(p)) for p in places
+    ]
+
+
+def prompt_of(groups: list[Group]) -> tuple[list[str], list[str]]:
+    """Words of the prompt and, per word, its role: ``count:i``, ``colour:i``, ``shape:i`` or ``other``."""
+    words, roles = [], []
+    for i, g in enumerate(groups):
+        if i:
+            words.append("and")
+            roles.append("other")
+        shape = g.shape + ("s" if g.count > 1 else "")
+        words += [COUNTS[g.count], g.colour, shape, *g.place.split()]
+        roles += [f"count:{i}", f"colour:{i}", f"shape:{i}"] + ["other"] * len(g.place.split())
+    return words, roles
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    return None  # circle: drawn as an ellipse
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    poly = _shape_polygon(shape, cx, cy, r)
+    if poly is None:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(poly, fill=fill)
+
+
+def _positions(
+    rng: np.random.Generator, place: str, n: int, size: int, r: float, taken: list[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    """Centres for ``n`` objects around a place, kept apart from each other and from ``taken`` (updated)."""
+    fx, fy = PLACES[place]
+    out = []
+    for _ in range(n):
+        for _attempt in range(50):
+            x = float(np.clip((fx + rng.uniform(-0.17, 0.17)) * size, r, size - r))
+            y = float(np.clip((fy + rng.uniform(-0.17, 0.17)) * size, r, size - r))
+            if all((x - a) ** 2 + (y - b) ** 2 > (2.3 * r) ** 2 for a, b in taken):
+                break
+        out.append((x, y))
+        taken.append((x, y))
+    return out
+
+
+def render(
+    rng: np.random.Generator, size: int = 64, flaws: FlawModel | None = None, uid: str = "sample"
+) -> SyntheticSample:
+    """Render one random scene with flaws drawn from ``flaws``; everything derives from ``rng``."""
+    flaws = flaws or FlawModel()
+    groups = sample_groups(rng)
+    words, roles = prompt_of(groups)
+    misaligned: set[int] = set()
+    applied: list[str] = []
+    scale = 2  # draw at twice the size and downsample for smooth edges
+    s = size * scale
+    image = Image.new("RGB", (s, s), BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
+    draw = ImageDraw.Draw(image)
+    mis_mask = Image.new("L", (s, s), 0)
+    mis_draw = ImageDraw.Draw(mis_mask)
+    objects: list[tuple[str, float, float, float, tuple]] = []
+    taken: list[tuple[float, float]] = []
+    r = s * 0.075
+    for gi, g in enumerate(groups):
+        colour = g.colour
+        wrong = rng.random() < flaws.wrong_colour
+        if wrong:
+            colour = str(rng.choice([c for c in COLOURS if c != g.colour]))
+            misaligned.add(roles.index(f"colour:{gi}"))
+            applied.append(f"wrong_colour:{gi}")
+        n_draw = g.count
+        if g.count > 1 and rng.random() < flaws.missing:
+            n_draw -= 1
+            misaligned.update({roles.index(f"count:{gi}"), roles.index(f"shape:{gi}")})
+            applied.append(f"missing:{gi}")
+        extra = rng.random() < flaws.extra
+        if extra:
+            misaligned.add(roles.index(f"count:{gi}"))
+            applied.append(f"extra:{gi}")
+        positions = _positions(rng, g.place, n_draw + int(extra), s, r, taken)
+        for k, (x, y) in enumerate(positions):
+            _draw(draw, g.shape, x, y, r, COLOURS[colour])
+            objects.append((g.shape, x, y, r, COLOURS[colour]))
+            if wrong or (extra and k == len(positions) - 1):
+                _draw(mis_draw, g.shape, x, y, r * 1.1, 255)
+    impl_mask = Image.new("L", (s, s), 0)
+    for shape, x, y, rr, fill in objects:
+        if rng.random() >= flaws.distortion[shape]:
+            continue
+        applied.append(f"distortion:{shape}")
+        _distort(rng, image, impl_mask, x, y, rr, fill)
+    image = image.resize((size, size), Image.LANCZOS)
+    impl = np.asarray(impl_mask.resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    mis = np.asarray(mis_mask.resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    labels = [0 if i in misaligned else 1 for i in range(len(words))]
+    content = sum(1 for ro in roles if ro != "other")
+    a_impl = float(impl.mean())
+    plaus = 1.0 - min(1.0, 6.0 * a_impl)
+    align = 1.0 - len(misaligned) / content
+    aesth = float(np.clip(0.9 - 3.0 * a_impl - 0.1 * max(0, len(objects) - 3), 0.0, 1.0))
+    scores = {
+        "plausibility": plaus,
+        "alignment": align,
+        "aesthetics": aesth,
+        "overall": 0.4 * plaus + 0.4 * align + 0.2 * aesth,
+    }
+    example = RichHFExample(f"{uid}.png", scores, {"implausibility": impl, "misalignment": mis}, labels)
+    return SyntheticSample(image, " ".join(words), example, applied)
+
+
+def _distort(
+    rng: np.random.Generator, image: Image.Image, mask: Image.Image, x: float, y: float, r: float, fill: tuple
+) -> None:
+    """A spiky blotch with pixel noise over part of an object; its region is marked on ``mask``."""
+    angle = rng.uniform(0, 2 * np.pi)
+    cx, cy = x + 0.6 * r * np.cos(angle), y + 0.6 * r * np.sin(angle)
+    rr = r * 0.9
+    spikes = 9
+    pts = []
+    for k in range(2 * spikes):
+        a = np.pi * k / spikes + rng.uniform(-0.2, 0.2)
+        rad = rr * (1.0 if k % 2 == 0 else rng.uniform(0.35, 0.6))
+        pts.append((cx + rad * np.cos(a), cy + rad * np.sin(a)))
+    draw = ImageDraw.Draw(image)
+    shifted = tuple(int(np.clip(c + rng.integers(-90, 91), 0, 255)) for c in fill)
+    draw.polygon(pts, fill=shifted)
+    box = [int(cx - rr), int(cy - rr), int(cx + rr) + 1, int(cy + rr) + 1]
+    box = [max(0, box[0]), max(0, box[1]), min(image.width, box[2]), min(image.height, box[3])]
+    region = np.asarray(image.crop(box), np.int16)
+    noise = rng.integers(-70, 71, region.shape)
+    yy, xx = np.mgrid[box[1] : box[3], box[0] : box[2]]
+    inside = ((xx - cx) ** 2 + (yy - cy) ** 2 <= rr**2)[..., None]
+    noisy = np.where(inside, np.clip(region + noise, 0, 255), region).astype(np.uint8)
+    image.paste(Image.fromarray(noisy), box[:2])
+    ImageDraw.Draw(mask).ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=255)
+
+
+def generate(
+    n: int, *, size: int = 64, seed: int = 0, split: str = "train", flaws: FlawModel | None = None
+) -> Iterator[SyntheticSample]:
+    """``n`` samples of a split; sample i depends only on (seed, split, i), so any prefix is reproducible."""
+    split_id = sum(ord(c) * 31**k for k, c in enumerate(split)) % 2**31
+    for i in range(n):
+        rng = np.random.default_rng([seed, split_id, i])
+        yield render(rng, size=size, flaws=flaws, uid=f"{split}/{split}-{seed}-{i:06d}")
+
+
+def write_split(
+    out_dir: str | Path, split: str, n: int, *, size: int = 64, seed: int = 0, flaws: FlawModel | None = None
+) -> Path:
+    """Write ``<split>.tfrecord`` (RichHF-18K schema), the images, and ``<split>.jsonl`` (uid, image, prompt,
+    flaws) under ``out_dir``; returns the TFRecord path."""
+    out = Path(out_dir)
+    (out / split).mkdir(parents=True, exist_ok=True)
+    examples, rows = [], []
+    for sample in generate(n, size=size, seed=seed, split=split, flaws=flaws):
+        sample.image.save(out / sample.example.filename)
+        examples.append(sample.example)
+        rows.append(
+            {
+                "uid": sample.example.uid,
+                "image": sample.example.filename,
+                "prompt": sample.prompt,
+                "flaws": sample.flaws,
+            }
+        )
+    path = out / f"{split}.tfrecord"
+    write_richhf(path, examples)
+    (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
