@@ -104,6 +104,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rahf.train import TrainConfig, train
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if args.config:
+        cfg = TrainConfig.from_json(args.config, **flags)
+    else:
+        if not args.data_dir or not args.out_dir:
+            print("error: give --config FILE.json, or --data-dir and --out-dir", file=sys.stderr)
+            return 2
+        cfg = TrainConfig(**{k: v for k, v in flags.items() if v is not None})
+    summary = train(cfg)
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="richfeedback", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train RAHF (resumes from the last checkpoint in --out-dir)")
+    p.add_argument("--config", help="TrainConfig as JSON; flags override it")
+    for name, typ in (
+        ("data_dir", str),
+        ("out_dir", str),
+        ("preset", str),
+        ("variant", str),
+        ("steps", int),
+        ("batch_size", int),
+        ("grad_accum", int),
+        ("lr", float),
+        ("weight_decay", float),
+        ("warmup_steps", int),
+        ("mixed_precision", str),
+        ("seed", int),
+        ("checkpoint_every", int),
+        ("eval_every", int),
+        ("log_every", int),
+        ("device", str),
+    ):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("import-richhf", help="convert a youweiliang/RichHF .pt checkpoint to safetensors")
     p.add_argument("checkpoint")

@@ -1,0 +1,107 @@
+"""Training: the loss falls, every part is logged, a killed run resumes to the same weights, bad rows are counted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rahf.data.synthetic import write_split
+from rahf.train import TrainConfig, train
+from richfeedback.cli import main
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    write_split(d, "train", 24, size=64, seed=0)
+    write_split(d, "dev", 8, size=64, seed=0)
+    return d
+
+
+def config(data_dir, out, **kw) -> TrainConfig:
+    base = {
+        "steps": 6,
+        "batch_size": 4,
+        "lr": 2e-3,
+        "warmup_steps": 2,
+        "checkpoint_every": 3,
+        "eval_every": 3,
+        "log_every": 1,
+        "device": "cpu",
+    }
+    return TrainConfig(data_dir=str(data_dir), out_dir=str(out), **{**base, **kw})
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(data_dir, tmp_path):
+    whole = train(config(data_dir, tmp_path / "a"))
+    assert whole["step"] == 6
+    first = train(config(data_dir, tmp_path / "b"), stop_after=3)  # the "kill": stops after step 3
+    assert first["step"] == 3 and not (tmp_path / "b" / "checkpoints" / "step-6").exists()
+    second = train(config(data_dir, tmp_path / "b"))
+    assert second["step"] == 6
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step-6" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step-6" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    # Running again after the end does nothing more.
+    assert train(config(data_dir, tmp_path / "b"))["step"] == 6
+
+
+def test_loss_falls_and_every_part_is_logged(data_dir, tmp_path):
+    summary = train(
+        config(
+            data_dir,
+            tmp_path / "run",
+            steps=30,
+            checkpoint_every=30,
+            eval_every=10,
+            log_every=1,
+            lr=3e-3,
+            warmup_steps=3,
+        )
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert {"heatmap/implausibility", "score/overall", "tokens"} <= set(steps[0])
+    first = sum(r["loss"] for r in steps[:3]) / 3
+    last = sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    dev = [r["dev_loss"] for r in rows if "dev_loss" in r]
+    assert len(dev) == 3 and summary["best_dev_loss"] == pytest.approx(min(dev))
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_mismatched_rows_are_skipped_and_counted(data_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    rows = [json.loads(line) for line in (d / "train.jsonl").read_text().splitlines()]
+    rows[0]["prompt"] += " extra words"
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = train(config(d, tmp_path / "run", steps=1, checkpoint_every=1, eval_every=1))
+    assert summary["skipped"] == 1 and summary["train_examples"] == 23
+
+
+def test_train_command(data_dir, tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "data_dir": str(data_dir),
+                "out_dir": str(tmp_path / "o"),
+                "steps": 2,
+                "batch_size": 4,
+                "device": "cpu",
+                "checkpoint_every": 2,
+                "eval_every": 2,
+            }
+        )
+    )
+    assert main(["train", "--config", str(cfg), "--steps", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
+    assert (tmp_path / "o" / "checkpoints" / "step-1" / "config.json").is_file()
