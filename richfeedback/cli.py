@@ -122,6 +122,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from rahf.evaluate import evaluate, load_ground_truth, markdown, predict_with_scorer, write_results
+    from rahf.scorer import RAHFScorer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gt = load_ground_truth(args.data, args.split)
+    results = {}
+    scorer = None
+    for spec in args.model or []:
+        name, _, path = spec.rpartition("=")
+        scorer = RAHFScorer.from_pretrained(path, device=args.device, batch_size=args.batch_size)
+        results[name or path] = evaluate(predict_with_scorer(scorer, gt), gt)
+    if args.baselines:
+        from rahf.baselines import MeanPredictor, predict_small_cnn, train_small_cnn
+        from rahf.presets import build_rahf
+        from rahf.train import load_split
+
+        processor = scorer.processor if scorer else build_rahf("rahf-tiny")[1]
+        train_data = load_split(args.data, "train", processor)
+        results["mean predictor"] = evaluate(MeanPredictor().fit(train_data).predict(gt, processor), gt)
+        cnn = train_small_cnn(
+            train_data, steps=args.baseline_steps, batch_size=args.baseline_batch_size, lr=args.baseline_lr
+        )
+        results["small CNN"] = evaluate(predict_small_cnn(cnn, gt, processor), gt)
+    if not results:
+        print("error: give --model NAME=PATH and/or --baselines", file=sys.stderr)
+        return 2
+    write_results(args.out, results)
+    print(markdown(results))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'metrics.md'} ({len(gt.uids)} examples)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="richfeedback", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="the paper's Tables 1-4 for models and baselines on a split")
+    p.add_argument("--data", required=True, help="folder with <split>.tfrecord and <split>.jsonl")
+    p.add_argument("--split", default="test")
+    p.add_argument("--model", action="append", help="NAME=PATH of a RAHF folder (repeatable)")
+    p.add_argument("--baselines", action="store_true", help="also train and evaluate the two baselines")
+    p.add_argument("--baseline-steps", type=int, default=300)
+    p.add_argument("--baseline-batch-size", type=int, default=16)
+    p.add_argument("--baseline-lr", type=float, default=1e-3)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("import-richhf", help="convert a youweiliang/RichHF .pt checkpoint to safetensors")
     p.add_argument("checkpoint")
