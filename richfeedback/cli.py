@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval_every", int),
         ("log_every", int),
         ("device", str),
+        ("heatmap_loss_weight", float),
+        ("score_loss_weight", float),
+        ("token_loss_weight", float),
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.set_defaults(func=cmd_train)
