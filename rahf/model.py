@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,13 @@ class HeatmapHead(nn.Module):
         self.up = nn.ModuleList(ups)
         self.out_conv1 = conv3x3(c, config.heatmap_out_channels)
         self.out_conv2 = conv3x3(config.heatmap_out_channels, 1)
+        # Prior init: start near the (small) typical heatmap value with a gentle slope. Started at sigmoid(0) =
+        # 0.5, the sparse-target MSE drives the output into saturation within a few dozen steps, where the
+        # sigmoid's gradient vanishes and the head never learns where flaws are.
+        prior = config.heatmap_prior
+        nn.init.constant_(self.out_conv2.bias, math.log(prior / (1 - prior)))
+        with torch.no_grad():
+            self.out_conv2.weight.mul_(0.1)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         """grid: (B, D, g, g) -> (B, S, S) float in [0, 1], S = g * 2**stages."""
@@ -187,6 +195,7 @@ class RAHFConfig:
     score_channels: tuple[int, ...] = (768, 384, 192, 96, 48, 12)  # six narrowing conv blocks
     score_mlp_widths: tuple[int, ...] = (512, 128)  # hidden widths of the score MLP
     head_norm_eps: float = 1e-8  # eps of the channel RMS norm in the heads
+    heatmap_prior: float = 0.05  # initial heatmap value (output bias = logit(prior)); random init only
     # Task strings prefixed to the prompt in the augmented-prompt variant, one per output.
     task_prefixes: dict[str, str] = field(
         default_factory=lambda: {

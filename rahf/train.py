@@ -283,7 +283,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
                     optimizer.step()
                     optimizer.zero_grad()
                 for k, v in outputs.loss_parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / cfg.grad_accum
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             step += 1
             done_now += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
