@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rahf.data.richhf import read_richhf
+from rahf.data.richhf import read_split
 from rahf.metrics import heatmap_metrics, keyword_metrics, score_metrics
 from rahf.model import HEATMAP_NAMES, SCORE_NAMES
+from rahf.words import prompt_words
 
 
 @dataclass
@@ -41,37 +42,15 @@ class Predictions:
 
 def load_ground_truth(data_dir: str | Path, split: str, suffix: str = "_0") -> GroundTruth:
     """Read a split (``<split>.tfrecord`` + ``<split>.jsonl``); examples without a usable prompt are skipped."""
-    from rahf.processor import prompt_words
-
-    data_dir = Path(data_dir)
-    rows = {}
-    for line in (data_dir / f"{split}.jsonl").read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            rows[r["uid"]] = r
-    uids, prompts, images, targets = [], [], [], []
-    scores: dict[str, list[float]] = {n: [] for n in SCORE_NAMES}
-    maps: dict[str, list[np.ndarray]] = {n: [] for n in HEATMAP_NAMES}
-    for ex in read_richhf(data_dir / f"{split}.tfrecord"):
-        row = rows.get(ex.uid)
-        if row is None or len(prompt_words(row["prompt"])) != len(ex.word_labels):
-            continue
-        uids.append(ex.uid)
-        prompts.append(row["prompt"])
-        images.append(data_dir / row["image"])
-        words = prompt_words(row["prompt"])
-        targets.append(" ".join(w + suffix if lab == 0 else w for w, lab in zip(words, ex.word_labels)))
-        for n in SCORE_NAMES:
-            scores[n].append(ex.scores[n])
-        for n in HEATMAP_NAMES:
-            maps[n].append(ex.heatmaps[n])
+    records, _ = read_split(data_dir, split)
+    scores = {n: np.array([r.example.scores[n] for r in records]) for n in SCORE_NAMES}
+    maps = {n: np.stack([r.example.heatmaps[n] for r in records]) for n in HEATMAP_NAMES}
+    targets = [
+        " ".join(w + suffix if lab == 0 else w for w, lab in zip(prompt_words(r.prompt), r.example.word_labels))
+        for r in records
+    ]
     return GroundTruth(
-        uids,
-        prompts,
-        images,
-        {k: np.array(v) for k, v in scores.items()},
-        {k: np.stack(v) for k, v in maps.items()},
-        targets,
+        [r.example.uid for r in records], [r.prompt for r in records], [r.image for r in records], scores, maps, targets
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,25 +19,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from rahf.words import clean_prompt, prompt_words
+
 PROCESSOR_NAME = "processor_config.json"
-_WORD_SPLIT = re.compile(r'[,.?!":; ]+')
 ImageInput = Image.Image | str | Path | bytes
 
 
 class InvalidImageError(ValueError):
     """An image that cannot be decoded or converted; the message names the image."""
-
-
-def prompt_words(prompt: str) -> list[str]:
-    """Words of a prompt by the RichHF-18K rule: split on ``,.?!":;`` and spaces, drop empty pieces."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be str, got {type(prompt).__name__}")
-    return [w for w in _WORD_SPLIT.split(prompt.replace("\n", " ").replace("\t", " ")) if w]
-
-
-def clean_prompt(prompt: str) -> str:
-    """The cleaned prompt: its words joined with one space (``"A cat, sleeping."`` -> ``"A cat sleeping"``)."""
-    return " ".join(prompt_words(prompt))
 
 
 def load_image(source: ImageInput, name: str | None = None) -> Image.Image:

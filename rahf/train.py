@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from rahf.data.richhf import read_richhf
+from rahf.data.richhf import read_split
 from rahf.model import RAHFLabels, RAHFModel
 from rahf.presets import build_rahf
-from rahf.processor import RAHFProcessor, prompt_words
+from rahf.processor import RAHFProcessor
 
 
 @dataclass
@@ -91,26 +91,17 @@ class SplitData:
 
 def load_split(data_dir: str | Path, split: str, processor: RAHFProcessor) -> SplitData:
     """Read a split; examples whose prompt word count differs from the label count are skipped and counted."""
-    data_dir = Path(data_dir)
-    rows = {}
-    for line in (data_dir / f"{split}.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["uid"]] = row
+    records, skipped = read_split(data_dir, split)
     size = processor.image_size
-    pixels, maps, scores, prompts, targets, skipped = [], {}, {}, [], [], 0
-    for ex in read_richhf(data_dir / f"{split}.tfrecord"):
-        row = rows.get(ex.uid)
-        if row is None or len(prompt_words(row["prompt"])) != len(ex.word_labels):
-            skipped += 1
-            continue
-        pixels.append(processor.preprocess_image(data_dir / row["image"]))
-        for name, m in ex.heatmaps.items():
+    pixels, maps, scores, prompts, targets = [], {}, {}, [], []
+    for rec in records:
+        pixels.append(processor.preprocess_image(rec.image))
+        for name, m in rec.example.heatmaps.items():
             maps.setdefault(name, []).append(_resize_map(m, size))
-        for name, v in ex.scores.items():
+        for name, v in rec.example.scores.items():
             scores.setdefault(name, []).append(v)
-        prompts.append(row["prompt"])
-        targets.append(processor.keyword_target(row["prompt"], ex.word_labels))
+        prompts.append(rec.prompt)
+        targets.append(processor.keyword_target(rec.prompt, rec.example.word_labels))
     if not prompts:
         raise ValueError(f"{data_dir}/{split}: no usable examples ({skipped} skipped)")
     return SplitData(

@@ -17,6 +17,7 @@ Schema of one ``tf.train.Example`` (github google-research-datasets/richhf-18k):
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from rahf.data.tfrecord import decode_example, encode_example, read_records, write_records
+from rahf.words import prompt_words
 
 SCORE_FEATURES = {
     "plausibility": "artifact_score",
@@ -128,6 +130,37 @@ def read_richhf(paths: str | Path | Sequence[str | Path]) -> Iterator[RichHFExam
             except ValueError as err:
                 raise RichHFFormatError(f"{path} record {i}: not a tf.train.Example: {err}") from err
             yield parse_example(features, where=f"{path} record {i}")
+
+
+@dataclass
+class SplitRecord:
+    """One example of a split folder with its prompt and image file."""
+
+    example: RichHFExample
+    prompt: str
+    image: Path
+
+
+def read_split(data_dir: str | Path, split: str) -> tuple[list[SplitRecord], int]:
+    """Pair ``<split>.tfrecord`` examples with ``<split>.jsonl`` rows (uid, image, prompt) of a split folder.
+
+    Examples with no row, or whose prompt's word count (RichHF-18K rule) differs from their label count, are
+    skipped, never truncated; returns the records and the number skipped.
+    """
+    data_dir = Path(data_dir)
+    rows = {}
+    for line in (data_dir / f"{split}.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["uid"]] = row
+    records, skipped = [], 0
+    for ex in read_richhf(data_dir / f"{split}.tfrecord"):
+        row = rows.get(ex.uid)
+        if row is None or len(prompt_words(row["prompt"])) != len(ex.word_labels):
+            skipped += 1
+            continue
+        records.append(SplitRecord(ex, row["prompt"], data_dir / row["image"]))
+    return records, skipped
 
 
 def write_richhf(path: str | Path, examples: Iterable[RichHFExample]) -> int:
