@@ -288,3 +288,22 @@ def test_heatmap_heads_learn_sparse_targets():
         out.loss.backward()
         opt.step()
     assert float(out.loss) < 0.7 * zero_level, (float(out.loss), zero_level)
+
+
+def test_channel_norm_values_and_gradients_match_the_plain_formula():
+    """The in-place, x²-free channel norm equals x * rsqrt(mean_c(x²) + eps) * scale, gradients included."""
+    from rahf.model import ChannelRMSNorm
+
+    torch.manual_seed(0)
+    norm = ChannelRMSNorm(6, 1e-8)
+    norm.scale.data = torch.rand(6) + 0.5
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    weights = torch.randn(2, 6, 5, 5)
+    (norm(x) * weights).sum().backward()
+    fast = (norm(x.detach()), norm.scale.grad.clone(), x.grad.clone())
+    norm.scale.grad, x.grad = None, None
+    plain = x * torch.rsqrt(x.square().mean(1, keepdim=True) + 1e-8) * norm.scale.view(1, -1, 1, 1)
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(fast[0], plain.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1], norm.scale.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast[2], x.grad, atol=1e-4, rtol=1e-4)
