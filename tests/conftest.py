@@ -41,3 +41,13 @@ def random_image(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
 @pytest.fixture
 def images() -> list[Image.Image]:
     return [random_image(i, (80 + 16 * i, 64 + 8 * i)) for i in range(3)]
+
+
+def synthetic_split_folder(tmp_path_factory, name: str, sizes: dict[str, int], seed: int):
+    """A split folder of the synthetic world at rahf-tiny's image size (64 px): {split: example count}."""
+    from rahf.data.synthetic import write_split
+
+    folder = tmp_path_factory.mktemp(name)
+    for split, n in sizes.items():
+        write_split(folder, split, n, size=64, seed=seed)
+    return folder

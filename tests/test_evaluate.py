@@ -8,19 +8,16 @@ import numpy as np
 import pytest
 
 from rahf.baselines import MeanPredictor, SmallCNN, predict_small_cnn, train_small_cnn
-from rahf.data.synthetic import write_split
 from rahf.evaluate import Predictions, evaluate, load_ground_truth, markdown
 from rahf.presets import build_rahf
 from rahf.train import load_split
 from richfeedback.cli import main
+from tests.conftest import synthetic_split_folder
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth-eval")
-    write_split(d, "train", 16, size=64, seed=1)
-    write_split(d, "test", 12, size=64, seed=1)
-    return d
+    return synthetic_split_folder(tmp_path_factory, "synth-eval", {"train": 16, "test": 12}, seed=1)
 
 
 def test_perfect_predictions_score_perfectly(data_dir):

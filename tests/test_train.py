@@ -8,17 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rahf.data.synthetic import write_split
 from rahf.train import TrainConfig, train
 from richfeedback.cli import main
+from tests.conftest import synthetic_split_folder
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth")
-    write_split(d, "train", 24, size=64, seed=0)
-    write_split(d, "dev", 8, size=64, seed=0)
-    return d
+    return synthetic_split_folder(tmp_path_factory, "synth", {"train": 24, "dev": 8}, seed=0)
 
 
 def config(data_dir, out, **kw) -> TrainConfig:
