@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from rahf.data.richhf import read_split
 from rahf.metrics import heatmap_metrics, keyword_metrics, score_metrics
 from rahf.model import HEATMAP_NAMES, SCORE_NAMES
-from rahf.words import prompt_words
+from rahf.words import keyword_sequence
 
 
 @dataclass
@@ -45,10 +45,7 @@ def load_ground_truth(data_dir: str | Path, split: str, suffix: str = "_0") -> G
     records, _ = read_split(data_dir, split)
     scores = {n: np.array([r.example.scores[n] for r in records]) for n in SCORE_NAMES}
     maps = {n: np.stack([r.example.heatmaps[n] for r in records]) for n in HEATMAP_NAMES}
-    targets = [
-        " ".join(w + suffix if lab == 0 else w for w, lab in zip(prompt_words(r.prompt), r.example.word_labels))
-        for r in records
-    ]
+    targets = [keyword_sequence(r.prompt, r.example.word_labels, suffix) for r in records]
     return GroundTruth(
         [r.example.uid for r in records], [r.prompt for r in records], [r.image for r in records], scores, maps, targets
     )

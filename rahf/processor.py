@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from rahf.words import clean_prompt, prompt_words
+from rahf.words import clean_prompt, keyword_sequence, prompt_words
 
 PROCESSOR_NAME = "processor_config.json"
 ImageInput = Image.Image | str | Path | bytes
@@ -152,10 +152,7 @@ class RAHFProcessor:
 
     def keyword_target(self, prompt: str, word_labels: Sequence[int]) -> str:
         """Cleaned prompt with the suffix on each misaligned word; label 0 = misaligned (RichHF-18K)."""
-        words = prompt_words(prompt)
-        if len(words) != len(word_labels):
-            raise ValueError(f"prompt has {len(words)} words but {len(word_labels)} labels: {prompt!r}")
-        return " ".join(w + self.misaligned_suffix if lab == 0 else w for w, lab in zip(words, word_labels))
+        return keyword_sequence(prompt, word_labels, self.misaligned_suffix)
 
     def tokenize_targets(self, targets: Sequence[str]) -> torch.Tensor:
         """Keyword sequences -> label ids (B, L) with -100 on padding (ignored by the token loss)."""
