@@ -28,9 +28,10 @@ Scores (all in [0, 1], higher is better), from the flaws alone:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -57,6 +58,7 @@ PLACES = {  # phrase -> centre of the region objects are scattered in, as fracti
 }
 COUNTS = {1: "a", 2: "two", 3: "three"}
 BACKGROUNDS = ((200, 220, 235), (225, 215, 195), (205, 230, 205), (230, 225, 235))
+_SCALE = 2  # scenes are drawn at twice the image size and downsampled, for smooth edges
 
 
 @dataclass
@@ -68,6 +70,22 @@ class FlawModel:
     missing: float = 0.15
     extra: float = 0.15
 
+    def __post_init__(self) -> None:
+        rates = {**{f"distortion[{k}]": v for k, v in self.distortion.items()}, "wrong_colour": self.wrong_colour}
+        rates |= {"missing": self.missing, "extra": self.extra}
+        if set(self.distortion) != set(SHAPES):
+            raise ValueError(f"distortion needs a rate for each of {SHAPES}, got {sorted(self.distortion)}")
+        bad = {k: v for k, v in rates.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"flaw rates must lie in [0, 1]: {bad}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FlawModel:
+        return cls(dict(d["distortion"]), d["wrong_colour"], d["missing"], d["extra"])
+
 
 @dataclass
 class Group:
@@ -78,6 +96,47 @@ class Group:
 
 
 @dataclass
+class SceneObject:
+    """One drawn object, in the renderer's drawing coordinates (twice the image size)."""
+
+    shape: str
+    colour: str  # the colour it is drawn in (differs from the prompt's under a wrong-colour flaw)
+    x: float
+    y: float
+    r: float
+    group: int
+    misaligned: bool = False  # drawn in the misalignment map (wrong colour, or the extra object)
+    distortion: int | None = None  # seed of its implausible blotch; None = clean
+
+
+@dataclass
+class Scene:
+    """Everything a rendered image is made of; re-rendering it gives the same pixels and ground truth."""
+
+    size: int
+    background: tuple[int, int, int]
+    groups: list[Group]
+    objects: list[SceneObject]
+    misaligned_words: list[int]
+    flaws: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Scene:
+        d = json.loads(text)
+        return cls(
+            d["size"],
+            tuple(d["background"]),
+            [Group(**g) for g in d["groups"]],
+            [SceneObject(**o) for o in d["objects"]],
+            list(d["misaligned_words"]),
+            list(d["flaws"]),
+        )
+
+
+@dataclass
 class SyntheticSample:
     """An image, its prompt, and its exact RichHF-style ground truth."""
 
@@ -85,6 +144,7 @@ class SyntheticSample:
     prompt: str
     example: RichHFExample
     flaws: list[str]
+    scene: Scene | None = None
 
 
 def sample_groups(rng: np.random.Generator) -> list[Group]:
@@ -106,6 +166,31 @@ def prompt_of(groups: list[Group]) -> tuple[list[str], list[str]]:
         words += [COUNTS[g.count], g.colour, shape, *g.place.split()]
         roles += [f"count:{i}", f"colour:{i}", f"shape:{i}"] + ["other"] * len(g.place.split())
     return words, roles
+
+
+def parse_prompt(prompt: str) -> list[Group]:
+    """The groups of a prompt of the grammar (inverse of :func:`prompt_of`); ValueError names what is off."""
+    words = prompt.strip().lower().split()
+    groups, i = [], 0
+    numbers = {w: n for n, w in COUNTS.items()}
+    while i < len(words):
+        if groups:
+            if words[i] != "and":
+                raise ValueError(f"prompt {prompt!r}: expected 'and' at word {i}, got {words[i]!r}")
+            i += 1
+        if len(words) < i + 3:
+            raise ValueError(f"prompt {prompt!r}: a group needs '<count> <colour> <shape> <place>'")
+        count, colour, shape = words[i : i + 3]
+        if count not in numbers or colour not in COLOURS or shape.removesuffix("s") not in SHAPES:
+            raise ValueError(f"prompt {prompt!r}: {count!r} {colour!r} {shape!r} is not '<count> <colour> <shape>'")
+        place = next((p for p in PLACES if words[i + 3 : i + 3 + len(p.split())] == p.split()), None)
+        if place is None:
+            raise ValueError(f"prompt {prompt!r}: no place ({', '.join(PLACES)}) after word {i + 2}")
+        groups.append(Group(numbers[count], colour, shape.removesuffix("s"), place))
+        i += 3 + len(place.split())
+    if not groups:
+        raise ValueError("empty prompt")
+    return groups
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -143,22 +228,15 @@ def _positions(
     return out
 
 
-def render(
-    rng: np.random.Generator, size: int = 64, flaws: FlawModel | None = None, uid: str = "sample"
-) -> SyntheticSample:
-    """Render one random scene with flaws drawn from ``flaws``; everything derives from ``rng``."""
+def compose(rng: np.random.Generator, groups: list[Group], size: int = 64, flaws: FlawModel | None = None) -> Scene:
+    """Lay out the objects of ``groups`` and draw every flaw from ``flaws``; everything derives from ``rng``."""
     flaws = flaws or FlawModel()
-    groups = sample_groups(rng)
-    words, roles = prompt_of(groups)
+    _, roles = prompt_of(groups)
     misaligned: set[int] = set()
     applied: list[str] = []
-    scale = 2  # draw at twice the size and downsample for smooth edges
-    s = size * scale
-    image = Image.new("RGB", (s, s), BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
-    draw = ImageDraw.Draw(image)
-    mis_mask = Image.new("L", (s, s), 0)
-    mis_draw = ImageDraw.Draw(mis_mask)
-    objects: list[tuple[str, float, float, float, tuple]] = []
+    s = size * _SCALE
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    objects: list[SceneObject] = []
     taken: list[tuple[float, float]] = []
     r = s * 0.075
     for gi, g in enumerate(groups):
@@ -179,33 +257,68 @@ def render(
             applied.append(f"extra:{gi}")
         positions = _positions(rng, g.place, n_draw + int(extra), s, r, taken)
         for k, (x, y) in enumerate(positions):
-            _draw(draw, g.shape, x, y, r, COLOURS[colour])
-            objects.append((g.shape, x, y, r, COLOURS[colour]))
-            if wrong or (extra and k == len(positions) - 1):
-                _draw(mis_draw, g.shape, x, y, r * 1.1, 255)
+            mis = wrong or (extra and k == len(positions) - 1)
+            objects.append(SceneObject(g.shape, colour, x, y, r, gi, mis))
+    for obj in objects:
+        if rng.random() < flaws.distortion[obj.shape]:
+            obj.distortion = int(rng.integers(2**31))
+            applied.append(f"distortion:{obj.shape}")
+    return Scene(size, background, groups, objects, sorted(misaligned), applied)
+
+
+def rasterise(scene: Scene) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """The scene's image and its exact implausibility and misalignment maps ((size, size) float in [0, 1])."""
+    s = scene.size * _SCALE
+    image = Image.new("RGB", (s, s), tuple(scene.background))
+    draw = ImageDraw.Draw(image)
+    mis_mask = Image.new("L", (s, s), 0)
+    mis_draw = ImageDraw.Draw(mis_mask)
+    for o in scene.objects:
+        _draw(draw, o.shape, o.x, o.y, o.r, COLOURS[o.colour])
+        if o.misaligned:
+            _draw(mis_draw, o.shape, o.x, o.y, o.r * 1.1, 255)
     impl_mask = Image.new("L", (s, s), 0)
-    for shape, x, y, rr, fill in objects:
-        if rng.random() >= flaws.distortion[shape]:
-            continue
-        applied.append(f"distortion:{shape}")
-        _distort(rng, image, impl_mask, x, y, rr, fill)
+    for o in scene.objects:
+        if o.distortion is not None:
+            _distort(np.random.default_rng(o.distortion), image, impl_mask, o.x, o.y, o.r, COLOURS[o.colour])
+    size = scene.size
     image = image.resize((size, size), Image.LANCZOS)
     impl = np.asarray(impl_mask.resize((size, size), Image.BILINEAR), np.float32) / 255.0
     mis = np.asarray(mis_mask.resize((size, size), Image.BILINEAR), np.float32) / 255.0
-    labels = [0 if i in misaligned else 1 for i in range(len(words))]
+    return image, impl, mis
+
+
+def scene_scores(scene: Scene, implausibility: np.ndarray) -> dict[str, float]:
+    """The four scores of the module docstring, from the scene's flaws and its implausibility map."""
+    _, roles = prompt_of(scene.groups)
     content = sum(1 for ro in roles if ro != "other")
-    a_impl = float(impl.mean())
+    a_impl = float(implausibility.mean())
     plaus = 1.0 - min(1.0, 6.0 * a_impl)
-    align = 1.0 - len(misaligned) / content
-    aesth = float(np.clip(0.9 - 3.0 * a_impl - 0.1 * max(0, len(objects) - 3), 0.0, 1.0))
-    scores = {
+    align = 1.0 - len(scene.misaligned_words) / content
+    aesth = float(np.clip(0.9 - 3.0 * a_impl - 0.1 * max(0, len(scene.objects) - 3), 0.0, 1.0))
+    return {
         "plausibility": plaus,
         "alignment": align,
         "aesthetics": aesth,
         "overall": 0.4 * plaus + 0.4 * align + 0.2 * aesth,
     }
+
+
+def sample_of(scene: Scene, uid: str = "sample") -> SyntheticSample:
+    """Render a scene into a sample with its RichHF-style example."""
+    image, impl, mis = rasterise(scene)
+    words, _ = prompt_of(scene.groups)
+    labels = [0 if i in scene.misaligned_words else 1 for i in range(len(words))]
+    scores = scene_scores(scene, impl)
     example = RichHFExample(f"{uid}.png", scores, {"implausibility": impl, "misalignment": mis}, labels)
-    return SyntheticSample(image, " ".join(words), example, applied)
+    return SyntheticSample(image, " ".join(words), example, list(scene.flaws), scene)
+
+
+def render(
+    rng: np.random.Generator, size: int = 64, flaws: FlawModel | None = None, uid: str = "sample"
+) -> SyntheticSample:
+    """Render one random scene with flaws drawn from ``flaws``; everything derives from ``rng``."""
+    return sample_of(compose(rng, sample_groups(rng), size, flaws), uid)
 
 
 def _distort(
@@ -233,6 +346,51 @@ def _distort(
     noisy = np.where(inside, np.clip(region + noise, 0, 255), region).astype(np.uint8)
     image.paste(Image.fromarray(noisy), box[:2])
     ImageDraw.Draw(mask).ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=255)
+
+
+def flaw_counts(scene: Scene) -> dict[str, Any]:
+    """The sufficient statistics of a scene for fitting a :class:`FlawModel`: trials and successes per flaw."""
+    objects = dict.fromkeys(SHAPES, 0)
+    distorted = dict.fromkeys(SHAPES, 0)
+    for o in scene.objects:
+        objects[o.shape] += 1
+        distorted[o.shape] += o.distortion is not None
+    kinds = [f.split(":")[0] for f in scene.flaws]
+    return {
+        "objects": objects,
+        "distorted": distorted,
+        "groups": len(scene.groups),
+        "multi_groups": sum(g.count > 1 for g in scene.groups),
+        "wrong_colour": kinds.count("wrong_colour"),
+        "missing": kinds.count("missing"),
+        "extra": kinds.count("extra"),
+    }
+
+
+def fit_flaw_model(counts: Iterable[dict[str, Any]], prior: FlawModel, prior_strength: float = 2.0) -> FlawModel:
+    """Maximum-likelihood flaw rates from the :func:`flaw_counts` of a set of images (the world's finetuning step).
+
+    Each rate is a Bernoulli MLE, successes / trials, smoothed toward ``prior`` by ``prior_strength`` pseudo-trials
+    (0 gives the plain MLE; a rate without trials keeps the prior's value).
+    """
+    if prior_strength < 0:
+        raise ValueError(f"prior_strength must be >= 0, got {prior_strength}")
+    counts = list(counts)
+
+    def rate(successes: float, trials: float, p0: float) -> float:
+        if trials + prior_strength == 0:
+            return p0
+        return (successes + prior_strength * p0) / (trials + prior_strength)
+
+    def total(key: str, sub: str | None = None) -> float:
+        return float(sum(c[key][sub] if sub else c[key] for c in counts))
+
+    return FlawModel(
+        distortion={sh: rate(total("distorted", sh), total("objects", sh), prior.distortion[sh]) for sh in SHAPES},
+        wrong_colour=rate(total("wrong_colour"), total("groups"), prior.wrong_colour),
+        missing=rate(total("missing"), total("multi_groups"), prior.missing),
+        extra=rate(total("extra"), total("groups"), prior.extra),
+    )
 
 
 def generate(
