@@ -1,0 +1,221 @@
+"""Export of a selected finetuning set as an image folder (paper §5, DESIGN §5 and §6).
+
+The folder is what diffusers' text-to-image training scripts and the ``datasets`` "imagefolder" loader read::
+
+    <out>/<id>.png          the selected image (PNG bytes copied as they are; other formats converted to PNG)
+    <out>/metadata.jsonl    one JSON object per image, sorted by (text, id):
+                            file_name, text (the prompt), plausibility, alignment, aesthetics, overall,
+                            seed, generator, rahf, id, selection
+
+``out`` is a local folder or any fsspec URL (``s3://bucket/prefix``, ``memory://...``). Every write is atomic:
+locally a temporary file in the same folder then ``os.replace``; elsewhere one ``pipe_file`` (a single PUT).
+Images are written first and ``metadata.jsonl`` last, so the metadata never names a missing image.
+
+Exporting is idempotent and resumable: an image already in the folder (same id) is neither read nor rewritten,
+and ``metadata.jsonl`` is rewritten in full. The folder accumulates: rows of images that an earlier export
+wrote, and that are still there, are kept (a row of the new selection replaces the row of the same image), so
+every image in the folder has exactly one row and the loader accepts it. Export a different selection to a fresh
+folder to get exactly that selection. An image that cannot be read is reported in ``ExportResult.failed`` and
+left out; it never stops the export.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import numbers
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+from generators.base import SCORE_NAMES, ImageRecord
+
+METADATA_FILE = "metadata.jsonl"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+@dataclass
+class ExportResult:
+    """What an export did: images written, images already present, metadata rows, and failures (id, error)."""
+
+    out: str
+    written: int = 0
+    skipped_existing: int = 0
+    rows: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        d = asdict(self)
+        d["failed"] = [list(f) for f in self.failed]
+        return d
+
+
+def _read_uri(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def _as_png(data: bytes) -> bytes:
+    """``data`` if it is a readable PNG, else the image re-encoded as PNG; raises if PIL cannot read it."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # a truncated or corrupt file fails here, not in training
+        if image.format == "PNG" and data.startswith(PNG_SIGNATURE):
+            return data
+        if image.mode not in _PNG_MODES:
+            image = image.convert("RGB")
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` at ``path`` so that readers see the old file or the whole new one, never a part."""
+    if isinstance(fs, LocalFileSystem):
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _json_value(v: Any) -> Any:
+    """Numpy numbers become Python ones, non-finite floats None (JSON has no NaN); containers recursively."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def metadata_row(record: ImageRecord) -> dict[str, Any]:
+    """The ``metadata.jsonl`` object of one record; every score name is a column (None when absent)."""
+    row: dict[str, Any] = {"file_name": f"{record.id}.png", "text": record.prompt}
+    row.update({name: record.scores.get(name) for name in SCORE_NAMES})
+    row.update(seed=record.seed, generator=record.generator, rahf=record.rahf, id=record.id, selection=record.selection)
+    return _json_value(row)
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str]:
+    return str(row.get("text", "")), str(row.get("id", row["file_name"]))
+
+
+def _encode_rows(rows: list[dict[str, Any]]) -> bytes:
+    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in sorted(rows, key=_row_key)]
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def _parse_rows(data: bytes, where: str) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise ValueError(f"{where} line {n}: expected a JSON object with 'file_name'")
+        rows.append(row)
+    return rows
+
+
+def read_metadata(out: str) -> list[dict[str, Any]]:
+    """The rows of ``<out>/metadata.jsonl`` in file order (sorted by text, then id, when this module wrote it)."""
+    fs, root = fsspec.core.url_to_fs(out)
+    path = posixpath.join(root, METADATA_FILE)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no {METADATA_FILE} in {out}")
+    return _parse_rows(fs.cat_file(path), f"{out}/{METADATA_FILE}")
+
+
+def export_dataset(
+    selected: Sequence[ImageRecord], out: str, *, read_image: Callable[[str], bytes] | None = None
+) -> ExportResult:
+    """Write ``selected`` as an image folder with ``metadata.jsonl`` at ``out`` (local path or fsspec URL).
+
+    Args:
+        selected: records to export, typically ``select_best(...).selected``; a repeated id is exported once
+            (the later record's metadata wins).
+        out: destination folder, e.g. ``runs/r1/finetune-data`` or ``s3://bucket/run/finetune-data``.
+        read_image: bytes of an ``image_uri``; default reads it with fsspec (local paths, ``s3://``, ...).
+    Returns:
+        an :class:`ExportResult`; ``rows`` is the number of lines of the rewritten ``metadata.jsonl``.
+    """
+    read_image = read_image or _read_uri
+    fs, root = fsspec.core.url_to_fs(out)  # fsspec paths are "/"-separated for every filesystem, local too
+    if isinstance(fs, LocalFileSystem):  # object stores have no folders to make
+        fs.makedirs(root, exist_ok=True)
+    present = _names_in(fs, root)
+    rows = _existing_rows(fs, root, present)
+    result = ExportResult(out=out)
+    for record in {r.id: r for r in selected}.values():
+        error = _export_image(fs, root, present, record, read_image, result)
+        if error is None:
+            rows[f"{record.id}.png"] = metadata_row(record)
+        else:
+            result.failed.append((record.id, error))
+    _write_atomic(fs, posixpath.join(root, METADATA_FILE), _encode_rows(list(rows.values())))
+    result.rows = len(rows)
+    return result
+
+
+def _names_in(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
+    """File names directly under ``root`` (one listing, not one request per image); empty if it does not exist."""
+    fs.invalidate_cache(root)
+    try:
+        return {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def _existing_rows(fs: fsspec.AbstractFileSystem, root: str, present: set[str]) -> dict[str, dict[str, Any]]:
+    """file_name -> row of the current ``metadata.jsonl``, for images still in the folder."""
+    if METADATA_FILE not in present:
+        return {}
+    path = posixpath.join(root, METADATA_FILE)
+    return {r["file_name"]: r for r in _parse_rows(fs.cat_file(path), path) if r["file_name"] in present}
+
+
+def _export_image(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    present: set[str],
+    record: ImageRecord,
+    read_image: Callable[[str], bytes],
+    result: ExportResult,
+) -> str | None:
+    """Copy one record's image to ``<root>/<id>.png`` unless it is there; the error text when it cannot."""
+    name = f"{record.id}.png"
+    if not _SAFE_ID.fullmatch(record.id):
+        return f"id {record.id!r} is not a safe file name"
+    if name in present:
+        result.skipped_existing += 1
+        return None
+    if not record.image_uri:
+        return "record has no image_uri"
+    try:
+        data = _as_png(read_image(record.image_uri))
+    except Exception as e:  # any unreadable or undecodable image is reported, never raised
+        return f"{type(e).__name__}: {e}"
+    _write_atomic(fs, posixpath.join(root, name), data)
+    result.written += 1
+    return None
