@@ -1,0 +1,327 @@
+"""Self-contained HTML report of a before/after checkpoint comparison (the automatic form of the paper's Table 5).
+
+:func:`write_report` writes one folder: ``index.html`` (inline CSS, no scripts, no external URLs),
+``comparison.json`` (:meth:`ComparisonStats.to_dict`) and ``images/`` with copies of every image and heatmap the
+page shows, linked relatively, so the folder can be zipped, moved or served as is. The page holds a summary table
+(per score: mean A, mean B, d̄ = mean(B − A) with its paired bootstrap 95 % interval, win/tie/loss), one stacked
+five-bin bar per score (plain ``div`` widths), and one section per prompt, best improvement first (by the mean
+difference of the overall score), with the A and B image of every seed side by side, their scores, the
+implausibility (and misalignment) heatmap overlays when the records have them, and the misaligned keywords.
+
+Heatmaps: a ``.png`` is shown as it is (already an overlay); a ``.npy`` (or single-array ``.npz``) map of shape
+(H, W), float in [0, 1], is resized to the image and blended onto it in red (misalignment in blue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from compare.stats import BIN_SYMBOLS, BINS, ComparisonStats, PairingReport, PromptStats
+from generators.base import ImageRecord
+
+#: heatmap kinds shown, with the overlay colour of a ``.npy`` map
+HEATMAP_COLORS = {"implausibility": (255, 0, 0), "misalignment": (0, 90, 255)}
+#: opacity of a heatmap value of 1 in an overlay
+OVERLAY_ALPHA = 0.6
+_BIN_COLORS = {
+    "much_better": "#1a7f37",
+    "better": "#7bc96f",
+    "same": "#c8ccd1",
+    "worse": "#f0926e",
+    "much_worse": "#c0392b",
+}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1f2328;background:#fff}
+h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.15em;margin:0 0 8px}h3{font-size:.95em;margin:4px 0}
+.meta{color:#57606a;margin:0 0 16px}
+table{border-collapse:collapse;margin:8px 0 16px}
+th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:right}th{background:#f6f8fa}
+td.name,th.name{text-align:left}
+.pos{color:#1a7f37;font-weight:600}.neg{color:#c0392b;font-weight:600}.zero{color:#57606a}
+.bars{margin:8px 0 24px;max-width:900px}
+.barrow{display:flex;align-items:center;margin:4px 0}
+.barlabel{width:120px;flex:none}
+.bar{display:flex;flex:1;height:24px;border:1px solid #d0d7de;background:#f6f8fa}
+.seg{height:100%;color:#fff;font-size:11px;line-height:24px;text-align:center;overflow:hidden;white-space:nowrap}
+.legend span{display:inline-block;margin-right:14px;font-size:.85em}
+.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
+.warn{background:#fff8c5;border:1px solid #d4a72c;padding:8px 12px;margin:8px 0 16px}
+.warn li{font-size:.9em}
+section.prompt{border-top:2px solid #d0d7de;padding:16px 0}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:16px;margin:8px 0 16px}
+.side{border:1px solid #d0d7de;padding:8px;background:#fafbfc}
+.side.b{background:#f3f9f4}
+.imgs{display:flex;gap:8px}
+.imgs figure{margin:0;flex:1}
+.imgs img{width:100%;max-width:256px;image-rendering:pixelated;display:block;border:1px solid #d0d7de}
+figcaption{font-size:.8em;color:#57606a}
+.missing{width:100%;max-width:256px;aspect-ratio:1;display:flex;align-items:center;justify-content:center;
+  background:#eee;color:#888;font-size:.8em;text-align:center}
+.scores td,.scores th{padding:2px 6px;font-size:.85em}
+.keywords{font-size:.9em}.keywords .kw{background:#ffe2e0;padding:0 4px;margin-right:4px;border-radius:3px}
+"""
+
+
+def _e(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _signed(x: float, tie: float = 0.0) -> str:
+    cls = "pos" if x > tie else "neg" if x < -tie else "zero"
+    return f'<span class="{cls}">{x:+.3f}</span>'
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def local_path(uri: str) -> Path | None:
+    """The local file behind ``uri`` (a path or ``file://`` URI), or None when it is remote, empty or missing."""
+    if not uri:
+        return None
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        return None
+    p = Path(uri)
+    return p if p.is_file() else None
+
+
+def _copy(src: Path, images: Path, stem: str) -> str:
+    suffix = src.suffix.lower() if src.suffix.lower() in _IMAGE_SUFFIXES else ".png"
+    dst = images / f"{stem}{suffix}"
+    if suffix == src.suffix.lower():
+        with contextlib.suppress(shutil.SameFileError):  # already in place
+            shutil.copyfile(src, dst)
+    else:  # unknown suffix: let PIL read it and write a PNG the browser can show
+        with Image.open(src) as im:
+            im.save(dst, format="PNG")
+    return f"images/{dst.name}"
+
+
+def load_heatmap(path: Path) -> np.ndarray:
+    """(H, W) float64 map in [0, 1] from a ``.npy`` or single-array ``.npz`` file."""
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            if len(z.files) != 1:
+                raise ValueError(f"{path}: expected one array in the .npz, found {z.files}")
+            m = z[z.files[0]]
+    else:
+        m = np.load(path, allow_pickle=False)
+    m = np.asarray(m, np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"{path}: heatmap must be (H, W), got shape {m.shape}")
+    if not np.isfinite(m).all() or m.min() < 0 or m.max() > 1:
+        raise ValueError(f"{path}: heatmap values must be finite and in [0, 1]")
+    return m
+
+
+def heatmap_overlay(image: Image.Image | None, heatmap: np.ndarray, color: tuple[int, int, int]) -> Image.Image:
+    """Blend an (H, W) map in [0, 1] onto ``image`` in ``color`` (map resized to the image); gray when None."""
+    if image is None:
+        image = Image.new("RGB", (heatmap.shape[1], heatmap.shape[0]), (128, 128, 128))
+    base = np.asarray(image.convert("RGB"), np.float32)
+    m = Image.fromarray(heatmap.astype(np.float32)).resize(image.size, Image.Resampling.BILINEAR)
+    w = np.clip(np.asarray(m, np.float32), 0, 1)[..., None] * OVERLAY_ALPHA
+    out = base * (1 - w) + np.asarray(color, np.float32) * w
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+
+
+def _heatmap_file(uri: str, image: Path | None, kind: str, images: Path, stem: str) -> str | None:
+    src = local_path(uri)
+    if src is None:
+        return None
+    if src.suffix.lower() in (".npy", ".npz"):
+        base = None
+        if image is not None:
+            with Image.open(image) as im:
+                base = im.convert("RGB")
+        heatmap_overlay(base, load_heatmap(src), HEATMAP_COLORS[kind]).save(images / f"{stem}.png")
+        return f"images/{stem}.png"
+    return _copy(src, images, stem)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTML pieces
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _summary_table(stats: ComparisonStats) -> str:
+    head = (
+        '<tr><th class="name">score</th><th>mean A</th><th>mean B</th><th>d = B − A</th><th>95 % interval</th>'
+        "<th>win</th><th>tie</th><th>loss</th></tr>"
+    )
+    rows = [
+        f'<tr data-score="{_e(s.name)}"><td class="name">{_e(s.name)}</td><td>{s.mean_a:.3f}</td>'
+        f"<td>{s.mean_b:.3f}</td><td>{_signed(s.diff)}</td><td>[{s.ci_low:+.3f}, {s.ci_high:+.3f}]</td>"
+        f"<td>{s.wins}</td><td>{s.ties}</td><td>{s.losses}</td></tr>"
+        for s in stats.scores.values()
+    ]
+    return f'<table class="summary">{head}{"".join(rows)}</table>'
+
+
+def _bin_bars(stats: ComparisonStats) -> str:
+    rows = []
+    for s in stats.scores.values():
+        segs = "".join(
+            f'<div class="seg bin-{b}" style="width:{100 * s.bin_fractions[b]:.4f}%;background:{_BIN_COLORS[b]}" '
+            f'title="{_e(BIN_SYMBOLS[b])}: {s.bin_counts[b]}">'
+            f"{f'{100 * s.bin_fractions[b]:.0f}%' if s.bin_fractions[b] >= 0.06 else ''}</div>"
+            for b in BINS
+        )
+        rows.append(
+            f'<div class="barrow"><div class="barlabel">{_e(s.name)}</div>'
+            f'<div class="bar" data-score="{_e(s.name)}">{segs}</div></div>'
+        )
+    legend = "".join(f'<span><i style="background:{_BIN_COLORS[b]}"></i>{_e(BIN_SYMBOLS[b])}</span>' for b in BINS)
+    return f'<div class="bars">{"".join(rows)}<div class="legend">{legend}</div></div>'
+
+
+def _pairing_box(report: PairingReport | None) -> str:
+    if report is None or not report.n_dropped:
+        return ""
+    items = []
+    for label, keys in (
+        ("only in A", report.only_a),
+        ("only in B", report.only_b),
+        ("errored", report.errored),
+        ("duplicate in A", report.duplicates_a),
+        ("duplicate in B", report.duplicates_b),
+    ):
+        for k in keys[:50]:
+            err = " — ".join(str(k[f]) for f in ("error", "error_a", "error_b") if k.get(f))
+            why = f" — {_e(err)}" if err else ""
+            items.append(f"<li>{_e(label)}: {_e(k['prompt'])} (seed {_e(k['seed'])}){why}</li>")
+        if len(keys) > 50:
+            items.append(f"<li>… and {len(keys) - 50} more {_e(label)}</li>")
+    return f'<div class="warn"><b>Not compared:</b> {_e(report.summary())}<ul>{"".join(items)}</ul></div>'
+
+
+def _side(r: ImageRecord, other: ImageRecord, side: str, label: str, files: dict[str, str | None], tie: float) -> str:
+    figs = []
+    for kind, src in files.items():
+        cap = "image" if kind == "image" else f"{kind} heatmap"
+        body = f'<img class="{_e(kind)}" src="{_e(src)}" alt="{_e(cap)}">' if src else ""
+        body = body or '<div class="missing">missing</div>'
+        figs.append(f"<figure>{body}<figcaption>{_e(cap)}</figcaption></figure>")
+    rows = "".join(
+        f'<tr><td class="name">{_e(n)}</td><td>{v:.3f}</td>'
+        + (f"<td>{_signed(v - other.scores[n], tie)}</td>" if side == "b" and n in other.scores else "")
+        + "</tr>"
+        for n, v in r.scores.items()
+    )
+    kws = "".join(f'<span class="kw">{_e(k)}</span>' for k in r.keywords) or "none"
+    return (
+        f'<div class="side {side}"><h3>{_e(side.upper())} · {_e(label)} · seed {_e(r.seed)}</h3>'
+        f'<div class="imgs">{"".join(figs)}</div><table class="scores">{rows}</table>'
+        f'<p class="keywords">misaligned keywords: {kws}</p></div>'
+    )
+
+
+def _side_files(r: ImageRecord, images: Path, stem: str) -> dict[str, str | None]:
+    src = local_path(r.image_uri)
+    files: dict[str, str | None] = {"image": _copy(src, images, stem) if src else None}
+    for kind in HEATMAP_COLORS:
+        if kind in r.heatmap_uris:
+            files[kind] = _heatmap_file(r.heatmap_uris[kind], src, kind, images, f"{stem}_{kind}")
+    return files
+
+
+def _prompt_section(
+    rank: int,
+    p: PromptStats,
+    pairs: list[tuple[int, tuple[ImageRecord, ImageRecord]]],
+    images: Path,
+    labels: tuple[str, str],
+    tie: float,
+    key: str,
+) -> str:
+    table = "".join(
+        f'<tr><td class="name">{_e(n)}</td><td>{p.mean_a[n]:.3f}</td><td>{p.mean_b[n]:.3f}</td>'
+        f"<td>{_signed(p.diff[n], tie)}</td></tr>"
+        for n in p.diff
+    )
+    blocks = []
+    for i, (ra, rb) in pairs:
+        a = _side(ra, rb, "a", labels[0], _side_files(ra, images, f"p{i:04d}_a"), tie)
+        b = _side(rb, ra, "b", labels[1], _side_files(rb, images, f"p{i:04d}_b"), tie)
+        blocks.append(f'<div class="pair" data-seed="{_e(ra.seed)}">{a}{b}</div>')
+    return (
+        f'<section class="prompt" id="prompt-{rank}" data-rank="{rank}" data-diff="{p.diff[key]:.6f}">'
+        f"<h2>#{rank} · Δ{_e(key)} {_signed(p.diff[key], tie)} · “{_e(p.prompt)}”</h2>"
+        f'<table class="prompt-scores"><tr><th class="name">score</th><th>mean A</th><th>mean B</th><th>d</th></tr>'
+        f"{table}</table>{''.join(blocks)}</section>"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def write_report(
+    pairs: Sequence[tuple[ImageRecord, ImageRecord]],
+    stats: ComparisonStats,
+    out_dir: str | Path,
+    *,
+    title: str = "Checkpoint comparison",
+    label_a: str = "A",
+    label_b: str = "B",
+) -> Path:
+    """Write the report folder (``index.html``, ``comparison.json``, ``images/``); returns the path of index.html.
+
+    Args:
+        pairs: the ``(a_record, b_record)`` pairs ``stats`` was computed from.
+        stats: :func:`compare.stats.compare_scores` of ``pairs``.
+        out_dir: the folder to write (created; files of the same name are overwritten, nothing else is removed).
+        title, label_a, label_b: page title and checkpoint names (e.g. generator identity labels).
+    """
+    by_prompt: dict[str, list[tuple[int, tuple[ImageRecord, ImageRecord]]]] = {}
+    for i, pair in enumerate(pairs):
+        by_prompt.setdefault(pair[0].prompt, []).append((i, pair))
+    if set(by_prompt) != {p.prompt for p in stats.prompts} or len(pairs) != stats.n_pairs:
+        raise ValueError("pairs and stats disagree (prompts or pair count): compute stats from these pairs")
+    out = Path(out_dir)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    stats.write_json(out / "comparison.json")
+
+    key = "overall" if "overall" in stats.scores else next(iter(stats.scores))
+    th = stats.thresholds
+    sections = "".join(
+        _prompt_section(rank, p, by_prompt[p.prompt], images, (label_a, label_b), th.tie, key)
+        for rank, p in enumerate(stats.prompt_order(key), 1)
+    )
+    meta = (
+        f"A = {_e(label_a)} · B = {_e(label_b)} · {stats.n_pairs} pairs · {len(stats.prompts)} prompts · "
+        f"paired bootstrap, {stats.n_boot} resamples, seed {stats.seed} · bins: |d| ≤ {th.tie} ≈, "
+        f"≤ {th.strong} &gt;/&lt;, above ≫/≪"
+    )
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+        f'<style>{_CSS}</style></head><body><h1>{_e(title)}</h1><p class="meta">{meta}</p>'
+        f"{_pairing_box(stats.pairing)}<h2>Summary</h2>{_summary_table(stats)}"
+        f"<h2>Five-bin preference (per pair, B vs A)</h2>{_bin_bars(stats)}"
+        f"<h2>Prompts, best improvement of {_e(key)} first</h2>{sections}</body></html>\n"
+    )
+    return _write_text(out / "index.html", page)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
