@@ -8,6 +8,7 @@ the fusion encoder and the four score heads only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 class RAHFScorer:
     """Scores (prompt, image) pairs with a RAHF model under ``torch.inference_mode``.
 
@@ -94,6 +103,8 @@ class RAHFScorer:
         self.head_chunk = head_chunk
         self.processor = processor
         self.model = model.to(self.device).eval()
+        #: what scored an image (recorded beside every score): where the weights came from and their hash
+        self.identity: dict[str, str | None] = {"source": "in-memory", "weights_hash": None}
         if channels_last:
             self.model.heatmap_heads.to(memory_format=torch.channels_last)
             self.model.score_heads.to(memory_format=torch.channels_last)
@@ -105,9 +116,14 @@ class RAHFScorer:
         """Load a saved RAHF folder, a hub id of one, or build a preset name at random init (seed 0)."""
         if str(source) in PRESETS and not Path(source).exists():
             model, processor = build_rahf(str(source))
-            return cls(model, processor, **kwargs)
+            scorer = cls(model, processor, **kwargs)
+            scorer.identity = {"source": f"{source} (random init, seed 0)", "weights_hash": None}
+            return scorer
         directory = resolve_model_dir(source)
-        return cls(RAHFModel.from_pretrained(directory), RAHFProcessor.from_pretrained(directory), **kwargs)
+        scorer = cls(RAHFModel.from_pretrained(directory), RAHFProcessor.from_pretrained(directory), **kwargs)
+        weights = Path(directory) / "model.safetensors"
+        scorer.identity = {"source": str(source), "weights_hash": _file_hash(weights) if weights.is_file() else None}
+        return scorer
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the model and its processor as one RAHF folder (``from_pretrained`` reads it back)."""

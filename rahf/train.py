@@ -150,12 +150,8 @@ def micro_batch_index(k: int, n: int, batch_size: int, seed: int) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, model: RAHFModel, processor: RAHFProcessor, optimizer, step: int, best: float) -> None:
-    """Model (safetensors), optimizer tensors + torch RNG (safetensors), step and scalars (JSON); atomic."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+def pack_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state and the torch RNG as (tensors for safetensors, JSON-able scalars); no pickle."""
     state = optimizer.state_dict()
     tensors = {"rng/torch": torch.get_rng_state()}
     scalars: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
@@ -165,6 +161,29 @@ def save_checkpoint(path: Path, model: RAHFModel, processor: RAHFProcessor, opti
                 tensors[f"state/{pid}/{key}"] = val.detach().cpu().contiguous()
             else:
                 scalars["state"].setdefault(str(pid), {})[key] = val
+    return tensors, scalars
+
+
+def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    """Inverse of :func:`pack_optimizer`: restores the optimizer state and the torch RNG."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        if key.startswith("state/"):
+            _, pid, name = key.split("/", 2)
+            state.setdefault(int(pid), {})[name] = val
+    for pid, extra in scalars["state"].items():
+        state.setdefault(int(pid), {}).update(extra)
+    optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+    torch.set_rng_state(tensors["rng/torch"])
+
+
+def save_checkpoint(path: Path, model: RAHFModel, processor: RAHFProcessor, optimizer, step: int, best: float) -> None:
+    """Model (safetensors), optimizer tensors + torch RNG (safetensors), step and scalars (JSON); atomic."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    tensors, scalars = pack_optimizer(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "best_dev_loss": best, "optimizer": scalars}))
     shutil.rmtree(path, ignore_errors=True)
@@ -175,16 +194,7 @@ def load_checkpoint(path: Path, model: RAHFModel, optimizer) -> tuple[int, float
     """Restore model, optimizer and RNG from ``path``; returns (step, best dev loss)."""
     model.load_state_dict_strict(load_file(str(path / "model.safetensors")))
     meta = json.loads((path / "trainer_state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    state: dict[int, dict[str, Any]] = {}
-    for key, val in tensors.items():
-        if key.startswith("state/"):
-            _, pid, name = key.split("/", 2)
-            state.setdefault(int(pid), {})[name] = val
-    for pid, extra in meta["optimizer"]["state"].items():
-        state.setdefault(int(pid), {}).update(extra)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-    torch.set_rng_state(tensors["rng/torch"])
+    unpack_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
     return int(meta["step"]), float(meta["best_dev_loss"])
 
 
