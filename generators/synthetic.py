@@ -192,3 +192,35 @@ def _map_from_info(image: Image.Image) -> np.ndarray:
     d = json.loads(image.info["implausibility_map"])
     raw = np.frombuffer(zlib.decompress(base64.b64decode(d["zlib"])), np.uint8)
     return raw.reshape(d["shape"]).astype(np.float32) / 255.0
+
+
+class GroundTruthScorer:
+    """Scores images of the synthetic world with their exact ground truth, through the same ``score`` call as
+    ``RAHFScorer``: an oracle to test the loop's logic apart from RAHF's accuracy, and to measure what a repair or
+    a finetuning really changed."""
+
+    def __init__(self) -> None:
+        self.identity = {"source": "synthetic ground truth", "weights_hash": None}
+
+    def score(self, prompt: str | Sequence[str], images: Sequence[Image.Image], **kwargs: Any) -> list[Any]:
+        from rahf.scorer import RichFeedback  # only the record type; no model is built
+
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        out = []
+        for p, image in zip(prompts, images):
+            truth = ground_truth(image)
+            words = [w for w, lab in zip(truth["words"], truth["word_labels"]) if lab == 0]
+            maps = {} if kwargs.get("scores_only") else truth["maps"]
+            out.append(RichFeedback(p, truth["scores"], maps, words))
+        return out
+
+
+def ground_truth(image: Image.Image) -> dict[str, Any]:
+    """The exact truth of an image the synthetic world made (after any number of its inpaintings)."""
+    if "scene" not in image.info:
+        raise ValueError("no 'scene' in the image: not made by the synthetic generator (or saved without PNG text)")
+    scene = Scene.from_json(image.info["scene"])
+    _, impl, mis = rasterise(scene)
+    if "implausibility_map" in image.info:
+        impl = _map_from_info(image)
+    return _truth(scene, impl, mis)

@@ -1,0 +1,161 @@
+"""Best-of-N repair of implausible regions (paper §5, Fig. 9; DESIGN §4).
+
+implausibility heatmap -> mask (:mod:`inpainting.masks`) -> N inpainted candidates with recorded seeds (the
+generator pastes untouched pixels back exactly) -> every candidate rescored by RAHF -> the best by the chosen
+score (plausibility by default, or a weighted combination) is accepted only if it beats the original by
+``margin``. The result keeps every candidate's scores and the decision. An empty mask returns the original,
+marked "nothing to repair".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from generators.base import SCORE_NAMES, GeneratedImage, Generator
+from inpainting.masks import MaskConfig, heatmap_to_mask, mask_area, mask_to_image
+
+NOTHING_TO_REPAIR = "nothing to repair"
+IMPROVED = "improved"
+NOT_BETTER = "no candidate beats the original by the margin"
+
+
+class Scorer(Protocol):
+    """What repair needs of a scorer (``rahf.scorer.RAHFScorer`` fits)."""
+
+    def score(self, prompt: Any, images: Any, **kwargs: Any) -> list[Any]: ...
+
+
+@dataclass
+class RepairConfig:
+    """Every knob of a repair."""
+
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    n: int = 4  # inpainted candidates
+    seed: int = 0  # candidate k gets seed + k
+    score: str = "plausibility"  # the score that picks the winner ...
+    weights: dict[str, float] | None = None  # ... or a weighted combination of scores (overrides ``score``)
+    margin: float = 0.02  # accept only if the winner beats the original by more than this
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        names = set(self.weights or {self.score: 1.0})
+        if names - set(SCORE_NAMES):
+            raise ValueError(f"unknown score names {sorted(names - set(SCORE_NAMES))}; use {SCORE_NAMES}")
+        if self.weights is not None and (any(w < 0 for w in self.weights.values()) or not sum(self.weights.values())):
+            raise ValueError(f"weights must be non-negative and not all zero, got {self.weights}")
+
+    def value(self, scores: Mapping[str, float]) -> float:
+        """The number candidates are ranked by: one score, or the weighted mean of several."""
+        if self.weights is None:
+            return float(scores[self.score])
+        return sum(w * float(scores[k]) for k, w in self.weights.items()) / sum(self.weights.values())
+
+
+@dataclass
+class RepairCandidate:
+    generated: GeneratedImage
+    scores: dict[str, float]
+    value: float
+    error: str | None = None
+
+
+@dataclass
+class RepairResult:
+    """The outcome: ``image`` is the accepted candidate's or the original's."""
+
+    image: Image.Image
+    accepted: bool
+    reason: str
+    original_scores: dict[str, float]
+    original_value: float
+    mask: Image.Image | None
+    mask_area: float
+    candidates: list[RepairCandidate]
+    chosen: int | None  # index into candidates of the best one (accepted or not)
+
+    @property
+    def accepted_candidate(self) -> RepairCandidate | None:
+        return self.candidates[self.chosen] if self.accepted and self.chosen is not None else None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able decision record: every candidate's seed, id and scores, the choice and why."""
+        return {
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "original_scores": self.original_scores,
+            "original_value": self.original_value,
+            "mask_area": self.mask_area,
+            "chosen": self.chosen,
+            "candidates": [
+                {"id": c.generated.id, "seed": c.generated.seed, "scores": c.scores, "value": c.value, "error": c.error}
+                for c in self.candidates
+            ],
+        }
+
+
+def repair(
+    image: Image.Image,
+    prompt: str,
+    generator: Generator,
+    scorer: Scorer,
+    config: RepairConfig | None = None,
+    *,
+    heatmap: np.ndarray | None = None,
+    original_scores: Mapping[str, float] | None = None,
+) -> RepairResult:
+    """Repair one image.
+
+    Args:
+        image: RGB image to repair.
+        prompt: its prompt.
+        generator: the inpainter (its ``cell_size`` sets the smallest dilation).
+        scorer: RAHF; scores the original (unless both ``heatmap`` and ``original_scores`` are given) and every
+            candidate.
+        heatmap: (h, w) float in [0, 1], the implausibility heatmap at any resolution; predicted when None.
+        original_scores: the original's four scores, when already known.
+    """
+    config = config or RepairConfig()
+    if image.mode != "RGB":
+        raise ValueError(f"image must be RGB, got mode {image.mode!r}")
+    if heatmap is None or original_scores is None:
+        fb = scorer.score(prompt, [image], heatmaps=("implausibility",), keywords=False)[0]
+        heatmap = fb.heatmaps["implausibility"] if heatmap is None else heatmap
+        original_scores = fb.scores if original_scores is None else original_scores
+    original_scores = {k: float(v) for k, v in original_scores.items()}
+    original_value = config.value(original_scores)
+    mask = heatmap_to_mask(np.asarray(heatmap, np.float32), image.size, config.mask, generator.cell_size)
+    area = mask_area(mask)
+    if area == 0.0:
+        return RepairResult(image, False, NOTHING_TO_REPAIR, original_scores, original_value, None, 0.0, [], None)
+    mask_image = mask_to_image(mask)
+    seeds = [config.seed + k for k in range(config.n)]
+    generated = generator.inpaint(image, mask_image, prompt, config.n, seeds)
+    candidates = _score_candidates(generated, prompt, scorer, config)
+    valid = [i for i, c in enumerate(candidates) if c.error is None]
+    chosen = max(valid, key=lambda i: (candidates[i].value, -candidates[i].generated.seed)) if valid else None
+    accepted = chosen is not None and candidates[chosen].value > original_value + config.margin
+    result_image = candidates[chosen].generated.image if accepted else image
+    reason = IMPROVED if accepted else NOT_BETTER
+    return RepairResult(
+        result_image, accepted, reason, original_scores, original_value, mask_image, area, candidates, chosen
+    )
+
+
+def _score_candidates(
+    generated: Sequence[GeneratedImage], prompt: str, scorer: Scorer, config: RepairConfig
+) -> list[RepairCandidate]:
+    feedback = scorer.score(prompt, [g.image for g in generated], scores_only=True, errors="return")
+    out = []
+    for g, fb in zip(generated, feedback):
+        if not hasattr(fb, "scores"):  # a ScoringFailure: recorded, never chosen
+            out.append(RepairCandidate(g, {}, float("-inf"), getattr(fb, "error", "scoring failed")))
+            continue
+        scores = {k: float(v) for k, v in fb.scores.items()}
+        out.append(RepairCandidate(g, scores, config.value(scores)))
+    return out
