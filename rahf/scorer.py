@@ -196,6 +196,42 @@ class RAHFScorer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    def score_tensor(self, prompts: Sequence[str], pixels: torch.Tensor, score: str) -> torch.Tensor:
+        """One predicted score of a batch of image tensors, differentiable (for reward guidance).
+
+        Args:
+            prompts: one prompt per image.
+            pixels: (B, 3, H, W) float in [0, 1] on the scorer's device; resized (bilinear, antialiased) to the
+                model's input size.
+            score: a score name (``plausibility``, ``alignment``, ``aesthetics``, ``overall``).
+        Returns:
+            (B,) float32 in [0, 1], with the autograd graph back to ``pixels``.
+        """
+        model, proc = self.model, self.processor
+        if score not in model.config.score_names:
+            raise ValueError(f"unknown score {score!r}; choose from {model.config.score_names}")
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or len(prompts) != pixels.shape[0]:
+            raise ValueError(f"pixels must be (B, 3, H, W) with B = {len(prompts)} prompts, got {tuple(pixels.shape)}")
+        size = proc.image_size
+        x = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = (x - proc.image_mean) / proc.image_std
+        if model.config.variant == "multi_head":
+            text = proc.tokenize(list(prompts))
+        else:
+            text = proc.tokenize_tasks(list(prompts), [model.config.task_prefixes[score]])
+        with self._autocast():
+            out = model(
+                x,
+                text.input_ids.to(self.device),
+                text.attention_mask.to(self.device),
+                heatmaps=(),
+                scores=(score,),
+                keywords=False,
+                channels_last=self.channels_last,
+                head_chunk=self.head_chunk,
+            )
+        return out.scores[score].float()
+
     @torch.inference_mode()
     def _score_batch(self, prompts, images, names, keywords, heatmap_size) -> list[RichFeedback]:
         model, proc = self.model, self.processor
