@@ -132,6 +132,14 @@ class Generator(ABC):
     #: side of the generator's latent/token cell in pixels (masks are dilated to at least this)
     cell_size: int = 1
 
+    def params(self, task: str) -> dict[str, Any]:
+        """The parameters recorded with (and hashed into the id of) every image of ``task``."""
+        return {"task": task}
+
+    def expected_id(self, prompt: str, seed: int) -> str:
+        """The id ``generate`` will give the image of (prompt, seed): lets a rerun skip finished work unbuilt."""
+        return image_id(prompt, seed, self.identity, self.params("text-to-image"))
+
     @abstractmethod
     def generate(
         self, prompts: Sequence[str], num_images_per_prompt: int = 8, seeds: Sequence[int] | None = None

@@ -101,6 +101,9 @@ class SyntheticGenerator(Generator):
         path.write_text(json.dumps(self.flaws.to_dict(), indent=1, sort_keys=True) + "\n")
         return content_hash(path)
 
+    def params(self, task: str) -> dict[str, Any]:
+        return {"size": self.size, "task": task}
+
     # -- generation ------------------------------------------------------------------------------------------
 
     def generate(
@@ -115,7 +118,7 @@ class SyntheticGenerator(Generator):
             scene = compose(rng, groups[p], self.size, self.flaws)
             image, impl, mis = rasterise(scene)
             image.info["scene"] = scene.to_json()
-            params = {"size": self.size, "task": "text-to-image"}
+            params = self.params("text-to-image")
             out.append(GeneratedImage(image, prompts[p], seed, self.identity, params, _truth(scene, impl, mis)))
         return out
 
@@ -135,8 +138,7 @@ class SyntheticGenerator(Generator):
         old_impl = rasterise(scene)[1] if "implausibility_map" not in image.info else _map_from_info(image)
         touched = self._touched(scene, alpha[..., 0] > 0)
         params = {
-            "size": self.size,
-            "task": "inpaint",
+            **self.params("inpaint"),
             "image": hashlib.sha256(old.tobytes()).hexdigest()[:16],
             "mask": hashlib.sha256(alpha.tobytes()).hexdigest()[:16],
         }

@@ -62,7 +62,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 1 if all("error" in r for r in rows) else 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_samples(args: argparse.Namespace) -> int:
     from rahf.batch import read_items, score_items
 
     samples = resources.files("rahf") / "samples" / "prompts.jsonl"
@@ -74,6 +74,99 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rows = score_items(_scorer(args), items, args.out, overlays=not args.no_overlays, scores_only=args.scores_only)
     _print_rows(rows, Path(args.out))
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def _prefect_home(out: str) -> None:
+    """Prefect's state under the run folder (or outputs/ for remote runs), unless PREFECT_HOME is set."""
+    import os
+
+    if "PREFECT_HOME" not in os.environ:
+        local = out if "://" not in out else "outputs"
+        home = Path(local).resolve() / ".prefect"
+        home.mkdir(parents=True, exist_ok=True)  # Prefect creates the folder but not its parents
+        os.environ["PREFECT_HOME"] = str(home)
+    # the temporary server migrates a fresh database first: slow on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+
+
+def cmd_loop(args: argparse.Namespace) -> int:
+    import os
+
+    from rahf.data.synthetic import sample_prompts
+
+    _prefect_home(args.out)
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    rahf = args.rahf
+    if rahf == "synthetic-default":
+        from rahf.zoo import ensure_synthetic_rahf
+
+        rahf = str(ensure_synthetic_rahf())
+    if args.prompts:
+        prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+    else:
+        prompts = sample_prompts(args.num_prompts, seed=0)
+    from flows.loop import feedback_loop
+
+    finetune = {"steps": args.finetune_steps} if args.finetune_steps and args.generator != "synthetic" else {}
+    print(
+        f"feedback loop: {len(prompts)} prompts x {args.per_prompt} images, generator {args.generator}, "
+        f"RAHF {rahf}, run folder {args.out}"
+    )
+    summary = feedback_loop(
+        root=args.out,
+        prompts=prompts,
+        generator=args.generator,
+        rahf=rahf,
+        per_prompt=args.per_prompt,
+        selection={"thresholds": {"plausibility": args.threshold}},
+        finetune=finetune,
+        compare_per_prompt=args.compare_per_prompt,
+        repair_below=args.repair_below,
+        repair_limit=args.repair_limit,
+        device=args.device,
+    )
+    print(improvement_report(summary))
+    return 0
+
+
+def improvement_report(summary: dict) -> str:
+    """What improved, in numbers: finetuning (RAHF and, for the synthetic world, true scores) and repair."""
+    from flows.storage import RunStore
+
+    c, r = summary["compare"] or {"scores": {}}, summary["repair"]
+    lines = ["", f"results in {summary['root']}", ""]
+    if summary["compare"]:
+        lines.append("finetuning (same prompts and seeds, before -> after):")
+    else:
+        lines.append("finetuning: skipped, no image cleared the selection thresholds")
+    for name, s in c["scores"].items():
+        lines.append(
+            f"  RAHF {name:<13} {s['mean_a']:.3f} -> {s['mean_b']:.3f}  ({s['diff']:+.3f}, 95% CI "
+            f"{s['ci_low']:+.3f}..{s['ci_high']:+.3f}; {s['wins']} better / {s['losses']} worse)"
+        )
+    for name, s in (c.get("ground_truth") or {}).items():
+        lines.append(f"  true {name:<13} {s['mean_a']:.3f} -> {s['mean_b']:.3f}  ({s['diff']:+.3f})")
+    lines.append(
+        f"repair: {r['accepted']} of {r['considered']} images repaired "
+        f"({r['rejected']} kept their original, {r['failed']} failed, {r['skipped']} decided before)"
+    )
+    store = RunStore(summary["root"])
+    pairs = [
+        (store.get_record(k.removeprefix("repairs/").removesuffix(".json")), store.read_json(k))
+        for k in store.list("repairs")
+    ]
+    done = [(p, store.get_record(d["repaired_id"])) for p, d in pairs if d.get("repaired_id")]
+    if done and all(a.truth and b.truth for a, b in done):
+        before = sum(a.truth["implausible_area"] for a, _ in done) / len(done)
+        after = sum(b.truth["implausible_area"] for _, b in done) / len(done)
+        lines.append(
+            f"  true implausible area of the repaired images: {before:.4f} -> {after:.4f} "
+            f"({(after - before) / max(before, 1e-12):+.0%})"
+        )
+    if c.get("report"):
+        lines.append(f"comparison report: {c['report']}")
+    lines.append(f"manifest: {summary['manifest']['manifest']} ({summary['manifest']['records']} records)")
+    return "\n".join(lines)
 
 
 def cmd_save_preset(args: argparse.Namespace) -> int:
@@ -170,10 +263,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scorer_args(p)
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("demo", help="score the bundled sample images (the offline default)")
-    p.add_argument("--out", default="outputs/demo")
+    p = sub.add_parser("samples", help="score the bundled sample images")
+    p.add_argument("--out", default="outputs/samples")
     _add_scorer_args(p)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_samples)
+
+    for name, helptext in (
+        ("demo", "the feedback loop on the embedded offline default (synthetic world, trained rahf-tiny)"),
+        ("loop", "the feedback loop: generate, score, select, finetune, compare, repair"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--out", default="outputs/demo", help="run folder: a local path or s3://bucket/prefix")
+        p.add_argument("--generator", default="synthetic", help="synthetic | amused-tiny | sd-tiny | <id or folder>")
+        p.add_argument(
+            "--rahf",
+            default="synthetic-default",
+            help="RAHF folder or hub id; synthetic-default trains (once) and caches rahf-tiny",
+        )
+        p.add_argument("--prompts", help="a text file, one prompt per line (default: prompts of the grammar)")
+        p.add_argument("--num-prompts", type=int, default=12)
+        p.add_argument("--per-prompt", type=int, default=8)
+        p.add_argument("--compare-per-prompt", type=int, default=4)
+        p.add_argument("--threshold", type=float, default=0.8, help="plausibility a selected image must reach")
+        p.add_argument("--repair-below", type=float, default=0.8)
+        p.add_argument("--repair-limit", type=int, default=16)
+        p.add_argument("--finetune-steps", type=int, default=None, help="LoRA steps (diffusers generators)")
+        p.add_argument("--device", default="cpu")
+        p.set_defaults(func=cmd_loop)
 
     p = sub.add_parser("save-preset", help="build a RAHF preset and save it as a model folder")
     p.add_argument("preset", help="rahf-tiny | richhf-base")

@@ -1,4 +1,4 @@
-"""The command line: `richfeedback demo` and `richfeedback score`, end to end on files."""
+"""The command line: `richfeedback samples` and `richfeedback score`, end to end on files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from PIL import Image
 from richfeedback.cli import main
 
 
-def test_demo_writes_scores_overlays_and_keywords(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out)]) == 0
+def test_samples_writes_scores_overlays_and_keywords(tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert main(["samples", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and not any("error" in r for r in rows)
     for r in rows:

@@ -155,6 +155,19 @@ def sample_groups(rng: np.random.Generator) -> list[Group]:
     ]
 
 
+def sample_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct prompts of the grammar, the same for the same seed."""
+    rng = np.random.default_rng([seed, 7])
+    out: list[str] = []
+    for _ in range(100 * n):
+        p = " ".join(prompt_of(sample_groups(rng))[0])
+        if p not in out:
+            out.append(p)
+        if len(out) == n:
+            return out
+    raise ValueError(f"could not draw {n} distinct prompts")
+
+
 def prompt_of(groups: list[Group]) -> tuple[list[str], list[str]]:
     """Words of the prompt and, per word, its role: ``count:i``, ``colour:i``, ``shape:i`` or ``other``."""
     words, roles = [], []
