@@ -128,10 +128,16 @@ def generate_and_score(
     per_prompt: int = 8,
     batch_size: int = 16,
     device: str = "cpu",
+    chunk_prompts: int = 8,
 ) -> dict[str, Any]:
-    """Generate ``per_prompt`` images per prompt and score them with RAHF."""
+    """Generate ``per_prompt`` images per prompt and score them with RAHF; prompts go out in chunks of
+    ``chunk_prompts`` as separate tasks, so a Dask (or any parallel) task runner fans them out."""
     options = dict(generator=generator, lora=lora, rahf=rahf, per_prompt=per_prompt, batch_size=batch_size)
-    report = generate_and_score_task(root, prompts, {**options, "device": device})
+    chunks = [prompts[i : i + chunk_prompts] for i in range(0, len(prompts), chunk_prompts)]
+    futures = [generate_and_score_task.submit(root, chunk, {**options, "device": device}) for chunk in chunks]
+    parts = [f.result() for f in futures]
+    report = {k: [x for p in parts for x in p[k]] for k in ("ids", "generated", "scored", "failed")}
+    report["skipped"] = sum(p["skipped"] for p in parts)
     create_table_artifact(_best_table(root, report["ids"]), key="best-per-prompt", description="best image per prompt")
     manifest_task(root)
     return report

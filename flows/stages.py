@@ -152,14 +152,17 @@ def _images_for(store: RunStore, gen: Generator, batch, images_there: set[str], 
             except Exception as e:  # a corrupt stored image is regenerated
                 log.warning("stored image %s unreadable (%s); regenerating", id_, e)
         missing.append(((prompt, seed), id_))
+    made = []
     if missing:
         try:
             made = gen.generate([p for (p, _), _ in missing], 1, seeds=[s for (_, s), _ in missing])
-        except Exception as e:
-            log.exception("generation failed for a batch of %d", len(missing))
+        except Exception:  # find the bad items one by one; the rest of the batch goes on
+            log.warning("generation failed for a batch of %d; retrying item by item", len(missing))
             for (prompt, seed), id_ in missing:
-                _error_record(store, id_, prompt, seed, gen, f"generation: {e}", report)
-            made = []
+                try:
+                    made += gen.generate([prompt], 1, seeds=[seed])
+                except Exception as e:
+                    _error_record(store, id_, prompt, seed, gen, f"generation: {type(e).__name__}: {e}", report)
         for g in made:
             store.write_bytes(image_key(g.id), encode_png(g.image))
             report["generated"].append(g.id)
