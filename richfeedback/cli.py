@@ -92,19 +92,10 @@ def _prefect_home(out: str) -> None:
 def cmd_loop(args: argparse.Namespace) -> int:
     import os
 
-    from rahf.data.synthetic import sample_prompts
-
     _prefect_home(args.out)
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    rahf = args.rahf
-    if rahf == "synthetic-default":
-        from rahf.zoo import ensure_synthetic_rahf
-
-        rahf = str(ensure_synthetic_rahf())
-    if args.prompts:
-        prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
-    else:
-        prompts = sample_prompts(args.num_prompts, seed=0)
+    rahf = _rahf_source(args.rahf)
+    prompts = _prompts(args)
     from flows.loop import feedback_loop
 
     finetune = {"steps": args.finetune_steps} if args.finetune_steps and args.generator != "synthetic" else {}
@@ -167,6 +158,99 @@ def improvement_report(summary: dict) -> str:
         lines.append(f"comparison report: {c['report']}")
     lines.append(f"manifest: {summary['manifest']['manifest']} ({summary['manifest']['records']} records)")
     return "\n".join(lines)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from finetune.lora import LoraTrainConfig, finetune
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(LoraTrainConfig) if hasattr(args, f.name)}
+    if args.target_modules:
+        flags["target_modules"] = tuple(args.target_modules.split(","))
+    if args.config:
+        cfg = LoraTrainConfig.from_json(args.config, **flags)
+    else:
+        if not args.data_dir or not args.out_dir:
+            print("error: give --config FILE.json, or --data-dir and --out-dir", file=sys.stderr)
+            return 2
+        cfg = LoraTrainConfig(**{k: v for k, v in flags.items() if v is not None})
+    summary = finetune(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
+    return 0
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    from rahf.data.synthetic import sample_prompts
+
+    if args.prompts:
+        return [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+    return sample_prompts(args.num_prompts, seed=0)
+
+
+def _rahf_source(name: str) -> str:
+    if name == "synthetic-default":
+        from rahf.zoo import ensure_synthetic_rahf
+
+        return str(ensure_synthetic_rahf())
+    return name
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    _prefect_home(args.out)
+    from flows.loop import compare_checkpoints, comparison_markdown
+
+    summary = compare_checkpoints(
+        root=args.out,
+        prompts=_prompts(args),
+        generator=args.generator,
+        lora_a=args.lora_a,
+        lora_b=args.lora_b,
+        generator_b=args.generator_b,
+        rahf=_rahf_source(args.rahf),
+        per_prompt=args.per_prompt,
+        device=args.device,
+    )
+    print(comparison_markdown(summary))
+    return 0
+
+
+def cmd_rating_sheet(args: argparse.Namespace) -> int:
+    from compare import export_rating_sheet, pair_records
+    from flows.storage import RunStore
+
+    a = list(RunStore(str(Path(args.comparison) / "compare" / "a")).records())
+    b = list(RunStore(str(Path(args.comparison) / "compare" / "b")).records())
+    sheet, key = export_rating_sheet(pair_records(a, b), args.out, seed=args.seed)
+    print(f"rating sheet: {sheet} (give raters the folder {sheet.parent}); hidden key: {key}")
+    return 0
+
+
+def cmd_rating_score(args: argparse.Namespace) -> int:
+    from compare import score_rating_sheets
+
+    result = score_rating_sheets(args.sheets, args.key)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    _prefect_home(args.out)
+    from flows.loop import repair_images
+
+    report = repair_images(
+        root=args.out,
+        ids=args.ids or None,
+        below=args.below,
+        generator=args.generator,
+        lora=args.lora,
+        rahf=_rahf_source(args.rahf),
+        options={"n": args.n, "margin": args.margin},
+        limit=args.limit,
+        device=args.device,
+    )
+    print(json.dumps(report, indent=1))
+    return 0
 
 
 def cmd_save_preset(args: argparse.Namespace) -> int:
@@ -290,6 +374,66 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--finetune-steps", type=int, default=None, help="LoRA steps (diffusers generators)")
         p.add_argument("--device", default="cpu")
         p.set_defaults(func=cmd_loop)
+
+    p = sub.add_parser("finetune", help="LoRA-finetune a generator on a selected image folder (resumable)")
+    p.add_argument("--config", help="LoraTrainConfig as JSON; flags override it")
+    p.add_argument("--target-modules", help="comma-separated module names (default: attention projections)")
+    for name, typ in (
+        ("data_dir", str),
+        ("out_dir", str),
+        ("generator", str),
+        ("rank", int),
+        ("alpha", float),
+        ("lr", float),
+        ("steps", int),
+        ("batch_size", int),
+        ("grad_accum", int),
+        ("mixed_precision", str),
+        ("seed", int),
+        ("checkpoint_every", int),
+        ("log_every", int),
+        ("device", str),
+        ("prior_strength", float),
+    ):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("compare", help="compare two checkpoints on the same prompts and seeds (stats + report)")
+    p.add_argument("--out", required=True, help="run folder: a local path or s3://bucket/prefix")
+    p.add_argument("--generator", default="synthetic", help="checkpoint A: preset, hub id or folder")
+    p.add_argument("--lora-a", help="adapter folder on top of A")
+    p.add_argument("--generator-b", help="checkpoint B (default: the same base as A)")
+    p.add_argument("--lora-b", help="adapter folder on top of B")
+    p.add_argument("--rahf", default="synthetic-default")
+    p.add_argument("--prompts", help="a text file, one prompt per line")
+    p.add_argument("--num-prompts", type=int, default=12)
+    p.add_argument("--per-prompt", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("rating-sheet", help="a blind A/B rating sheet (CSV) from a comparison run, with a key")
+    p.add_argument("comparison", help="the --out folder of a compare run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_rating_sheet)
+
+    p = sub.add_parser("rating-score", help="score filled rating sheets into the five B-vs-A bins")
+    p.add_argument("sheets", nargs="+")
+    p.add_argument("--key", required=True)
+    p.set_defaults(func=cmd_rating_score)
+
+    p = sub.add_parser("repair", help="best-of-N repair of low-plausibility (or named) images of a run")
+    p.add_argument("--out", required=True, help="the run folder")
+    p.add_argument("--ids", nargs="*", help="record ids to repair (default: all below --below)")
+    p.add_argument("--below", type=float, default=0.8)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--generator", default="synthetic")
+    p.add_argument("--lora")
+    p.add_argument("--rahf", default="synthetic-default")
+    p.add_argument("--n", type=int, default=4, help="inpainted candidates per image")
+    p.add_argument("--margin", type=float, default=0.02)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_repair)
 
     p = sub.add_parser("save-preset", help="build a RAHF preset and save it as a model folder")
     p.add_argument("preset", help="rahf-tiny | richhf-base")

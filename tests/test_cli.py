@@ -51,3 +51,53 @@ def test_score_keeps_going_past_a_bad_file(tmp_path):
 def test_score_needs_inputs(tmp_path, capsys):
     assert main(["score", "--out", str(tmp_path)]) == 2
     assert "--items" in capsys.readouterr().err
+
+
+def test_finetune_command_fits_the_synthetic_world(tmp_path, capsys):
+    from finetune.dataset import export_dataset
+    from generators.base import ImageRecord, encode_png
+    from generators.synthetic import SyntheticGenerator
+
+    records = []
+    for g in SyntheticGenerator().generate(["a red circle at the left"], 4):
+        path = tmp_path / f"{g.id}.png"
+        path.write_bytes(encode_png(g.image))
+        rec = ImageRecord.from_generated(g, str(path))
+        rec.scores = g.truth["scores"]
+        records.append(rec)
+    export_dataset(records, str(tmp_path / "data"))
+    args = [
+        "finetune",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out-dir",
+        str(tmp_path / "ft"),
+        "--generator",
+        "synthetic",
+    ]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["examples"] == 4 and (tmp_path / "ft" / "adapter" / "flaws.json").is_file()
+    assert set(out["flaws"]["distortion"]) == {"circle", "square", "triangle", "diamond"}
+
+
+def test_rating_sheet_round_trip_through_the_commands(tmp_path, capsys):
+    from flows.stages import generate_and_score
+
+    for side in ("a", "b"):
+        generate_and_score(
+            str(tmp_path / "cmp" / "compare" / side),
+            ["a red circle at the left"],
+            generator="synthetic",
+            rahf="rahf-tiny",
+            per_prompt=3,
+        )
+    assert main(["rating-sheet", str(tmp_path / "cmp"), "--out", str(tmp_path / "rs"), "--seed", "1"]) == 0
+    sheet = tmp_path / "rs" / "sheet" / "ratings.csv"
+    lines = sheet.read_text(encoding="utf-8-sig").splitlines()
+    assert len(lines) == 4 and lines[0].endswith("rating")
+    sheet.write_text("\n".join([lines[0]] + [ln + "same" for ln in lines[1:]]) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["rating-score", str(sheet), "--key", str(tmp_path / "rs" / "key.csv")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pooled"]["n_rated"] == 3 and result["pooled"]["fractions"]["same"] == 1.0
