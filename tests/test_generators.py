@@ -208,3 +208,20 @@ def test_lora_adapter_loads_and_changes_outputs(backend, tmp_path):
     assert (px(a.image) != px(b.image)).mean() > 0.05
     with pytest.raises(FileNotFoundError):
         cls.from_preset(preset, seed=0).load_lora(tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["synthetic", "amused"])
+def test_all_zero_mask_changes_nothing_and_all_one_mask_repaints(backend):
+    if backend == "synthetic":
+        g = SyntheticGenerator(FlawModel(dict.fromkeys(("circle", "square", "triangle", "diamond"), 1.0), 0, 0, 0))
+        prompt = PROMPTS[0]
+    else:
+        from generators.amused import AmusedGenerator
+
+        g, prompt = AmusedGenerator.from_preset("amused-tiny", seed=0), "a red circle"
+    src = g.generate([prompt], 1)[0].image
+    empty = g.inpaint(src, Image.new("L", src.size, 0), prompt, 1)[0]
+    assert np.array_equal(px(empty.image), px(src))  # nothing to repaint: the input, bit for bit
+    full = g.inpaint(src, Image.new("L", src.size, 255), prompt, 2, seeds=[3, 4])
+    assert all((px(c.image) != px(src)).any() for c in full)
+    assert not np.array_equal(px(full[0].image), px(full[1].image))
