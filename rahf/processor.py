@@ -214,8 +214,18 @@ class RAHFProcessor:
         if not path.is_file():
             raise FileNotFoundError(f"no {PROCESSOR_NAME} in {directory}")
         config = json.loads(path.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        return cls(tokenizer, **config)
+        return cls(_load_tokenizer(directory), **config)
+
+
+def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a model, by the class it recorded (AutoTokenizer would read the folder's
+    config.json, which describes RAHF, not a transformers model)."""
+    import transformers
+
+    meta = directory / "tokenizer_config.json"
+    name = json.loads(meta.read_text()).get("tokenizer_class") if meta.is_file() else None
+    klass = getattr(transformers, name, None) if name else None
+    return (klass or AutoTokenizer).from_pretrained(str(directory))
 
 
 def pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
