@@ -109,9 +109,10 @@ def cmd_loop(args: argparse.Namespace) -> int:
         generator=args.generator,
         rahf=rahf,
         per_prompt=args.per_prompt,
-        selection={"thresholds": {"plausibility": args.threshold}},
+        selection={"score": args.select_by, "thresholds": {"plausibility": args.threshold}},
         finetune=finetune,
         compare_per_prompt=args.compare_per_prompt,
+        repair={"margin": args.repair_margin, "mask": {"threshold": args.mask_threshold}},
         repair_below=args.repair_below,
         repair_limit=args.repair_limit,
         device=args.device,
@@ -369,8 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--per-prompt", type=int, default=8)
         p.add_argument("--compare-per-prompt", type=int, default=4)
         p.add_argument("--threshold", type=float, default=0.8, help="plausibility a selected image must reach")
-        p.add_argument("--repair-below", type=float, default=0.8)
-        p.add_argument("--repair-limit", type=int, default=16)
+        p.add_argument("--select-by", default="overall", help="the score that picks the best image per prompt")
+        p.add_argument(
+            "--repair-below",
+            type=float,
+            default=1.0,
+            help="repair images whose predicted plausibility is below this (1.0: the least plausible)",
+        )
+        p.add_argument("--repair-limit", type=int, default=12, help="repair at most this many, worst first")
+        p.add_argument("--repair-margin", type=float, default=0.0, help="a repair must beat the original by this")
+        p.add_argument(
+            "--mask-threshold",
+            type=float,
+            default=0.25,
+            help="implausibility heat that enters the repair mask (the tiny model's heat peaks near 0.3)",
+        )
         p.add_argument("--finetune-steps", type=int, default=None, help="LoRA steps (diffusers generators)")
         p.add_argument("--device", default="cpu")
         p.set_defaults(func=cmd_loop)
