@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 SYNTHETIC_RECIPE: dict[str, Any] = {
-    "data": {"train": 4000, "dev": 200, "size": 64, "seed": 0},
+    "data": {"train": 2000, "dev": 200, "size": 64, "seed": 0},
     "train": {
         "preset": "rahf-tiny",
         "variant": "multi_head",
-        "steps": 600,
+        "steps": 500,
         "batch_size": 16,
         "lr": 1e-3,
         "warmup_steps": 30,
