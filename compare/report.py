@@ -143,12 +143,19 @@ def _heatmap_file(uri: str, image: Path | None, kind: str, images: Path, stem: s
     src = local_path(uri)
     if src is None:
         return None
+    heatmap = None
     if src.suffix.lower() in (".npy", ".npz"):
+        heatmap = load_heatmap(src)
+    elif src.is_file():
+        with Image.open(src) as hm:
+            if hm.mode in ("L", "I;16"):  # a stored map (the run store writes uint8 maps), not an overlay
+                heatmap = np.asarray(hm.convert("F"), np.float64) / (65535.0 if hm.mode == "I;16" else 255.0)
+    if heatmap is not None:
         base = None
         if image is not None:
             with Image.open(image) as im:
                 base = im.convert("RGB")
-        heatmap_overlay(base, load_heatmap(src), HEATMAP_COLORS[kind]).save(images / f"{stem}.png")
+        heatmap_overlay(base, np.clip(heatmap, 0, 1), HEATMAP_COLORS[kind]).save(images / f"{stem}.png")
         return f"images/{stem}.png"
     return _copy(src, images, stem)
 

@@ -426,7 +426,7 @@ def compare_checkpoints(
     if report_dir or store.local:
         target = report_dir or store.uri("compare/report")
         summary["report"] = str(
-            write_report(pairs, stats, target, title="Checkpoint comparison", label_a="A (before)", label_b="B (after)")
+            write_report(pairs, stats, target, title="Checkpoint comparison", label_a="before", label_b="after")
         )
     store.write_json("compare/summary.json", summary)
     return summary

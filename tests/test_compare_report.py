@@ -233,3 +233,18 @@ def test_screenshot_is_not_blank(rendered):
     assert im.shape == (1600, 1200, 3)
     colors = np.unique((im[..., 0].astype(np.int32) << 16) | (im[..., 1].astype(np.int32) << 8) | im[..., 2])
     assert im.std() > 20 and len(colors) > 100
+
+
+def test_a_stored_grayscale_heatmap_is_drawn_as_an_overlay(tmp_path):
+    from compare.report import _heatmap_file
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(image)
+    m = np.zeros((8, 8), np.uint8)
+    m[:4, :4] = 255  # the top-left quarter is hot
+    Image.fromarray(m).save(tmp_path / "heat.png")
+    (tmp_path / "out").mkdir()
+    rel = _heatmap_file(str(tmp_path / "heat.png"), image, "implausibility", tmp_path / "out", "h")
+    out = np.asarray(Image.open(tmp_path / "out" / Path(rel).name).convert("RGB"), np.int16)
+    assert out.shape == (16, 16, 3)
+    assert out[2, 2, 0] > out[12, 12, 0] and tuple(out[12, 12]) == (0, 0, 255)  # hot: tinted; cold: the image
