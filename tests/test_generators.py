@@ -135,7 +135,8 @@ def test_diffusers_deterministic_per_seed_and_batch_independent(diffusers_gen):
     batch = g.generate(["a red circle", "two blue squares"], 2, seeds=[3, 4, 3, 4])
     again = g.generate(["two blue squares"], 1, seeds=[4])[0]
     assert batch[0].image.size == (64, 64) and batch[0].image.mode == "RGB"
-    assert np.array_equal(px(batch[3].image), px(again.image))
+    # aMUSEd samples each image alone: identical; SD batches: the same up to float rounding (a uint8 step or two)
+    assert np.abs(px(batch[3].image) - px(again.image)).max() <= (0 if g.backend == "amused" else 2)
     assert not np.array_equal(px(batch[0].image), px(batch[1].image))  # seeds differ
     assert batch[0].generator.backend == g.backend and batch[0].params["task"] == "text-to-image"
 

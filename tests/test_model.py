@@ -280,7 +280,7 @@ def test_heatmap_heads_learn_sparse_targets():
     zero_level = sum(float((m**2).mean()) for m in maps.values())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     model.train()
-    for _ in range(120):
+    for _ in range(200):
         out = model(
             pixels, text.input_ids, text.attention_mask, scores=(), keywords=False, labels=RAHFLabels(heatmaps=maps)
         )
