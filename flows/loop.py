@@ -8,8 +8,9 @@ around a plain stage function of :mod:`flows.stages`. Tasks pass names, ids and 
 * ``compare_checkpoints`` — same prompts and seeds through A and B, paired statistics and the HTML report.
 * ``feedback_loop`` — generate -> score -> select -> finetune -> compare -> repair the worst (the main job).
 
-GPU work carries the ``gpu`` tag; :func:`ensure_gpu_limit` creates the tag's concurrency limit (a limit that does
-not exist limits nothing). Transient I/O is retried inside the run store; tasks add a retry on top.
+GPU work carries the ``gpu`` tag; :func:`ensure_gpu_limit` (``feedback_loop(gpu_slots=N)``) creates the tag's
+concurrency limit (a limit that does not exist limits nothing; acquiring a slot costs about 2 s per task).
+Transient I/O is retried inside the run store; tasks add a retry on top.
 """
 
 from __future__ import annotations
@@ -245,10 +246,16 @@ def feedback_loop(
     repair_below: float = 0.8,
     repair_limit: int | None = 16,
     device: str = "cpu",
+    gpu_slots: int | None = None,
 ) -> dict[str, Any]:
-    """generate -> score -> select -> finetune -> compare (base vs finetuned) -> repair the worst."""
+    """generate -> score -> select -> finetune -> compare (base vs finetuned) -> repair the worst.
+
+    ``gpu_slots`` creates the ``gpu`` tag's concurrency limit when it is missing (for workers that share GPUs);
+    a tagged task then pays about 2 s to acquire its slot, so single-machine runs leave it unset.
+    """
     logger = get_run_logger()
-    ensure_gpu_limit()
+    if gpu_slots:
+        ensure_gpu_limit(gpu_slots)
     gen_report = generate_and_score_task(
         root, prompts, dict(generator=generator, rahf=rahf, per_prompt=per_prompt, device=device)
     )
