@@ -37,6 +37,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/score_throughput.py
+	$(PY) benchmarks/metrics_speed.py
+	$(PY) benchmarks/mask_speed.py
+	$(PY) benchmarks/generator_speed.py
+	$(PY) benchmarks/lora_speed.py
+	$(PY) benchmarks/flow_overhead.py
 
 clean:
 	rm -rf outputs .pytest_cache

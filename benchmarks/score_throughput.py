@@ -261,6 +261,14 @@ def table(rows: list[dict], facts: dict, peaks: dict | None, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def publish(key: str, body: str, facts: dict, write: bool) -> None:
+    """Print a benchmark's markdown section and its facts as one JSON line; write the section into BENCHMARKS.md."""
+    print(body)
+    print(json.dumps({"python": platform.python_version(), **facts}))
+    if write:
+        write_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", key, body)
+
+
 def write_section(path: Path, key: str, body: str) -> None:
     """Replace (or append) the section between markers for this key, leaving the rest of the file alone."""
     start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"

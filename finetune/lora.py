@@ -122,6 +122,13 @@ def batch_index(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _prompt_ids(pipe, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """(N, T) token ids padded to the tokenizer's length, as the pipelines encode prompts."""
+    tok = pipe.tokenizer
+    enc = tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt")
+    return enc.input_ids.to(device)
+
+
 class _AmusedTask:
     """Masked-token cross-entropy on the VQ tokens of the images."""
 
@@ -135,14 +142,7 @@ class _AmusedTask:
             latents = pipe.vqvae.encode(px).latents
             _, _, (_, _, idx) = pipe.vqvae.quantize(latents)
             self.tokens = idx.reshape(len(images), latents.shape[-2], latents.shape[-1])
-            ids = pipe.tokenizer(
-                prompts,
-                padding="max_length",
-                truncation=True,
-                max_length=pipe.tokenizer.model_max_length,
-                return_tensors="pt",
-            ).input_ids.to(device)
-            out = pipe.text_encoder(ids, return_dict=True, output_hidden_states=True)
+            out = pipe.text_encoder(_prompt_ids(pipe, prompts, device), return_dict=True, output_hidden_states=True)
             self.pooled, self.hidden = out.text_embeds, out.hidden_states[-2]
 
     def loss(self, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -175,14 +175,7 @@ class _StableDiffusionTask:
             px = _pixels(images, gen.size, normalize=True).to(device)
             dist = pipe.vae.encode(px).latent_dist
             self.latents = dist.mean * pipe.vae.config.scaling_factor  # the mean: deterministic, cacheable
-            ids = pipe.tokenizer(
-                prompts,
-                padding="max_length",
-                truncation=True,
-                max_length=pipe.tokenizer.model_max_length,
-                return_tensors="pt",
-            ).input_ids.to(device)
-            self.hidden = pipe.text_encoder(ids)[0]
+            self.hidden = pipe.text_encoder(_prompt_ids(pipe, prompts, device))[0]
 
     def loss(self, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         latents = self.latents[index]

@@ -20,16 +20,7 @@ from generators.base import (
     content_hash,
     resolve_seeds,
 )
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+from rahf.scorer import resolve_dtype  # one dtype vocabulary: fp32, bf16, fp16
 
 
 def paste_back(original: Image.Image, candidate: Image.Image, mask: Image.Image) -> Image.Image:

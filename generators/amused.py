@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 
 from generators._diffusers import DiffusersGenerator, resolve_dtype
-from generators.clip_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, build_offline_clip_tokenizer
+from generators.clip_tokenizer import build_offline_clip_tokenizer, tiny_text_config
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from diffusers import AmusedInpaintPipeline, AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
     from diffusers.loaders import AmusedLoraLoaderMixin
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection
 
 REAL_IDS = {"amused-256": "amused/amused-256", "amused-512": "amused/amused-512"}
 DEFAULT_CALL = {"num_inference_steps": 12, "guidance_scale": 10.0}
@@ -75,21 +75,7 @@ def tiny_components(seed: int = 0, codebook_size: int = 64) -> dict[str, Any]:
         ln_elementwise_affine=True,
         sample_size=16,
     )
-    text_encoder = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=EOS_ID,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            vocab_size=VOCAB_SIZE,
-            projection_dim=32,
-            max_position_embeddings=77,
-            layer_norm_eps=1e-5,
-        )
-    )
+    text_encoder = CLIPTextModelWithProjection(tiny_text_config(projection_dim=32))  # cond_embed_dim
     return {
         "vqvae": vqvae,
         "transformer": transformer,

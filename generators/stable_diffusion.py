@@ -24,10 +24,10 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from generators._diffusers import DiffusersGenerator, resolve_dtype
-from generators.clip_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, build_offline_clip_tokenizer
+from generators.clip_tokenizer import build_offline_clip_tokenizer, tiny_text_config
 
 REAL_IDS = {
     "sd-turbo": "stabilityai/sd-turbo",
@@ -66,20 +66,7 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
         norm_num_groups=8,
         sample_size=64,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=EOS_ID,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            vocab_size=VOCAB_SIZE,
-            max_position_embeddings=77,
-            layer_norm_eps=1e-5,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_text_config())
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
