@@ -1,0 +1,311 @@
+"""What Prefect costs the feedback loop, and how generate-and-score scales with the number of images (DESIGN §6).
+
+(a) The feedback loop through the Prefect flow ``flows.loop.feedback_loop`` against the same stages of
+``flows.stages`` called directly in the same order with the same arguments (generate and score -> select ->
+finetune -> compare -> repair -> manifest), on the synthetic world scored by ``rahf-tiny`` at random init, N prompts
+× 8 images, selection threshold plausibility 0.0. Every run is a child process of its own (no model cache carries
+over) writing into a fresh run folder. The Prefect child gets its own ``PREFECT_HOME`` in a temporary folder and
+first runs a trivial flow, which starts the temporary API server, then the same flow again (the fixed cost of one
+flow run with the server up); both are reported apart and not counted.
+Direct and Prefect runs alternate ``--repeats`` times; the medians give the overhead (goal ≤ 10 %).
+
+(b) ``flows.stages.generate_and_score`` (synthetic world + rahf-tiny, batch 16) at each of ``--sizes`` images
+(prompts × 8 seeds), each in a child process with a fresh run folder: seconds (models loaded before timing) and
+the process's peak RSS (``ru_maxrss``). Goals: peak memory flat (largest / smallest size ≤ 1.10) and time linear
+(seconds per image the same at both sizes).
+
+Usage: python benchmarks/flow_overhead.py [--prompts 12] [--repeats 3] [--sizes 1000,10000] [--device cpu]
+       [--threads 2] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.score_throughput import cpu_facts, publish  # noqa: E402
+
+PER_PROMPT = 8
+BATCH = 16
+RAHF = "rahf-tiny"
+SELECTION = {"thresholds": {"plausibility": 0.0}}
+MARKER = "RESULT_JSON="
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Children: one run, one process
+# ---------------------------------------------------------------------------------------------------------
+
+
+def loop_direct(root: str, prompts: list[str], device: str) -> None:
+    """The stages of ``feedback_loop`` in its order, with the arguments it passes (its defaults included)."""
+    from flows import stages
+
+    generated = stages.generate_and_score(
+        root, prompts, generator="synthetic", rahf=RAHF, per_prompt=PER_PROMPT, device=device
+    )
+    selected = stages.select_finetune_data(root, selection=SELECTION, ids=generated["ids"])
+    tuned = stages.finetune_generator(root, selected["dataset"], generator="synthetic", options={})
+    stages.compare_checkpoints(
+        root, prompts, generator="synthetic", lora_b=tuned["adapter"], rahf=RAHF, per_prompt=4, device=device
+    )
+    stages.repair_images(root, below=0.8, generator="synthetic", rahf=RAHF, options=None, limit=16, device=device)
+    stages.write_manifest(root)
+
+
+def child_loop(spec: dict) -> dict:
+    from rahf.data.synthetic import sample_prompts
+
+    prompts = sample_prompts(spec["prompts"], seed=0)
+    root = spec["root"]
+    if spec["mode"] == "direct":
+        import flows.stages  # noqa: F401 - imported before timing, as the Prefect child imports it with flows.loop
+
+        t = time.perf_counter()
+        loop_direct(root, prompts, spec["device"])
+        return {**spec, "seconds": time.perf_counter() - t}
+    from prefect import flow
+
+    from flows.loop import feedback_loop
+
+    @flow(name="server-start")
+    def trivial() -> int:
+        return 1
+
+    t = time.perf_counter()
+    trivial()  # the first flow of the process starts the temporary API server
+    startup = time.perf_counter() - t
+    t = time.perf_counter()
+    trivial()  # an empty flow with the server up: the fixed cost of one flow run
+    empty = time.perf_counter() - t
+    t = time.perf_counter()
+    feedback_loop(
+        root,
+        prompts,
+        generator="synthetic",
+        rahf=RAHF,
+        per_prompt=PER_PROMPT,
+        selection=SELECTION,
+        device=spec["device"],
+    )
+    return {**spec, "seconds": time.perf_counter() - t, "startup_s": startup, "empty_flow_s": empty}
+
+
+def child_scale(spec: dict) -> dict:
+    from flows import stages
+    from rahf.data.synthetic import sample_prompts
+
+    prompts = sample_prompts(spec["images"] // PER_PROMPT, seed=0)
+    stages.load_generator("synthetic", None, spec["device"])  # models loaded (and cached) before timing
+    stages.load_scorer(RAHF, spec["device"], BATCH)
+    loaded = peak_rss_mib()
+    t = time.perf_counter()
+    report = stages.generate_and_score(
+        spec["root"],
+        prompts,
+        generator="synthetic",
+        rahf=RAHF,
+        per_prompt=PER_PROMPT,
+        batch_size=BATCH,
+        device=spec["device"],
+    )
+    seconds = time.perf_counter() - t
+    return {
+        **spec,
+        "seconds": seconds,
+        "scored": len(report["scored"]),
+        "failed": len(report["failed"]),
+        "loaded_mib": loaded,
+        "peak_mib": peak_rss_mib(),
+    }
+
+
+def run_child(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    return child_loop(spec) if spec["kind"] == "loop" else child_scale(spec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parent
+# ---------------------------------------------------------------------------------------------------------
+
+
+def launch(spec: dict, env_extra: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"])}
+    env.update(env_extra or {})
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
+        env.pop(name, None)  # the Prefect child talks to its own temporary server only
+    res = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    for line in res.stdout.splitlines():
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER) :])
+    raise RuntimeError(f"child failed for {spec}:\n{res.stderr[-3000:]}")
+
+
+def measure_loop(args, tmp: Path) -> tuple[list[dict], list[dict]]:
+    """(direct runs, Prefect runs), alternating, each in a fresh run folder and child process."""
+    direct, prefect = [], []
+    for i in range(args.repeats):
+        for mode in ("direct", "prefect") if i % 2 == 0 else ("prefect", "direct"):
+            root = tmp / f"loop-{mode}-{i}"
+            spec = {"kind": "loop", "mode": mode, "prompts": args.prompts, "root": str(root)}
+            spec.update(device=args.device, threads=args.threads)
+            extra = {}
+            if mode == "prefect":
+                home = tmp / f"prefect-home-{i}"
+                home.mkdir()
+                extra = {"PREFECT_HOME": str(home)}
+            r = launch(spec, extra)
+            shutil.rmtree(root, ignore_errors=True)
+            (direct if mode == "direct" else prefect).append(r)
+            startup = f" (server start-up {r['startup_s']:.1f} s, not counted)" if mode == "prefect" else ""
+            print(f"loop {mode:8s} run {i + 1}: {r['seconds']:.1f} s{startup}", flush=True)
+    return direct, prefect
+
+
+def measure_scale(args, tmp: Path) -> list[dict]:
+    rows = []
+    for n in args.sizes:
+        root = tmp / f"scale-{n}"
+        r = launch({"kind": "scale", "images": n, "root": str(root), "device": args.device, "threads": args.threads})
+        shutil.rmtree(root, ignore_errors=True)
+        rows.append(r)
+        print(f"generate_and_score {n:6d} images: {r['seconds']:.1f} s, peak RSS {r['peak_mib']:.0f} MiB", flush=True)
+    return rows
+
+
+def _join(runs: list[dict], key: str) -> str:
+    return ", ".join(f"{r[key]:.2f}" for r in runs)
+
+
+def loop_lines(direct: list[dict], prefect: list[dict], args) -> list[str]:
+    d = statistics.median(r["seconds"] for r in direct)
+    p = statistics.median(r["seconds"] for r in prefect)
+    startup = statistics.median(r["startup_s"] for r in prefect)
+    empty = statistics.median(r["empty_flow_s"] for r in prefect)
+    overhead = p / d - 1
+    return [
+        f"**(a) Feedback loop**, {args.prompts} prompts × {PER_PROMPT} images (synthetic world, {RAHF} at random "
+        "init, selection threshold plausibility 0.0, the flow's defaults otherwise: comparison at 4 images a prompt, "
+        f"repair of at most 16 images below plausibility 0.8). Median of {args.repeats} runs each, alternating; "
+        "every run a child process with a fresh run folder.",
+        "",
+        "| how | median s | runs, s |",
+        "|---|---:|---|",
+        f"| stages called directly | {d:.2f} | {_join(direct, 'seconds')} |",
+        f"| Prefect flow `feedback_loop` | {p:.2f} | {_join(prefect, 'seconds')} |",
+        f"| temporary server start-up (first flow of a process; not counted above) | {startup:.2f} | "
+        f"{_join(prefect, 'startup_s')} |",
+        f"| an empty flow, server up (not counted above) | {empty:.2f} | {_join(prefect, 'empty_flow_s')} |",
+        "",
+        f"Prefect / direct: **{p / d:.3f}×**, overhead **{overhead:+.1%}** ({p - d:+.2f} s; goal ≤ 10 %: "
+        f"{'met' if overhead <= 0.10 else 'not met'}).",
+    ]
+
+
+def scale_lines(rows: list[dict]) -> list[str]:
+    table = [
+        f"| {r['images']} | {r['scored']} | {r['seconds']:.1f} | {r['images'] / r['seconds']:.1f} | "
+        f"{r['seconds'] / r['images'] * 1e3:.1f} | {r['loaded_mib']:.0f} | **{r['peak_mib']:.0f}** |"
+        for r in rows
+    ]
+    lines = [
+        f"**(b) `generate_and_score`** (synthetic world + {RAHF}, batch {BATCH}, images = prompts × {PER_PROMPT} "
+        "seeds), one child process and a fresh run folder per size; models loaded before timing. Memory: peak RSS "
+        "of the process (`ru_maxrss`), and the same after loading the models.",
+        "",
+        "| images | scored | seconds | images/s | ms/image | RSS after loading, MiB | peak RSS, MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *table,
+    ]
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        size = b["images"] / a["images"]
+        memory = b["peak_mib"] / a["peak_mib"]
+        time_ratio = b["seconds"] / a["seconds"]
+        per_image = time_ratio / size
+        lines += [
+            "",
+            f"{b['images']} / {a['images']} images (×{size:g}): peak memory **×{memory:.3f}** (goal ≤ ×1.10: "
+            f"{'met' if memory <= 1.10 else 'not met'}); time **×{time_ratio:.2f}** against ×{size:g} for linear, "
+            f"seconds per image ×{per_image:.3f}.",
+        ]
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--prompts", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sizes", default="1000,10000")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    if args.child:
+        print(MARKER + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return 0
+    args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    if any(n < PER_PROMPT or n % PER_PROMPT for n in args.sizes):
+        raise ValueError(f"--sizes must be positive multiples of {PER_PROMPT} (prompts × 8 seeds), got {args.sizes}")
+    if args.prompts < 1 or args.repeats < 1:
+        raise ValueError(f"--prompts and --repeats must be >= 1, got {args.prompts} and {args.repeats}")
+    from importlib.metadata import version
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="flow-overhead-") as tmp:
+        direct, flowed = measure_loop(args, Path(tmp))
+        scale = measure_scale(args, Path(tmp))
+    facts = cpu_facts()
+    device = facts["cpu"] if args.device == "cpu" else torch.cuda.get_device_name(0)
+    lines = [
+        f"### feedback loop and generate-and-score — {device}, {args.device} fp32, {args.threads} threads, "
+        f"torch {torch.__version__}, Prefect {version('prefect')}",
+        "",
+        *loop_lines(direct, flowed, args),
+        "",
+        *scale_lines(scale),
+    ]
+    body = "\n".join(lines) + "\n"
+    publish(
+        "flows",
+        body,
+        {
+            "torch": torch.__version__,
+            "prefect": version("prefect"),
+            "device": args.device,
+            "threads": args.threads,
+            "direct": direct,
+            "prefect_runs": flowed,
+            "scale": scale,
+        },
+        not args.no_write,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
