@@ -8,6 +8,7 @@ but not yet scored is scored from its stored file, not regenerated. A failed ite
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -68,7 +69,8 @@ def _local_folder(uri: str) -> str:
     store = RunStore(uri)
     if store.local:
         return uri
-    cache = Path(tempfile.gettempdir()) / "richfeedback-adapters" / str(abs(hash(uri)))
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]  # stable across processes (hash() is salted)
+    cache = Path(tempfile.gettempdir()) / "richfeedback-adapters" / key
     for key in store.list(""):
         target = cache / key
         if not target.exists():

@@ -3,7 +3,6 @@ paste-back that keeps pixels outside an inpainting mask exactly as they were (DE
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from generators.base import (
     GeneratorIdentity,
     check_inpaint_inputs,
     content_hash,
+    content_hash_image,
     resolve_seeds,
 )
 from rahf.scorer import resolve_dtype  # one dtype vocabulary: fp32, bf16, fp16
@@ -125,8 +125,3 @@ class DiffusersGenerator(Generator):
             cand = self._inpaint(image, mask, prompt, self._generator(s))
             out.append(GeneratedImage(paste_back(image, cand, mask), prompt, s, self.identity, params))
         return out
-
-
-def content_hash_image(image: Image.Image) -> str:
-    """SHA-256 (16 hex digits) of an image's pixels, mode and size."""
-    return hashlib.sha256(image.tobytes() + f"{image.mode}{image.size}".encode()).hexdigest()[:16]

@@ -32,6 +32,11 @@ def content_hash(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def content_hash_image(image: Image.Image) -> str:
+    """SHA-256 (16 hex digits) of an image's pixels, mode and size: identifies an inpainting's input and mask."""
+    return hashlib.sha256(image.tobytes() + f"{image.mode}{image.size}".encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class GeneratorIdentity:
     """What produced an image: backend, model id or path, revision, and the LoRA adapter's content hash."""

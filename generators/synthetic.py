@@ -35,6 +35,7 @@ from generators.base import (
     GeneratorIdentity,
     check_inpaint_inputs,
     content_hash,
+    content_hash_image,
     resolve_seeds,
 )
 from rahf.data.synthetic import (
@@ -139,8 +140,8 @@ class SyntheticGenerator(Generator):
         touched = self._touched(scene, alpha[..., 0] > 0)
         params = {
             **self.params("inpaint"),
-            "image": hashlib.sha256(old.tobytes()).hexdigest()[:16],
-            "mask": hashlib.sha256(alpha.tobytes()).hexdigest()[:16],
+            "image": content_hash_image(image),
+            "mask": content_hash_image(mask),
         }
         out = []
         for seed in seeds:
