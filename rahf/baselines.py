@@ -2,7 +2,8 @@
 
 * ``MeanPredictor``: the training mean of every score and of every heatmap, for every image.
 * ``SmallCNN``: an image-only convolutional regressor of the four scores and two heatmaps (a small stand-in
-  for the paper's ResNet-50 baseline), trained with the same steps, batch size and learning rate as RAHF.
+  for the paper's ResNet-50 baseline), trained with the same steps and batch size as RAHF (and, where RAHF
+  uses one, the same empty-map loss weight).
 
 Neither reads the prompt, so neither marks keywords: their keyword sequences are the prompts unmarked.
 """
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rahf.evaluate import GroundTruth, Predictions
-from rahf.model import HEATMAP_NAMES, SCORE_NAMES
+from rahf.model import HEATMAP_NAMES, SCORE_NAMES, heatmap_loss
 from rahf.processor import RAHFProcessor, clean_prompt
 from rahf.train import SplitData, micro_batch_index
 
@@ -74,8 +75,10 @@ class SmallCNN(nn.Module):
         return torch.sigmoid(self.score_head(f)), torch.sigmoid(self.decoder(f))
 
 
-def train_small_cnn(data: SplitData, *, steps: int, batch_size: int, lr: float, seed: int = 0) -> SmallCNN:
-    """Train on pixel MSE (maps) + MSE (scores), the same losses RAHF uses, with AdamW."""
+def train_small_cnn(
+    data: SplitData, *, steps: int, batch_size: int, lr: float, seed: int = 0, empty_heatmap_weight: float = 0.0
+) -> SmallCNN:
+    """Train on pixel MSE (maps, with RAHF's optional extra weight on empty targets) + MSE (scores), with AdamW."""
     torch.manual_seed(seed)
     model = SmallCNN()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -85,8 +88,9 @@ def train_small_cnn(data: SplitData, *, steps: int, batch_size: int, lr: float, 
     for step in range(steps):
         index = micro_batch_index(step, len(data), batch_size, seed)
         scores, maps = model(data.pixels[index])
-        loss = F.mse_loss(scores, targets_s[index]) * len(SCORE_NAMES) + F.mse_loss(maps, targets_m[index]) * len(
-            HEATMAP_NAMES
+        target_maps = targets_m[index]
+        loss = F.mse_loss(scores, targets_s[index]) * len(SCORE_NAMES) + sum(
+            heatmap_loss(maps[:, i], target_maps[:, i], empty_heatmap_weight) for i in range(len(HEATMAP_NAMES))
         )
         opt.zero_grad()
         loss.backward()

@@ -212,6 +212,7 @@ class RAHFConfig:
     max_keyword_tokens: int = 160  # upper bound on generated keyword-sequence tokens
     misaligned_suffix: str = "_0"  # appended to each misaligned word in the keyword sequence
     heatmap_loss_weight: float = 1.0  # w_h: per-heatmap pixel MSE
+    empty_heatmap_weight: float = 0.0  # extra MSE weight on samples whose target map is empty (paper: 0)
     score_loss_weight: float = 1.0  # w_s: per-score MSE
     token_loss_weight: float = 1.0  # w_t: keyword-sequence token cross-entropy (pads ignored)
 
@@ -299,6 +300,22 @@ class RAHFOutput:
     keyword_logits: torch.Tensor | None = None  # (B, L, V) under teacher forcing
     loss: torch.Tensor | None = None
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, empty_weight: float = 0.0) -> torch.Tensor:
+    """Pixel MSE of (B, H, W) maps, each sample's error weighted 1 + ``empty_weight`` if its target is all zero.
+
+    The paper trains on plain MSE (``empty_weight = 0``). Under it a model unsure whether an image has a flaw
+    paints faint heat on flawless images, which the "MSE on GT = 0" metric charges; the extra weight makes false
+    heat on flawless images cost more than missed heat elsewhere. The weights are normalised to mean one over
+    the batch, so the loss scale does not depend on how many flawless samples a batch happens to hold.
+    """
+    per_sample = (pred.float() - target.float()).square().flatten(1).mean(dim=1)
+    if empty_weight == 0.0:
+        return per_sample.mean()
+    empty = target.flatten(1).amax(dim=1) <= 0
+    weights = 1.0 + empty_weight * empty.float()
+    return (weights * per_sample).sum() / weights.sum()
 
 
 class RAHFModel(nn.Module):
@@ -469,7 +486,7 @@ class RAHFModel(nn.Module):
         for name, target in labels.heatmaps.items():
             if name not in out.heatmaps:
                 raise ValueError(f"heatmap target {name!r} given but the heatmap was not computed")
-            parts[f"heatmap/{name}"] = F.mse_loss(out.heatmaps[name].float(), target.float())
+            parts[f"heatmap/{name}"] = heatmap_loss(out.heatmaps[name], target, cfg.empty_heatmap_weight)
         for name, target in labels.scores.items():
             if name not in out.scores:
                 raise ValueError(f"score target {name!r} given but the score was not computed")

@@ -1,6 +1,8 @@
 """Named RAHF presets, all built from the same classes.
 
 * ``rahf-tiny``: a small ViT and T5 at random init with the offline tokenizer; builds anywhere in milliseconds.
+* ``rahf-tiny-p4``: ``rahf-tiny`` with 4-pixel patches (a 16×16 token grid at 64 px, two upsampling stages in
+  the heatmap heads): the model of the synthetic benchmark's bar (docs/results.md), about 2× slower to train.
 * ``richhf-base``: ``google/vit-large-patch16-384`` + ``t5-base`` (642.6M parameters), the paper's backbones as
   in the public PyTorch reimplementation. ``pretrained=True`` loads both backbones (hub id or local folder) and
   the T5 tokenizer; ``pretrained=False`` builds the same shapes at random init, offline.
@@ -113,6 +115,13 @@ PRESETS: dict[str, Preset] = {
         text_id="t5-base",
     ),
 }
+
+PRESETS["rahf-tiny-p4"] = Preset(
+    name="rahf-tiny-p4",
+    vision={**PRESETS["rahf-tiny"].vision, "patch_size": 4},
+    text=dict(PRESETS["rahf-tiny"].text),
+    heads={**PRESETS["rahf-tiny"].heads, "heatmap_up_channels": (32, 16)},
+)
 
 
 def preset_config(name: str, variant: str = "multi_head") -> RAHFConfig:

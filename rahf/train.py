@@ -57,6 +57,7 @@ class TrainConfig:
     heatmap_loss_weight: float | None = None  # override the model config's w_h (None: keep)
     score_loss_weight: float | None = None  # override w_s
     token_loss_weight: float | None = None  # override w_t
+    empty_heatmap_weight: float | None = None  # override the extra weight on empty target maps
     train_split: str = "train"
     dev_split: str = "dev"
 
@@ -252,7 +253,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         model, processor = RAHFModel.from_pretrained(cfg.preset), RAHFProcessor.from_pretrained(cfg.preset)
     else:
         model, processor = build_rahf(cfg.preset, variant=cfg.variant, seed=cfg.seed)
-    for name in ("heatmap_loss_weight", "score_loss_weight", "token_loss_weight"):
+    for name in ("heatmap_loss_weight", "score_loss_weight", "token_loss_weight", "empty_heatmap_weight"):
         if getattr(cfg, name) is not None:
             setattr(model.config, name, float(getattr(cfg, name)))
     train_data = load_split(cfg.data_dir, cfg.train_split, processor)

@@ -324,7 +324,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         train_data = load_split(args.data, "train", processor)
         results["mean predictor"] = evaluate(MeanPredictor().fit(train_data).predict(gt, processor), gt)
         cnn = train_small_cnn(
-            train_data, steps=args.baseline_steps, batch_size=args.baseline_batch_size, lr=args.baseline_lr
+            train_data,
+            steps=args.baseline_steps,
+            batch_size=args.baseline_batch_size,
+            lr=args.baseline_lr,
+            empty_heatmap_weight=args.baseline_empty_heatmap_weight,
         )
         results["small CNN"] = evaluate(predict_small_cnn(cnn, gt, processor), gt)
     if not results:
@@ -488,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("heatmap_loss_weight", float),
         ("score_loss_weight", float),
         ("token_loss_weight", float),
+        ("empty_heatmap_weight", float),
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.set_defaults(func=cmd_train)
@@ -500,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-steps", type=int, default=300)
     p.add_argument("--baseline-batch-size", type=int, default=16)
     p.add_argument("--baseline-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--baseline-empty-heatmap-weight",
+        type=float,
+        default=0.0,
+        help="extra map-loss weight on samples with an empty target, as RAHF's --empty-heatmap-weight",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)

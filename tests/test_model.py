@@ -307,3 +307,43 @@ def test_channel_norm_values_and_gradients_match_the_plain_formula():
     torch.testing.assert_close(fast[0], plain.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast[1], norm.scale.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast[2], x.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_heatmap_loss_weighs_empty_targets():
+    from rahf.model import heatmap_loss
+
+    pred = torch.full((2, 2, 2), 0.5)
+    target = torch.zeros(2, 2, 2)
+    target[0, 0, 0] = 1.0  # sample 0 has a flaw, sample 1 is flawless
+    # per-sample MSE: sample 0 = (0.25 * 3 + 0.25) / 4 = 0.25, sample 1 = 0.25 as well; change sample 1's error
+    pred[1] = 0.1  # sample 1 MSE = 0.01
+    torch.testing.assert_close(heatmap_loss(pred, target), torch.tensor((0.25 + 0.01) / 2))
+    torch.testing.assert_close(heatmap_loss(pred, target), torch.nn.functional.mse_loss(pred, target))
+    # weight 4: sample 1 counts 5 times, normalised by the weight total 6
+    torch.testing.assert_close(heatmap_loss(pred, target, 4.0), torch.tensor((0.25 + 5 * 0.01) / 6))
+    # a batch of only flawless samples: the weights cancel
+    torch.testing.assert_close(heatmap_loss(pred[1:], target[1:], 4.0), torch.tensor(0.01))
+    # the gradient on false heat grows with the weight relative to the gradient on a missed flaw
+    ratios = []
+    for w in (0.0, 4.0):
+        p = pred.clone().requires_grad_(True)
+        heatmap_loss(p, target, w).backward()
+        ratios.append(float(p.grad[1, 0, 0] / -p.grad[0, 0, 0]))
+    assert ratios[1] == pytest.approx(5 * ratios[0])
+
+
+def test_empty_heatmap_weight_reaches_the_loss(tiny_multi, images):
+    model, processor = tiny_multi
+    labels = labels_for(model, processor, PROMPTS[:2], [[1] * 7, [1, 1]])
+    labels.heatmaps = {n: torch.zeros_like(v) for n, v in labels.heatmaps.items()}
+    labels.heatmaps["implausibility"][0, :4, :4] = 1.0
+    pixels, text = model_inputs(model, processor, images[:2], PROMPTS[:2])
+    losses = []
+    for w in (0.0, 9.0):
+        model.config.empty_heatmap_weight = w
+        with torch.no_grad():
+            losses.append(model(pixels, text.input_ids, text.attention_mask, labels=labels).loss_parts)
+    model.config.empty_heatmap_weight = 0.0
+    # misalignment targets are all empty: weights cancel; implausibility has one flawless sample: value moves
+    torch.testing.assert_close(losses[0]["heatmap/misalignment"], losses[1]["heatmap/misalignment"])
+    assert abs(float(losses[0]["heatmap/implausibility"] - losses[1]["heatmap/implausibility"])) > 1e-4

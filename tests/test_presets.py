@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from transformers import T5ForConditionalGeneration, ViTModel
 
 from rahf.presets import PRESETS, build_rahf, preset_config
@@ -56,3 +57,19 @@ def test_richhf_base_hub_ids_fail_clearly_offline():
     """With no hub here the real path fails with the library's own error, not a crash deep inside RAHF."""
     with pytest.raises(OSError):
         build_rahf("richhf-base", pretrained=True)
+
+
+def test_tiny_p4_is_tiny_with_a_finer_token_grid():
+    tiny, p4 = preset_config("rahf-tiny"), preset_config("rahf-tiny-p4")
+    assert (tiny.grid_size, p4.grid_size) == (8, 16)
+    assert p4.text == tiny.text
+    assert {k: v for k, v in p4.vision.items() if k != "patch_size"} == {
+        k: v for k, v in tiny.vision.items() if k != "patch_size"
+    }
+    model, processor = build_rahf("rahf-tiny-p4", seed=0)
+    pixels = processor.preprocess_images([Image.new("RGB", (64, 64), (200, 30, 30))])
+    text = processor.tokenize(["a red circle"])
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, keywords=False)
+    assert out.heatmaps["implausibility"].shape == (1, 64, 64)
+    assert 0.0 < float(out.heatmaps["implausibility"].mean()) < 1.0
