@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,13 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.score_throughput import cpu_facts, publish  # noqa: E402
+from benchmarks.score_throughput import MARKER, cpu_facts, launch_child, publish  # noqa: E402
 
 PER_PROMPT = 8
 BATCH = 16
 RAHF = "rahf-tiny"
 SELECTION = {"thresholds": {"plausibility": 0.0}}
-MARKER = "RESULT_JSON="
 
 
 def peak_rss_mib() -> float:
@@ -150,17 +147,7 @@ def run_child(spec: dict) -> dict:
 
 
 def launch(spec: dict, env_extra: dict[str, str] | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"])}
-    env.update(env_extra or {})
-    for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
-        env.pop(name, None)  # the Prefect child talks to its own temporary server only
-    res = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    for line in res.stdout.splitlines():
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER) :])
-    raise RuntimeError(f"child failed for {spec}:\n{res.stderr[-3000:]}")
+    return launch_child(__file__, spec, env_extra)
 
 
 def measure_loop(args, tmp: Path) -> tuple[list[dict], list[dict]]:

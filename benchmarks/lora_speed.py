@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,11 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.score_throughput import cpu_facts, publish  # noqa: E402
+from benchmarks.score_throughput import MARKER, cpu_facts, launch_child, publish  # noqa: E402
 
 PRESETS = ("amused-tiny", "sd-tiny")
 BATCH, RANK, IMAGES = 4, 4, 8
-MARKER = "RESULT_JSON="
 
 
 def make_folder(folder: Path, n: int) -> str:
@@ -116,14 +113,7 @@ def run_child(spec: dict) -> dict:
 
 
 def launch(spec: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"])}
-    res = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    for line in res.stdout.splitlines():
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER) :])
-    raise RuntimeError(f"child failed for {spec}:\n{res.stderr[-3000:]}")
+    return launch_child(__file__, spec)
 
 
 def main() -> int:

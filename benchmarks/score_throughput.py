@@ -176,15 +176,27 @@ print(json.dumps({{"matmul_gflops": mm, "conv_gflops": cv}}))
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def launch(spec: dict) -> dict:
+def launch_child(script: str, spec: dict, env_extra: dict[str, str] | None = None) -> dict:
+    """Run ``script --child SPEC`` in a fresh process with ``spec["threads"]`` threads; its RESULT_JSON line.
+
+    Every benchmark measures in a child so that thread settings, imports and peak RSS start clean. Prefect
+    variables of the parent are dropped, so a child that uses Prefect talks to its own temporary server only.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"])}
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
+        env.pop(name, None)
+    env.update(env_extra or {})
     res = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env
+        [sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT
     )
     for line in res.stdout.splitlines():
         if line.startswith(MARKER):
             return json.loads(line[len(MARKER) :])
     raise RuntimeError(f"child failed for {spec}:\n{res.stderr[-3000:]}")
+
+
+def launch(spec: dict) -> dict:
+    return launch_child(__file__, spec)
 
 
 def grid(args) -> list[dict]:
