@@ -233,6 +233,10 @@ class RAHFConfig:
                 f"{len(self.heatmap_up_channels)} upsampling stages give x{2 ** len(self.heatmap_up_channels)}, "
                 f"but the heatmap must grow by the patch size {patch} to reach the input resolution"
             )
+        for name in ("heatmap_loss_weight", "score_loss_weight", "token_loss_weight", "empty_heatmap_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.variant == "augmented_prompt":
             missing = [t for t in (*self.heatmap_names, *self.score_names) if t not in self.task_prefixes]
             if missing:
@@ -310,6 +314,8 @@ def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, empty_weight: float =
     heat on flawless images cost more than missed heat elsewhere. The weights are normalised to mean one over
     the batch, so the loss scale does not depend on how many flawless samples a batch happens to hold.
     """
+    if not (math.isfinite(empty_weight) and empty_weight >= 0):
+        raise ValueError(f"empty_weight must be a finite number >= 0, got {empty_weight}")
     per_sample = (pred.float() - target.float()).square().flatten(1).mean(dim=1)
     if empty_weight == 0.0:
         return per_sample.mean()

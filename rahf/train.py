@@ -29,9 +29,11 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from rahf.data.richhf import read_split
-from rahf.model import RAHFLabels, RAHFModel
+from rahf.model import RAHFConfig, RAHFLabels, RAHFModel
 from rahf.presets import build_rahf
 from rahf.processor import RAHFProcessor
+
+LOSS_WEIGHTS = ("heatmap_loss_weight", "score_loss_weight", "token_loss_weight", "empty_heatmap_weight")
 
 
 @dataclass
@@ -253,9 +255,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         model, processor = RAHFModel.from_pretrained(cfg.preset), RAHFProcessor.from_pretrained(cfg.preset)
     else:
         model, processor = build_rahf(cfg.preset, variant=cfg.variant, seed=cfg.seed)
-    for name in ("heatmap_loss_weight", "score_loss_weight", "token_loss_weight", "empty_heatmap_weight"):
-        if getattr(cfg, name) is not None:
-            setattr(model.config, name, float(getattr(cfg, name)))
+    overrides = {n: float(getattr(cfg, n)) for n in LOSS_WEIGHTS if getattr(cfg, n) is not None}
+    RAHFConfig.from_dict({**model.config.to_dict(), **overrides})  # refuses a negative or non-finite weight
+    for name, value in overrides.items():
+        setattr(model.config, name, value)
     train_data = load_split(cfg.data_dir, cfg.train_split, processor)
     dev_data = load_split(cfg.data_dir, cfg.dev_split, processor)
     model.train()

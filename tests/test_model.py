@@ -347,3 +347,12 @@ def test_empty_heatmap_weight_reaches_the_loss(tiny_multi, images):
     # misalignment targets are all empty: weights cancel; implausibility has one flawless sample: value moves
     torch.testing.assert_close(losses[0]["heatmap/misalignment"], losses[1]["heatmap/misalignment"])
     assert abs(float(losses[0]["heatmap/implausibility"] - losses[1]["heatmap/implausibility"])) > 1e-4
+
+
+def test_negative_loss_weights_are_refused():
+    from rahf.model import heatmap_loss
+
+    with pytest.raises(ValueError, match="empty_weight must be a finite number >= 0"):
+        heatmap_loss(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), -0.5)
+    with pytest.raises(ValueError, match="empty_heatmap_weight must be a finite number >= 0, got nan"):
+        RAHFConfig(**{**preset_config("rahf-tiny").to_dict(), "empty_heatmap_weight": float("nan")})

@@ -102,3 +102,12 @@ def test_train_command(data_dir, tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--steps", "1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
     assert (tmp_path / "o" / "checkpoints" / "step-1" / "config.json").is_file()
+
+
+def test_loss_weight_overrides_reach_the_saved_model_and_bad_ones_are_refused(data_dir, tmp_path):
+    train(config(data_dir, tmp_path / "ok", steps=3, empty_heatmap_weight=2.5, heatmap_loss_weight=7.0))
+    saved = json.loads((tmp_path / "ok" / "best" / "config.json").read_text())
+    assert (saved["empty_heatmap_weight"], saved["heatmap_loss_weight"]) == (2.5, 7.0)
+    with pytest.raises(ValueError, match=r"empty_heatmap_weight must be a finite number >= 0, got -1\.0"):
+        train(config(data_dir, tmp_path / "bad", empty_heatmap_weight=-1.0))
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before any step ran
