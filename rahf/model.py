@@ -180,6 +180,9 @@ class HeadRunner:
 # ---------------------------------------------------------------------------------------------------------
 
 
+LOSS_WEIGHTS = ("heatmap_loss_weight", "score_loss_weight", "token_loss_weight", "empty_heatmap_weight")
+
+
 @dataclass
 class RAHFConfig:
     """Every hyperparameter of RAHF. ``vision`` and ``text`` are ViTConfig / T5Config keyword dicts."""
@@ -233,7 +236,7 @@ class RAHFConfig:
                 f"{len(self.heatmap_up_channels)} upsampling stages give x{2 ** len(self.heatmap_up_channels)}, "
                 f"but the heatmap must grow by the patch size {patch} to reach the input resolution"
             )
-        for name in ("heatmap_loss_weight", "score_loss_weight", "token_loss_weight", "empty_heatmap_weight"):
+        for name in LOSS_WEIGHTS:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")

@@ -29,11 +29,9 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from rahf.data.richhf import read_split
-from rahf.model import RAHFConfig, RAHFLabels, RAHFModel
+from rahf.model import LOSS_WEIGHTS, RAHFConfig, RAHFLabels, RAHFModel
 from rahf.presets import build_rahf
 from rahf.processor import RAHFProcessor
-
-LOSS_WEIGHTS = ("heatmap_loss_weight", "score_loss_weight", "token_loss_weight", "empty_heatmap_weight")
 
 
 @dataclass
