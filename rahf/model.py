@@ -13,6 +13,10 @@ The encoded image tokens (CLS dropped) form a (B, D, g, g) grid read by the head
 * keyword sequence: the T5 decoder cross-attends to the encoded *text* tokens and emits the cleaned prompt with
   `_0` appended to each misaligned word.
 
+Optional image–text matching (ITM) loss, off by default (the paper has none): a small MLP on the mean-pooled
+grid tells the batch's own prompts from another sample's prompt, fused with the same image tokens. It gives the
+fusion encoder a dense cross-modal signal from the first step; multi-head variant only.
+
 Two variants: ``multi_head`` (one head per heatmap and per score, one encoder pass) and ``augmented_prompt``
 (one heatmap head, one score head; the prompt is prefixed with a task string and the encoder runs once per
 task, batched; the ViT runs once per image either way).
@@ -180,7 +184,13 @@ class HeadRunner:
 # ---------------------------------------------------------------------------------------------------------
 
 
-LOSS_WEIGHTS = ("heatmap_loss_weight", "score_loss_weight", "token_loss_weight", "empty_heatmap_weight")
+LOSS_WEIGHTS = (
+    "heatmap_loss_weight",
+    "score_loss_weight",
+    "token_loss_weight",
+    "empty_heatmap_weight",
+    "itm_loss_weight",
+)
 
 
 @dataclass
@@ -218,6 +228,9 @@ class RAHFConfig:
     empty_heatmap_weight: float = 0.0  # extra MSE weight on samples whose target map is empty (paper: 0)
     score_loss_weight: float = 1.0  # w_s: per-score MSE
     token_loss_weight: float = 1.0  # w_t: keyword-sequence token cross-entropy (pads ignored)
+    itm_loss_weight: float = 0.0  # image-text matching BCE (paper: none); > 0 adds the ITM head (multi_head only)
+    itm_hidden: int = 64  # hidden width of the ITM head's MLP
+    itm_negatives: int = 0  # images of a batch that also get a shifted-prompt negative (0: all of them)
 
     def __post_init__(self) -> None:
         self.score_names = tuple(self.score_names)
@@ -240,6 +253,10 @@ class RAHFConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.itm_negatives < 0:
+            raise ValueError(f"itm_negatives must be >= 0, got {self.itm_negatives}")
+        if self.itm_loss_weight > 0 and self.variant != "multi_head":
+            raise ValueError("itm_loss_weight > 0 needs the multi_head variant")
         if self.variant == "augmented_prompt":
             missing = [t for t in (*self.heatmap_names, *self.score_names) if t not in self.task_prefixes]
             if missing:
@@ -305,6 +322,8 @@ class RAHFOutput:
     text_states: torch.Tensor | None = None  # (B, T, D) encoded prompt tokens the decoder reads
     text_mask: torch.Tensor | None = None  # (B, T) 1 = real token
     keyword_logits: torch.Tensor | None = None  # (B, L, V) under teacher forcing
+    itm_logits: torch.Tensor | None = None  # (B + n,) matched-prompt logits: B own prompts, then n shifted ones
+    itm_targets: torch.Tensor | None = None  # (B + n,) 1 = the prompt is the image's own (or identical to it)
     loss: torch.Tensor | None = None
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -342,6 +361,9 @@ class RAHFModel(nn.Module):
         else:
             self.heatmap_heads = nn.ModuleDict({"shared": HeatmapHead(config)})
             self.score_heads = nn.ModuleDict({"shared": ScoreHead(config)})
+        if config.itm_loss_weight > 0:  # only then, so checkpoints without ITM keep their exact keys
+            d = config.text["d_model"]
+            self.itm_head = nn.Sequential(nn.Linear(d, config.itm_hidden), nn.ReLU(), nn.Linear(config.itm_hidden, 1))
 
     # -- encoders ------------------------------------------------------------------------------------------
 
@@ -410,7 +432,10 @@ class RAHFModel(nn.Module):
         image_tokens = self.encode_image(pixel_values)
         heads = HeadRunner(channels_last, head_chunk)
         if self.config.variant == "multi_head":
-            out = self._forward_multi_head(image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads)
+            itm = labels is not None and self.config.itm_loss_weight > 0 and input_ids.shape[0] > 1
+            out = self._forward_multi_head(
+                image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads, itm=itm
+            )
         else:
             out = self._forward_augmented(image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads)
         if labels is not None:
@@ -421,16 +446,32 @@ class RAHFModel(nn.Module):
         """Tasks run by the augmented-prompt encoder, in batch order."""
         return [*heatmaps, *scores, *([KEYWORDS_TASK] if keywords else [])]
 
-    def _forward_multi_head(self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads):
+    def _forward_multi_head(self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads, itm):
         if input_ids.dim() != 2:
             raise ValueError(f"multi_head expects input_ids (B, T), got {tuple(input_ids.shape)}")
         grid, text_states = self.fuse(image_tokens, input_ids, attention_mask)
-        return RAHFOutput(
+        out = RAHFOutput(
             heatmaps={n: heads(self.heatmap_heads[n], grid) for n in heatmaps},
             scores={n: heads(self.score_heads[n], grid) for n in scores},
             text_states=text_states if keywords else None,
             text_mask=attention_mask if keywords else None,
         )
+        if itm:
+            self._image_text_matching(out, grid, image_tokens, input_ids, attention_mask)
+        return out
+
+    def _image_text_matching(self, out, grid, image_tokens, input_ids, attention_mask) -> None:
+        """ITM logits for each image with its own prompt and, for the first n images, with the previous sample's
+        prompt (the batch rolled by one). A rolled pairing is a negative unless both prompts are the same tokens.
+        """
+        b = input_ids.shape[0]
+        n = min(b, self.config.itm_negatives or b)  # the first n images get a negative (fewer: a cheaper step)
+        shift = torch.roll(torch.arange(b, device=input_ids.device), 1)[:n]
+        neg_grid, _ = self.fuse(image_tokens[:n], input_ids[shift], attention_mask[shift])
+        pooled = torch.cat([grid.mean(dim=(2, 3)), neg_grid.mean(dim=(2, 3))])
+        out.itm_logits = self.itm_head(pooled).squeeze(1)
+        same = (input_ids[shift] == input_ids[:n]).all(dim=1) & (attention_mask[shift] == attention_mask[:n]).all(dim=1)
+        out.itm_targets = torch.cat([torch.ones(b, device=same.device), same.float()])
 
     def _forward_augmented(self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads):
         tasks = self.task_order(heatmaps, scores, keywords)
@@ -516,6 +557,9 @@ class RAHFModel(nn.Module):
                 logits.float().flatten(0, 1), labels.keyword_ids.flatten(), ignore_index=-100
             )
             total = total + cfg.token_loss_weight * parts["tokens"]
+        if out.itm_logits is not None:
+            parts["itm"] = F.binary_cross_entropy_with_logits(out.itm_logits.float(), out.itm_targets)
+            total = total + cfg.itm_loss_weight * parts["itm"]
         out.loss = total
         out.loss_parts = parts
 

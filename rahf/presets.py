@@ -124,12 +124,13 @@ PRESETS["rahf-tiny-p4"] = Preset(
 )
 
 
-def preset_config(name: str, variant: str = "multi_head") -> RAHFConfig:
-    """The RAHFConfig of a preset."""
+def preset_config(name: str, variant: str = "multi_head", overrides: dict[str, Any] | None = None) -> RAHFConfig:
+    """The RAHFConfig of a preset, with ``overrides`` of RAHFConfig fields (loss weights, say) applied."""
     if name not in PRESETS:
         raise KeyError(f"unknown RAHF preset {name!r}; known: {sorted(PRESETS)}")
     p = PRESETS[name]
-    return RAHFConfig(vision=dict(p.vision), text=dict(p.text), variant=variant, **p.heads)
+    fields = {"vision": dict(p.vision), "text": dict(p.text), "variant": variant, **p.heads, **(overrides or {})}
+    return RAHFConfig.from_dict(fields)
 
 
 def build_rahf(
@@ -140,6 +141,7 @@ def build_rahf(
     seed: int = 0,
     vision_source: str | Path | None = None,
     text_source: str | Path | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> tuple[RAHFModel, RAHFProcessor]:
     """Build a preset: random init from ``seed``; with ``pretrained`` the backbones load real weights.
 
@@ -149,8 +151,9 @@ def build_rahf(
         pretrained: load ViT and T5 weights (and the T5 tokenizer) from ``vision_source`` / ``text_source``,
             which default to the preset's hub ids; the heads stay at random init.
         seed: seeds the random init (same seed -> identical weights).
+        config_overrides: RAHFConfig fields to set before the model is built (e.g. ``itm_loss_weight``).
     """
-    config = preset_config(name, variant)
+    config = preset_config(name, variant, config_overrides)
     preset = PRESETS[name]
     vision_source = vision_source or preset.vision_id
     text_source = text_source or preset.text_id

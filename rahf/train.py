@@ -54,10 +54,13 @@ class TrainConfig:
     eval_every: int = 100
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
+    channels_last: bool = False  # run the convolutional heads channels-last (faster on CPU; same maths)
     heatmap_loss_weight: float | None = None  # override the model config's w_h (None: keep)
     score_loss_weight: float | None = None  # override w_s
     token_loss_weight: float | None = None  # override w_t
     empty_heatmap_weight: float | None = None  # override the extra weight on empty target maps
+    itm_loss_weight: float | None = None  # override the image-text matching loss weight (> 0 adds its head)
+    itm_negatives: int | None = None  # override how many images per batch get an ITM negative (0: all)
     train_split: str = "train"
     dev_split: str = "dev"
 
@@ -249,14 +252,18 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+    overrides: dict[str, Any] = {n: float(getattr(cfg, n)) for n in LOSS_WEIGHTS if getattr(cfg, n) is not None}
+    if cfg.itm_negatives is not None:
+        overrides["itm_negatives"] = int(cfg.itm_negatives)
     if Path(cfg.preset).is_dir():
         model, processor = RAHFModel.from_pretrained(cfg.preset), RAHFProcessor.from_pretrained(cfg.preset)
-    else:
-        model, processor = build_rahf(cfg.preset, variant=cfg.variant, seed=cfg.seed)
-    overrides = {n: float(getattr(cfg, n)) for n in LOSS_WEIGHTS if getattr(cfg, n) is not None}
-    RAHFConfig.from_dict({**model.config.to_dict(), **overrides})  # refuses a negative or non-finite weight
-    for name, value in overrides.items():
-        setattr(model.config, name, value)
+        RAHFConfig.from_dict({**model.config.to_dict(), **overrides})  # refuses a negative or non-finite weight
+        if overrides.get("itm_loss_weight", 0.0) > 0 and not hasattr(model, "itm_head"):
+            raise ValueError(f"{cfg.preset} was saved without an ITM head; itm_loss_weight must stay 0 for it")
+        for name, value in overrides.items():
+            setattr(model.config, name, value)
+    else:  # the overrides are part of the config the model is built from (the ITM head exists only if w > 0)
+        model, processor = build_rahf(cfg.preset, variant=cfg.variant, seed=cfg.seed, config_overrides=overrides)
     train_data = load_split(cfg.data_dir, cfg.train_split, processor)
     dev_data = load_split(cfg.data_dir, cfg.dev_split, processor)
     model.train()
@@ -281,7 +288,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
                 index = micro_batch_index(step * cfg.grad_accum + micro, len(train_data), cfg.batch_size, cfg.seed)
                 px, ids, mask, labels = batch_inputs(raw, processor, train_data, index)
                 with accelerator.accumulate(model), accelerator.autocast():
-                    outputs = model(px.to(device), ids.to(device), mask.to(device), labels=_to(labels, device))
+                    outputs = model(
+                        px.to(device),
+                        ids.to(device),
+                        mask.to(device),
+                        labels=_to(labels, device),
+                        channels_last=cfg.channels_last,
+                    )
                     accelerator.backward(outputs.loss)
                     optimizer.step()
                     optimizer.zero_grad()

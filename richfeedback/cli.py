@@ -493,8 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("score_loss_weight", float),
         ("token_loss_weight", float),
         ("empty_heatmap_weight", float),
+        ("itm_loss_weight", float),
+        ("itm_negatives", int),
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    p.add_argument(
+        "--channels-last", dest="channels_last", action="store_true", default=None, help="channels-last heads"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="the paper's Tables 1-4 for models and baselines on a split")

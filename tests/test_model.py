@@ -356,3 +356,58 @@ def test_negative_loss_weights_are_refused():
         heatmap_loss(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), -0.5)
     with pytest.raises(ValueError, match="empty_heatmap_weight must be a finite number >= 0, got nan"):
         RAHFConfig(**{**preset_config("rahf-tiny").to_dict(), "empty_heatmap_weight": float("nan")})
+
+
+def test_itm_head_exists_only_when_weighted_and_leaves_other_weights_alone():
+    plain, _ = build_rahf("rahf-tiny", seed=0)
+    itm, _ = build_rahf("rahf-tiny", seed=0, config_overrides={"itm_loss_weight": 0.5})
+    a, b = plain.state_dict(), itm.state_dict()
+    assert {k.split(".")[0] for k in set(b) - set(a)} == {"itm_head"} and not set(a) - set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same backbone and heads: ITM is built last
+    with pytest.raises(ValueError, match="itm_loss_weight > 0 needs the multi_head variant"):
+        preset_config("rahf-tiny", "augmented_prompt", {"itm_loss_weight": 1.0})
+    with pytest.raises(ValueError, match="itm_loss_weight must be a finite number >= 0"):
+        preset_config("rahf-tiny", overrides={"itm_loss_weight": -1.0})
+
+
+def test_itm_pairs_targets_and_loss(images):
+    """Image i is paired with its own prompt (target 1) and with prompt i - 1 (target 1 only if identical)."""
+    import torch.nn.functional as F
+
+    model, processor = build_rahf("rahf-tiny", seed=0, config_overrides={"itm_loss_weight": 2.0})
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1]]
+    labels = labels_for(model, processor, prompts, [[1] * 7, [1] * 7, [1, 1]])
+    pixels, text = model_inputs(model, processor, images, prompts)
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+        bare = model(pixels, text.input_ids, text.attention_mask)
+    assert bare.itm_logits is None and "itm" not in bare.loss_parts  # no labels: no ITM work at inference
+    assert out.itm_targets.tolist() == [1, 1, 1, 0, 1, 0]
+    want = F.binary_cross_entropy_with_logits(out.itm_logits, out.itm_targets)
+    torch.testing.assert_close(out.loss_parts["itm"], want)
+    others = sum(v for k, v in out.loss_parts.items() if k != "itm")  # all other weights are 1.0 in the preset
+    torch.testing.assert_close(out.loss, others + 2.0 * want)
+    # the negatives really are the shifted prompts: the ITM logit of (image 1, prompt 0) equals (image 1, own)
+    assert out.itm_logits[4] == pytest.approx(float(out.itm_logits[1]), abs=1e-5)
+    assert abs(float(out.itm_logits[3] - out.itm_logits[0])) > 1e-6
+
+
+def test_itm_model_round_trips(tmp_path):
+    model, _ = build_rahf("rahf-tiny", seed=3, config_overrides={"itm_loss_weight": 1.0})
+    model.save_pretrained(tmp_path / "m")
+    loaded = RAHFModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.itm_loss_weight == 1.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_itm_negatives_limits_the_shifted_pairs(images):
+    model, processor = build_rahf("rahf-tiny", seed=0, config_overrides={"itm_loss_weight": 1.0, "itm_negatives": 1})
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1]]
+    labels = labels_for(model, processor, prompts, [[1] * 7, [1] * 7, [1, 1]])
+    pixels, text = model_inputs(model, processor, images, prompts)
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+    assert out.itm_targets.tolist() == [1, 1, 1, 0]  # image 0 with prompt 2 only
+    with pytest.raises(ValueError, match="itm_negatives must be >= 0"):
+        preset_config("rahf-tiny", overrides={"itm_negatives": -1})

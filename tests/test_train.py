@@ -111,3 +111,23 @@ def test_loss_weight_overrides_reach_the_saved_model_and_bad_ones_are_refused(da
     with pytest.raises(ValueError, match=r"empty_heatmap_weight must be a finite number >= 0, got -1\.0"):
         train(config(data_dir, tmp_path / "bad", empty_heatmap_weight=-1.0))
     assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before any step ran
+
+
+def test_itm_override_builds_the_head_and_a_saved_model_without_one_refuses_it(data_dir, tmp_path):
+    train(config(data_dir, tmp_path / "itm", steps=2, itm_loss_weight=0.5))
+    saved = json.loads((tmp_path / "itm" / "best" / "config.json").read_text())
+    assert saved["itm_loss_weight"] == 0.5
+    assert any(line.get("itm", 0) > 0 for line in map(json.loads, (tmp_path / "itm" / "log.jsonl").open()))
+    train(config(data_dir, tmp_path / "plain", steps=1))
+    with pytest.raises(ValueError, match="saved without an ITM head"):
+        train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "plain" / "best"), itm_loss_weight=1.0))
+
+
+def test_channels_last_training_matches_the_default_layout(data_dir, tmp_path):
+    train(config(data_dir, tmp_path / "a", steps=2, checkpoint_every=2, eval_every=2))
+    train(config(data_dir, tmp_path / "b", steps=2, checkpoint_every=2, eval_every=2, channels_last=True))
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step-2" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step-2" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3, msg=k)
