@@ -463,6 +463,7 @@ class RAHFModel(nn.Module):
     def _image_text_matching(self, out, grid, image_tokens, input_ids, attention_mask) -> None:
         """ITM logits for each image with its own prompt and, for the first n images, with the previous sample's
         prompt (the batch rolled by one). A rolled pairing is a negative unless both prompts are the same tokens.
+        A batch of one image has no other prompt, so it gets no ITM loss.
         """
         b = input_ids.shape[0]
         n = min(b, self.config.itm_negatives or b)  # the first n images get a negative (fewer: a cheaper step)

@@ -257,11 +257,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         overrides["itm_negatives"] = int(cfg.itm_negatives)
     if Path(cfg.preset).is_dir():
         model, processor = RAHFModel.from_pretrained(cfg.preset), RAHFProcessor.from_pretrained(cfg.preset)
-        RAHFConfig.from_dict({**model.config.to_dict(), **overrides})  # refuses a negative or non-finite weight
         if overrides.get("itm_loss_weight", 0.0) > 0 and not hasattr(model, "itm_head"):
             raise ValueError(f"{cfg.preset} was saved without an ITM head; itm_loss_weight must stay 0 for it")
-        for name, value in overrides.items():
-            setattr(model.config, name, value)
+        # The config is rebuilt, not patched, so its checks (finite weights >= 0, ...) apply to the overrides.
+        model.config = RAHFConfig.from_dict({**model.config.to_dict(), **overrides})
     else:  # the overrides are part of the config the model is built from (the ITM head exists only if w > 0)
         model, processor = build_rahf(cfg.preset, variant=cfg.variant, seed=cfg.seed, config_overrides=overrides)
     train_data = load_split(cfg.data_dir, cfg.train_split, processor)

@@ -409,5 +409,9 @@ def test_itm_negatives_limits_the_shifted_pairs(images):
     with torch.no_grad():
         out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
     assert out.itm_targets.tolist() == [1, 1, 1, 0]  # image 0 with prompt 2 only
+    one = labels_for(model, processor, prompts[:1], [[1] * 7])
+    with torch.no_grad():
+        single = model(pixels[:1], text.input_ids[:1], text.attention_mask[:1], labels=one)
+    assert single.itm_logits is None and "itm" not in single.loss_parts  # no other prompt to pair with
     with pytest.raises(ValueError, match="itm_negatives must be >= 0"):
         preset_config("rahf-tiny", overrides={"itm_negatives": -1})

@@ -121,11 +121,26 @@ def test_itm_override_builds_the_head_and_a_saved_model_without_one_refuses_it(d
     train(config(data_dir, tmp_path / "plain", steps=1))
     with pytest.raises(ValueError, match="saved without an ITM head"):
         train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "plain" / "best"), itm_loss_weight=1.0))
+    with pytest.raises(ValueError, match="itm_negatives must be >= 0, got -2"):  # a saved model's overrides are checked
+        train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "plain" / "best"), itm_negatives=-2))
+    resumed = config(data_dir, tmp_path / "again", preset=str(tmp_path / "plain" / "best"), steps=1, itm_negatives=3)
+    train(resumed)
+    assert json.loads((tmp_path / "again" / "best" / "config.json").read_text())["itm_negatives"] == 3
 
 
-def test_channels_last_training_matches_the_default_layout(data_dir, tmp_path):
+def test_channels_last_training_matches_the_default_layout(data_dir, tmp_path, monkeypatch):
+    from rahf.model import HeadRunner
+
+    seen: list[bool] = []
+    call = HeadRunner.__call__
+    monkeypatch.setattr(
+        HeadRunner, "__call__", lambda self, head, grid: seen.append(self.channels_last) or call(self, head, grid)
+    )
     train(config(data_dir, tmp_path / "a", steps=2, checkpoint_every=2, eval_every=2))
+    assert seen and not any(seen)
+    seen.clear()
     train(config(data_dir, tmp_path / "b", steps=2, checkpoint_every=2, eval_every=2, channels_last=True))
+    assert True in seen  # the training steps ran the heads channels-last (dev loss keeps the default layout)
     a = load_file(str(tmp_path / "a" / "checkpoints" / "step-2" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoints" / "step-2" / "model.safetensors"))
     assert a.keys() == b.keys()
