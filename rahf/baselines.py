@@ -76,9 +76,16 @@ class SmallCNN(nn.Module):
 
 
 def train_small_cnn(
-    data: SplitData, *, steps: int, batch_size: int, lr: float, seed: int = 0, empty_heatmap_weight: float = 0.0
+    data: SplitData,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    empty_heatmap_weight: float = 0.0,
+    heatmap_loss_kind: str = "mse",
 ) -> SmallCNN:
-    """Train on pixel MSE (maps, with RAHF's optional extra weight on empty targets) + MSE (scores), with AdamW."""
+    """Train with AdamW on MSE (scores) + RAHF's map loss (``heatmap_loss``: kind, extra weight on empty maps)."""
     torch.manual_seed(seed)
     model = SmallCNN()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -90,7 +97,8 @@ def train_small_cnn(
         scores, maps = model(data.pixels[index])
         target_maps = targets_m[index]
         loss = F.mse_loss(scores, targets_s[index]) * len(SCORE_NAMES) + sum(
-            heatmap_loss(maps[:, i], target_maps[:, i], empty_heatmap_weight) for i in range(len(HEATMAP_NAMES))
+            heatmap_loss(maps[:, i], target_maps[:, i], empty_heatmap_weight, heatmap_loss_kind)
+            for i in range(len(HEATMAP_NAMES))
         )
         opt.zero_grad()
         loss.backward()

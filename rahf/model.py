@@ -191,6 +191,7 @@ LOSS_WEIGHTS = (
     "empty_heatmap_weight",
     "itm_loss_weight",
 )
+HEATMAP_LOSSES = ("mse", "bce")  # per-pixel map losses (see heatmap_loss)
 
 
 @dataclass
@@ -224,8 +225,10 @@ class RAHFConfig:
     max_text_tokens: int = 128  # prompt tokens kept (longer prompts are truncated, and reported)
     max_keyword_tokens: int = 160  # upper bound on generated keyword-sequence tokens
     misaligned_suffix: str = "_0"  # appended to each misaligned word in the keyword sequence
-    heatmap_loss_weight: float = 1.0  # w_h: per-heatmap pixel MSE
-    empty_heatmap_weight: float = 0.0  # extra MSE weight on samples whose target map is empty (paper: 0)
+    heatmap_loss_weight: float = 1.0  # w_h: per-heatmap pixel loss (see heatmap_loss)
+    empty_heatmap_weight: float = 0.0  # extra map-loss weight on samples whose target map is empty (paper: 0)
+    heatmap_loss: str = "mse"  # per-pixel map loss: "mse" (paper) | "bce" (soft-target cross-entropy)
+    heatmap_weights: dict[str, float] = field(default_factory=dict)  # per-map factor on w_h (missing: 1; paper: 1)
     score_loss_weight: float = 1.0  # w_s: per-score MSE
     token_loss_weight: float = 1.0  # w_t: keyword-sequence token cross-entropy (pads ignored)
     itm_loss_weight: float = 0.0  # image-text matching BCE (paper: none); > 0 adds the ITM head (multi_head only)
@@ -253,6 +256,14 @@ class RAHFConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        self.heatmap_weights = {str(k): float(v) for k, v in dict(self.heatmap_weights).items()}
+        for name, value in self.heatmap_weights.items():
+            if name not in self.heatmap_names:
+                raise ValueError(f"heatmap_weights names {name!r}, which is not a heatmap of {self.heatmap_names}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"heatmap_weights[{name!r}] must be a finite number >= 0, got {value}")
+        if self.heatmap_loss not in HEATMAP_LOSSES:
+            raise ValueError(f"heatmap_loss must be one of {HEATMAP_LOSSES}, got {self.heatmap_loss!r}")
         if self.itm_negatives < 0:
             raise ValueError(f"itm_negatives must be >= 0, got {self.itm_negatives}")
         if self.itm_loss_weight > 0 and self.variant != "multi_head":
@@ -328,20 +339,37 @@ class RAHFOutput:
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, empty_weight: float = 0.0) -> torch.Tensor:
-    """Pixel MSE of (B, H, W) maps, each sample's error weighted 1 + ``empty_weight`` if its target is all zero.
+def heatmap_loss(
+    pred: torch.Tensor, target: torch.Tensor, empty_weight: float = 0.0, kind: str = "mse"
+) -> torch.Tensor:
+    """Per-pixel loss of (B, H, W) maps in [0, 1], each sample weighted 1 + ``empty_weight`` if its target is empty.
 
-    The paper trains on plain MSE (``empty_weight = 0``). Under it a model unsure whether an image has a flaw
-    paints faint heat on flawless images, which the "MSE on GT = 0" metric charges; the extra weight makes false
-    heat on flawless images cost more than missed heat elsewhere. The weights are normalised to mean one over
-    the batch, so the loss scale does not depend on how many flawless samples a batch happens to hold.
+    ``kind="mse"`` is the paper's pixel MSE. ``kind="bce"`` is binary cross-entropy against the soft target minus
+    the target's own entropy (so a perfect map scores 0). Both are minimised by the same map, the per-pixel
+    expected target; they differ in the gradient they give the sigmoid's logit, ``2 (p - y) p (1 - p)`` for MSE and
+    ``p - y`` for BCE. Under MSE a pixel whose prediction is already near 0 barely moves, so faint heat stays
+    unordered; BCE keeps ranking the low end, which is what CC, NSS and AUC-Judd read.
+
+    ``empty_weight``: the paper uses 0. Under it a model unsure whether an image has a flaw paints faint heat on
+    flawless images, which the "MSE on GT = 0" metric charges; the extra weight makes false heat on flawless
+    images cost more than missed heat elsewhere. The weights are normalised to mean one over the batch, so the
+    loss scale does not depend on how many flawless samples a batch happens to hold.
     """
     if not (math.isfinite(empty_weight) and empty_weight >= 0):
         raise ValueError(f"empty_weight must be a finite number >= 0, got {empty_weight}")
-    per_sample = (pred.float() - target.float()).square().flatten(1).mean(dim=1)
+    if kind not in HEATMAP_LOSSES:
+        raise ValueError(f"heatmap loss must be one of {HEATMAP_LOSSES}, got {kind!r}")
+    p, y = pred.float(), target.float()
+    if kind == "mse":
+        per_pixel = (p - y).square()
+    else:
+        # Written out rather than F.binary_cross_entropy, which autocast refuses; clamped so log() stays finite.
+        p = p.clamp(1e-6, 1.0 - 1e-6)
+        per_pixel = -(y * p.log() + (1.0 - y) * (1.0 - p).log()) + (torch.xlogy(y, y) + torch.xlogy(1.0 - y, 1.0 - y))
+    per_sample = per_pixel.flatten(1).mean(dim=1)
     if empty_weight == 0.0:
         return per_sample.mean()
-    empty = target.flatten(1).amax(dim=1) <= 0
+    empty = y.flatten(1).amax(dim=1) <= 0
     weights = 1.0 + empty_weight * empty.float()
     return (weights * per_sample).sum() / weights.sum()
 
@@ -537,13 +565,19 @@ class RAHFModel(nn.Module):
         for name, target in labels.heatmaps.items():
             if name not in out.heatmaps:
                 raise ValueError(f"heatmap target {name!r} given but the heatmap was not computed")
-            parts[f"heatmap/{name}"] = heatmap_loss(out.heatmaps[name], target, cfg.empty_heatmap_weight)
+            parts[f"heatmap/{name}"] = heatmap_loss(
+                out.heatmaps[name], target, cfg.empty_heatmap_weight, cfg.heatmap_loss
+            )
         for name, target in labels.scores.items():
             if name not in out.scores:
                 raise ValueError(f"score target {name!r} given but the score was not computed")
             parts[f"score/{name}"] = F.mse_loss(out.scores[name].float(), target.float())
         total = sum(
-            (cfg.heatmap_loss_weight * v for k, v in parts.items() if k.startswith("heatmap/")),
+            (
+                cfg.heatmap_loss_weight * cfg.heatmap_weights.get(k.removeprefix("heatmap/"), 1.0) * v
+                for k, v in parts.items()
+                if k.startswith("heatmap/")
+            ),
             torch.zeros((), device=next(self.parameters()).device),
         )
         total = total + sum(

@@ -60,6 +60,8 @@ class TrainConfig:
     token_loss_weight: float | None = None  # override w_t
     empty_heatmap_weight: float | None = None  # override the extra weight on empty target maps
     itm_loss_weight: float | None = None  # override the image-text matching loss weight (> 0 adds its head)
+    heatmap_loss: str | None = None  # override the per-pixel map loss: "mse" | "bce"
+    heatmap_weights: dict[str, float] | None = None  # override the per-map factors on the heatmap loss weight
     itm_negatives: int | None = None  # override how many images per batch get an ITM negative (0: all)
     train_split: str = "train"
     dev_split: str = "dev"
@@ -255,6 +257,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     overrides: dict[str, Any] = {n: float(getattr(cfg, n)) for n in LOSS_WEIGHTS if getattr(cfg, n) is not None}
     if cfg.itm_negatives is not None:
         overrides["itm_negatives"] = int(cfg.itm_negatives)
+    if cfg.heatmap_loss is not None:
+        overrides["heatmap_loss"] = str(cfg.heatmap_loss)
+    if cfg.heatmap_weights is not None:
+        overrides["heatmap_weights"] = dict(cfg.heatmap_weights)
     if Path(cfg.preset).is_dir():
         model, processor = RAHFModel.from_pretrained(cfg.preset), RAHFProcessor.from_pretrained(cfg.preset)
         if overrides.get("itm_loss_weight", 0.0) > 0 and not hasattr(model, "itm_head"):

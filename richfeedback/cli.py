@@ -288,6 +288,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rahf.train import TrainConfig, train
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if args.heatmap_weight_specs:
+        weights = {}
+        for spec in args.heatmap_weight_specs:
+            name, sep, value = spec.partition("=")
+            try:
+                weights[name] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not name:
+                print(f"error: --heatmap-weight wants MAP=FACTOR, got {spec!r}", file=sys.stderr)
+                return 2
+        flags["heatmap_weights"] = weights
     if args.config:
         cfg = TrainConfig.from_json(args.config, **flags)
     else:
@@ -329,6 +341,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             batch_size=args.baseline_batch_size,
             lr=args.baseline_lr,
             empty_heatmap_weight=args.baseline_empty_heatmap_weight,
+            heatmap_loss_kind=args.baseline_heatmap_loss,
         )
         results["small CNN"] = evaluate(predict_small_cnn(cnn, gt, processor), gt)
     if not results:
@@ -495,10 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("empty_heatmap_weight", float),
         ("itm_loss_weight", float),
         ("itm_negatives", int),
+        ("heatmap_loss", str),
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.add_argument(
         "--channels-last", dest="channels_last", action="store_true", default=None, help="channels-last heads"
+    )
+    p.add_argument(
+        "--heatmap-weight",
+        dest="heatmap_weight_specs",
+        action="append",
+        metavar="MAP=FACTOR",
+        help="a per-map factor on --heatmap-loss-weight, e.g. misalignment=2 (repeatable; others stay 1)",
     )
     p.set_defaults(func=cmd_train)
 
@@ -515,6 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="extra map-loss weight on samples with an empty target, as RAHF's --empty-heatmap-weight",
+    )
+    p.add_argument(
+        "--baseline-heatmap-loss",
+        choices=("mse", "bce"),
+        default="mse",
+        help="the small CNN's per-pixel map loss, as RAHF's --heatmap-loss",
     )
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -330,6 +332,70 @@ def test_heatmap_loss_weighs_empty_targets():
         heatmap_loss(p, target, w).backward()
         ratios.append(float(p.grad[1, 0, 0] / -p.grad[0, 0, 0]))
     assert ratios[1] == pytest.approx(5 * ratios[0])
+
+
+def test_bce_heatmap_loss_by_hand():
+    from rahf.model import heatmap_loss
+
+    # one pixel per sample: target 0.25, prediction 0.5; and a flawless sample predicting 0.1
+    pred, target = torch.tensor([[[0.5]], [[0.1]]]), torch.tensor([[[0.25]], [[0.0]]])
+    ce0 = -(0.25 * math.log(0.5) + 0.75 * math.log(0.5))
+    h0 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # the target's own entropy is taken off
+    ce1 = -math.log(0.9)
+    torch.testing.assert_close(heatmap_loss(pred, target, kind="bce"), torch.tensor((ce0 - h0 + ce1) / 2))
+    torch.testing.assert_close(heatmap_loss(pred, target, 4.0, "bce"), torch.tensor((ce0 - h0 + 5 * ce1) / 6))
+    # a perfect soft map scores 0 (up to the clamp), also at exact 0 and 1
+    y = torch.tensor([[[0.0, 0.3], [0.7, 1.0]]])
+    assert float(heatmap_loss(y.clone(), y, kind="bce")) < 1e-5
+    # through the sigmoid the logit's gradient is (p - y) / pixels, where MSE gives 2 (p - y) p (1 - p) / pixels
+    for kind, expected in (("bce", lambda p: p - y), ("mse", lambda p: 2 * (p - y) * p * (1 - p))):
+        logit = torch.tensor([[[-4.0, 0.0], [1.0, 3.0]]], requires_grad=True)
+        heatmap_loss(torch.sigmoid(logit), y, kind=kind).backward()
+        torch.testing.assert_close(logit.grad * 4, expected(torch.sigmoid(logit.detach())))
+    with pytest.raises(ValueError, match="heatmap loss must be one of"):
+        heatmap_loss(pred, target, kind="l1")
+    with pytest.raises(ValueError, match="heatmap_loss must be one of"):
+        RAHFConfig(**{**preset_config("rahf-tiny").to_dict(), "heatmap_loss": "l1"})
+
+
+def test_heatmap_loss_kind_reaches_the_model_loss(tiny_multi, images):
+    model, processor = tiny_multi
+    labels = labels_for(model, processor, PROMPTS[:2], [[1] * 7, [1, 1]])
+    pixels, text = model_inputs(model, processor, images[:2], PROMPTS[:2])
+    parts = {}
+    for kind in ("mse", "bce"):
+        model.config.heatmap_loss = kind
+        with torch.no_grad():
+            out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+        parts[kind] = out.loss_parts["heatmap/implausibility"]
+    model.config.heatmap_loss = "mse"
+    from rahf.model import heatmap_loss
+
+    target = labels.heatmaps["implausibility"]
+    torch.testing.assert_close(parts["bce"], heatmap_loss(out.heatmaps["implausibility"], target, kind="bce"))
+    torch.testing.assert_close(parts["mse"], heatmap_loss(out.heatmaps["implausibility"], target))
+    assert float(parts["bce"]) > float(parts["mse"]) > 0
+
+
+def test_per_map_heatmap_weights_scale_only_their_map(tiny_multi, images):
+    model, processor = tiny_multi
+    labels = labels_for(model, processor, PROMPTS[:2], [[1] * 7, [1, 1]])
+    pixels, text = model_inputs(model, processor, images[:2], PROMPTS[:2])
+    totals = {}
+    for weights in ({}, {"misalignment": 3.0}):
+        model.config.heatmap_weights = weights
+        with torch.no_grad():
+            out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+        totals[len(weights)] = (out.loss, out.loss_parts)
+    model.config.heatmap_weights = {}
+    (plain, parts), (weighted, parts_w) = totals[0], totals[1]
+    assert all(torch.equal(parts[k], parts_w[k]) for k in parts)  # the parts are reported unweighted
+    extra = 2.0 * model.config.heatmap_loss_weight * parts["heatmap/misalignment"]
+    torch.testing.assert_close(weighted, plain + extra)
+    with pytest.raises(ValueError, match="heatmap_weights names 'shadows'"):
+        preset_config("rahf-tiny", overrides={"heatmap_weights": {"shadows": 1.0}})
+    with pytest.raises(ValueError, match=r"heatmap_weights\['misalignment'\] must be a finite number >= 0"):
+        preset_config("rahf-tiny", overrides={"heatmap_weights": {"misalignment": -1.0}})
 
 
 def test_empty_heatmap_weight_reaches_the_loss(tiny_multi, images):

@@ -102,6 +102,15 @@ def test_train_command(data_dir, tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--steps", "1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
     assert (tmp_path / "o" / "checkpoints" / "step-1" / "config.json").is_file()
+    # the map-loss flags reach the saved model; a malformed per-map factor is refused before training
+    flags = ["--heatmap-loss", "bce", "--heatmap-weight", "misalignment=2.5", "--out-dir", str(tmp_path / "w")]
+    assert main(["train", "--config", str(cfg), "--steps", "1", *flags]) == 0
+    saved = json.loads((tmp_path / "w" / "best" / "config.json").read_text())
+    assert (saved["heatmap_loss"], saved["heatmap_weights"]) == ("bce", {"misalignment": 2.5})
+    for bad in ("misalignment", "misalignment=x", "=2"):
+        assert main(["train", "--config", str(cfg), "--heatmap-weight", bad, "--out-dir", str(tmp_path / "x")]) == 2
+        assert "--heatmap-weight wants MAP=FACTOR" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_loss_weight_overrides_reach_the_saved_model_and_bad_ones_are_refused(data_dir, tmp_path):
