@@ -1,9 +1,10 @@
-"""Trained checkpoints that can be made offline: ``rahf-tiny`` trained on the synthetic rich-feedback benchmark.
+"""Trained checkpoints that can be made offline: ``rahf-tiny-p4`` trained on the synthetic rich-feedback benchmark.
 
 The embedded default of the feedback loop (DESIGN §7) scores with this model. It is trained on first use from a
-fixed recipe (data size, steps, learning rate, loss weights: :data:`SYNTHETIC_RECIPE`, the run of
-docs/results.md) and cached under ``$RICHFEEDBACK_CACHE`` (default ``~/.cache/richfeedback``) in a folder named
-after the recipe's hash; it is never committed as a binary. A killed first training resumes from its checkpoint.
+fixed recipe (data size, steps, learning rate, loss settings: :data:`SYNTHETIC_RECIPE`, run N of docs/results.md
+round 5, the run that meets the benchmark's bar) and cached under ``$RICHFEEDBACK_CACHE`` (default
+``~/.cache/richfeedback``) in a folder named after the recipe's hash; it is never committed as a binary. A killed
+first training resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -17,19 +18,24 @@ from pathlib import Path
 from typing import Any
 
 SYNTHETIC_RECIPE: dict[str, Any] = {
-    "data": {"train": 2000, "dev": 200, "size": 64, "seed": 0},
+    "data": {"train": 4000, "dev": 200, "size": 64, "seed": 0},
     "train": {
-        "preset": "rahf-tiny",
+        "preset": "rahf-tiny-p4",
         "variant": "multi_head",
-        "steps": 500,
+        "steps": 810,
         "batch_size": 16,
         "lr": 1e-3,
         "warmup_steps": 30,
-        "checkpoint_every": 100,
-        "eval_every": 100,
+        "checkpoint_every": 405,
+        "eval_every": 270,
         "log_every": 50,
-        "heatmap_loss_weight": 20.0,
+        "channels_last": True,
+        "heatmap_loss": "bce",
+        "heatmap_loss_weight": 10.0,
+        "heatmap_weights": {"misalignment": 3.0},
+        "empty_heatmap_weight": 5.0,
         "score_loss_weight": 10.0,
+        "itm_loss_weight": 1.0,
         "seed": 0,
     },
 }
@@ -46,7 +52,8 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
 def ensure_synthetic_rahf(
     cache: str | Path | None = None, recipe: dict[str, Any] | None = None, log: Callable[[str], None] = print
 ) -> Path:
-    """The folder of ``rahf-tiny`` trained on the synthetic benchmark; trains it (a few CPU minutes) if absent."""
+    """The folder of ``rahf-tiny-p4`` trained on the synthetic benchmark; trains it if absent (once: ~14 minutes
+    on a 2-core CPU, the bar's run of docs/results.md)."""
     recipe = recipe or SYNTHETIC_RECIPE
     root = Path(cache) if cache is not None else cache_root()
     target = root / f"rahf-tiny-synthetic-{recipe_hash(recipe)}"
@@ -62,7 +69,7 @@ def ensure_synthetic_rahf(
         for split in ("train", "dev"):
             write_split(data, split, d[split], size=d["size"], seed=d["seed"])
     run = root / f"runs/rahf-tiny-synthetic-{recipe_hash(recipe)}"
-    log(f"training rahf-tiny on it ({recipe['train']['steps']} steps; once, then cached in {target})")
+    log(f"training {recipe['train']['preset']} on it ({recipe['train']['steps']} steps; once, then cached in {target})")
     summary = train(TrainConfig(data_dir=str(data), out_dir=str(run), device="cpu", **recipe["train"]))
     log(f"trained in {summary['seconds']:.0f} s, best dev loss {summary['best_dev_loss']:.4f}")
     tmp = target.with_name(target.name + ".tmp")

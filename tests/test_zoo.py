@@ -40,6 +40,19 @@ def test_trained_once_then_reused_from_the_cache(tmp_path):
     assert scorer.identity["weights_hash"] and scorer.identity["source"] == str(first)
 
 
+def test_the_demo_recipe_is_a_valid_training_config_of_the_bar_model():
+    from rahf.presets import preset_config
+    from rahf.train import TrainConfig
+    from rahf.zoo import SYNTHETIC_RECIPE
+
+    train = SYNTHETIC_RECIPE["train"]
+    cfg = TrainConfig(data_dir="d", out_dir="o", **train)
+    model_fields = ("heatmap_loss", "heatmap_weights", "heatmap_loss_weight", "empty_heatmap_weight", "itm_loss_weight")
+    config = preset_config(cfg.preset, cfg.variant, {k: getattr(cfg, k) for k in model_fields})
+    assert (config.heatmap_loss, config.heatmap_weights["misalignment"], config.grid_size) == ("bce", 3.0, 16)
+    assert cfg.steps * cfg.batch_size <= 4 * SYNTHETIC_RECIPE["data"]["train"]  # a few epochs, not an open budget
+
+
 def test_sample_prompts_are_distinct_parseable_and_seeded():
     a = sample_prompts(20, seed=0)
     assert len(set(a)) == 20 and a == sample_prompts(20, seed=0) and a != sample_prompts(20, seed=1)
