@@ -363,7 +363,8 @@ def heatmap_loss(
     if kind == "mse":
         per_pixel = (p - y).square()
     else:
-        # Written out rather than F.binary_cross_entropy, which autocast refuses; clamped so log() stays finite.
+        # Written out rather than F.binary_cross_entropy, which autocast refuses; clamped so log() stays finite
+        # (a pixel saturated past the clamp gets no gradient, as a saturated sigmoid gives none under MSE either).
         p = p.clamp(1e-6, 1.0 - 1e-6)
         per_pixel = -(y * p.log() + (1.0 - y) * (1.0 - p).log()) + (torch.xlogy(y, y) + torch.xlogy(1.0 - y, 1.0 - y))
     per_sample = per_pixel.flatten(1).mean(dim=1)

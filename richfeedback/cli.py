@@ -288,9 +288,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rahf.train import TrainConfig, train
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    if args.heatmap_weight_specs:
+    specs = getattr(args, "heatmap_weight_specs", None)
+    if specs:
         weights = {}
-        for spec in args.heatmap_weight_specs:
+        for spec in specs:
             name, sep, value = spec.partition("=")
             try:
                 weights[name] = float(value)
@@ -508,11 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("empty_heatmap_weight", float),
         ("itm_loss_weight", float),
         ("itm_negatives", int),
-        ("heatmap_loss", str),
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.add_argument(
         "--channels-last", dest="channels_last", action="store_true", default=None, help="channels-last heads"
+    )
+    p.add_argument(
+        "--heatmap-loss",
+        dest="heatmap_loss",
+        choices=("mse", "bce"),
+        default=None,
+        help="per-pixel map loss (default mse)",
     )
     p.add_argument(
         "--heatmap-weight",
