@@ -52,7 +52,7 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
 def ensure_synthetic_rahf(
     cache: str | Path | None = None, recipe: dict[str, Any] | None = None, log: Callable[[str], None] = print
 ) -> Path:
-    """The folder of ``rahf-tiny-p4`` trained on the synthetic benchmark; trains it if absent (once: ~14 minutes
+    """The folder of ``rahf-tiny-p4`` trained on the synthetic benchmark; trains it if absent (once: ~13 minutes
     on a 2-core CPU, the bar's run of docs/results.md)."""
     recipe = recipe or SYNTHETIC_RECIPE
     root = Path(cache) if cache is not None else cache_root()
