@@ -192,6 +192,8 @@ LOSS_WEIGHTS = (
     "itm_loss_weight",
 )
 HEATMAP_LOSSES = ("mse", "bce")  # per-pixel map losses (see heatmap_loss)
+# Config fields that only shape the training loss: a training run may override them (rahf.train.TrainConfig).
+TRAINING_FIELDS = (*LOSS_WEIGHTS, "heatmap_loss", "heatmap_weights", "itm_negatives")
 
 
 @dataclass
@@ -256,6 +258,7 @@ class RAHFConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+            setattr(self, name, float(value))
         self.heatmap_weights = {str(k): float(v) for k, v in dict(self.heatmap_weights).items()}
         for name, value in self.heatmap_weights.items():
             if name not in self.heatmap_names:

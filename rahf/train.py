@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from rahf.data.richhf import read_split
-from rahf.model import LOSS_WEIGHTS, RAHFConfig, RAHFLabels, RAHFModel
+from rahf.model import TRAINING_FIELDS, RAHFConfig, RAHFLabels, RAHFModel
 from rahf.presets import build_rahf
 from rahf.processor import RAHFProcessor
 
@@ -254,13 +254,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
-    overrides: dict[str, Any] = {n: float(getattr(cfg, n)) for n in LOSS_WEIGHTS if getattr(cfg, n) is not None}
-    if cfg.itm_negatives is not None:
-        overrides["itm_negatives"] = int(cfg.itm_negatives)
-    if cfg.heatmap_loss is not None:
-        overrides["heatmap_loss"] = str(cfg.heatmap_loss)
-    if cfg.heatmap_weights is not None:
-        overrides["heatmap_weights"] = dict(cfg.heatmap_weights)
+    overrides: dict[str, Any] = {n: getattr(cfg, n) for n in TRAINING_FIELDS if getattr(cfg, n) is not None}
     if Path(cfg.preset).is_dir():
         model, processor = RAHFModel.from_pretrained(cfg.preset), RAHFProcessor.from_pretrained(cfg.preset)
         if overrides.get("itm_loss_weight", 0.0) > 0 and not hasattr(model, "itm_head"):

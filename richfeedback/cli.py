@@ -292,12 +292,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if specs:
         weights = {}
         for spec in specs:
-            name, sep, value = spec.partition("=")
+            name, _, value = spec.partition("=")
             try:
-                weights[name] = float(value)
+                weights[name] = float(value) if name else float("")
             except ValueError:
-                sep = ""
-            if not sep or not name:
                 print(f"error: --heatmap-weight wants MAP=FACTOR, got {spec!r}", file=sys.stderr)
                 return 2
         flags["heatmap_weights"] = weights

@@ -392,6 +392,9 @@ def test_per_map_heatmap_weights_scale_only_their_map(tiny_multi, images):
     assert all(torch.equal(parts[k], parts_w[k]) for k in parts)  # the parts are reported unweighted
     extra = 2.0 * model.config.heatmap_loss_weight * parts["heatmap/misalignment"]
     torch.testing.assert_close(weighted, plain + extra)
+    config = preset_config("rahf-tiny", overrides={"heatmap_loss_weight": 3, "heatmap_weights": {"misalignment": 2}})
+    assert config.heatmap_loss_weight == 3.0 and isinstance(config.heatmap_loss_weight, float)  # ints normalised
+    assert isinstance(config.heatmap_weights["misalignment"], float)
     with pytest.raises(ValueError, match="heatmap_weights names 'shadows'"):
         preset_config("rahf-tiny", overrides={"heatmap_weights": {"shadows": 1.0}})
     with pytest.raises(ValueError, match=r"heatmap_weights\['misalignment'\] must be a finite number >= 0"):

@@ -41,14 +41,15 @@ def test_trained_once_then_reused_from_the_cache(tmp_path):
 
 
 def test_the_demo_recipe_is_a_valid_training_config_of_the_bar_model():
+    from rahf.model import TRAINING_FIELDS
     from rahf.presets import preset_config
     from rahf.train import TrainConfig
     from rahf.zoo import SYNTHETIC_RECIPE
 
     train = SYNTHETIC_RECIPE["train"]
     cfg = TrainConfig(data_dir="d", out_dir="o", **train)
-    model_fields = ("heatmap_loss", "heatmap_weights", "heatmap_loss_weight", "empty_heatmap_weight", "itm_loss_weight")
-    config = preset_config(cfg.preset, cfg.variant, {k: getattr(cfg, k) for k in model_fields})
+    overrides = {k: getattr(cfg, k) for k in TRAINING_FIELDS if getattr(cfg, k) is not None}
+    config = preset_config(cfg.preset, cfg.variant, overrides)
     assert (config.heatmap_loss, config.heatmap_weights["misalignment"], config.grid_size) == ("bce", 3.0, 16)
     assert cfg.steps * cfg.batch_size <= 4 * SYNTHETIC_RECIPE["data"]["train"]  # a few epochs, not an open budget
 
