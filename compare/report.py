@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import html
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from common.atomic import atomic_write_text
 from compare.stats import BIN_SYMBOLS, BINS, ComparisonStats, PairingReport, PromptStats
 from generators.base import ImageRecord
 
@@ -323,12 +322,4 @@ def write_report(
         f"<h2>Five-bin preference (per pair, B vs A)</h2>{_bin_bars(stats)}"
         f"<h2>Prompts, best improvement of {_e(key)} first</h2>{sections}</body></html>\n"
     )
-    return _write_text(out / "index.html", page)
-
-
-def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "index.html", page)

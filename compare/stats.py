@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from common.atomic import atomic_write_text
 from generators.base import SCORE_NAMES, ImageRecord
 
 logger = logging.getLogger(__name__)
@@ -247,13 +246,7 @@ class ComparisonStats:
 
     def write_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as indented JSON (temp file, then rename); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
 
     def prompt_order(self, score: str = "overall") -> list[PromptStats]:
         """Prompts by mean difference of ``score`` (first of the compared scores when absent), largest first."""

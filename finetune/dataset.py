@@ -25,10 +25,8 @@ import io
 import json
 import math
 import numbers
-import os
 import posixpath
 import re
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +35,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from common.atomic import atomic_write_bytes
 from generators.base import SCORE_NAMES, ImageRecord
 
 METADATA_FILE = "metadata.jsonl"
@@ -83,15 +82,7 @@ def _as_png(data: bytes) -> bytes:
 def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` at ``path`` so that readers see the old file or the whole new one, never a part."""
     if isinstance(fs, LocalFileSystem):
-        folder, name = os.path.split(path)
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write_bytes(path, data)
     else:
         fs.pipe_file(path, data)
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import posixpath
-import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from common.atomic import atomic_write_bytes, is_temp_name
 from generators.base import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -43,8 +42,6 @@ RETRY_MAX_DELAY_S = 3.0  # ... up to this: 0.2 + 0.4 + 0.8 + 1.6 + 3.0 = 6 s of 
 # Not transient: retrying cannot make a missing key appear or a denied request pass.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 _TRANSIENT: tuple[type[BaseException], ...] | None = None
-
-_TMP_SUFFIX = ".tmp"
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
@@ -132,11 +129,6 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _is_temp(key: str) -> bool:
-    name = posixpath.basename(key)
-    return name.startswith(".") and name.endswith(_TMP_SUFFIX)
-
-
 @dataclass
 class RecordsRead:
     """All readable records (sorted by id) and the record files that could not be read: ``bad`` holds
@@ -222,7 +214,7 @@ class RunStore:
             raise ValueError(f"data must be bytes, got {type(data).__name__}")
         full = self._full(key)
         if self.local:
-            _write_local_atomic(full, bytes(data))
+            atomic_write_bytes(full, bytes(data), fsync=True)
         else:
             with_retries(self.fs.pipe_file, full, bytes(data), what=f"write {key} ({self.root})")
         return self.uri(key)
@@ -248,7 +240,7 @@ class RunStore:
 
         found = self._call(find, what=f"list {prefix or '/'}")
         keys = (posixpath.relpath(p, self.path) for p in found)
-        return sorted(k for k in keys if not k.startswith("..") and not _is_temp(k))
+        return sorted(k for k in keys if not k.startswith("..") and not is_temp_name(posixpath.basename(k)))
 
     def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
@@ -352,21 +344,3 @@ class RunStore:
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{key} line {n}: not a record ({e})") from e
         return out
-
-
-def _write_local_atomic(path: str, data: bytes) -> None:
-    """Write a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -16,12 +16,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import atomic_write_bytes
 from rahf.processor import load_image, to_rgb
 from rahf.scorer import RAHFScorer, RichFeedback, ScoringFailure
 from rahf.visualize import overlay_heatmap, side_by_side
@@ -48,19 +47,6 @@ def read_items(path: str | Path) -> list[ScoreItem]:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f'{path}:{n}: expected {{"image": ..., "prompt": ...}}: {err}') from err
     return items
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def score_items(

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from common import atomic
 from flows import storage
 from flows.storage import RunStore, heatmap_key, image_key, record_key, with_retries
 from generators.base import GeneratorIdentity, ImageRecord, image_id
@@ -87,7 +88,7 @@ def test_local_writes_are_atomic(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk went away")
 
-    monkeypatch.setattr(storage.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="disk went away"):
         store.write_bytes("images/0.png", b"half")
     monkeypatch.undo()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import crc32c as _crc32c
 
+from common.atomic import atomic_write_bytes
+
 FeatureValue = list[bytes] | list[float] | list[int]
 _MASK_DELTA = 0xA282EAD8
 
@@ -71,14 +73,15 @@ def frame_record(data: bytes) -> bytes:
 
 def write_records(path: str | Path, records: Iterator[bytes] | list[bytes]) -> int:
     """Write payloads as a TFRecord file (through a temporary name and a rename); returns the count."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    with open(tmp, "wb") as f:
+
+    def frames() -> Iterator[bytes]:
+        nonlocal count
         for data in records:
-            f.write(frame_record(data))
+            yield frame_record(data)
             count += 1
-    tmp.replace(path)
+
+    atomic_write_bytes(path, frames())
     return count
 
 
