@@ -25,6 +25,7 @@ import io
 import json
 import math
 import numbers
+import os
 import posixpath
 import re
 from collections.abc import Callable, Sequence
@@ -117,7 +118,7 @@ def _encode_rows(rows: list[dict[str, Any]]) -> bytes:
     return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
-def _parse_rows(data: bytes, where: str) -> list[dict[str, Any]]:
+def _parse_rows(data: bytes, where: str, *, check_names: bool = False) -> list[dict[str, Any]]:
     rows = []
     for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
         if not line.strip():
@@ -125,17 +126,50 @@ def _parse_rows(data: bytes, where: str) -> list[dict[str, Any]]:
         row = json.loads(line)
         if not isinstance(row, dict) or "file_name" not in row:
             raise ValueError(f"{where} line {n}: expected a JSON object with 'file_name'")
+        if check_names:
+            check_file_name(row["file_name"], f"{where} line {n}")
         rows.append(row)
     return rows
 
 
+def check_file_name(name: Any, where: str) -> str:
+    """``name`` when it is a relative "/"-separated path inside the folder (``x.png`` or ``sub/x.png``).
+
+    Raises ``ValueError`` naming ``where`` and the name for anything else: not a string, empty, absolute, a drive
+    or backslash path, or with an empty, ``.`` or ``..`` part; such a row could read a file outside the folder.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: file_name must be a string, got {name!r}")
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name) or "://" in name:
+        raise ValueError(f"{where}: file_name {name!r} is an absolute path; it must be relative to the folder")
+    if "\\" in name or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ValueError(f"{where}: file_name {name!r} is not a plain relative path inside the folder")
+    return name
+
+
 def read_metadata(out: str) -> list[dict[str, Any]]:
-    """The rows of ``<out>/metadata.jsonl`` in file order (sorted by text, then id, when this module wrote it)."""
+    """The rows of ``<out>/metadata.jsonl`` in file order (sorted by text, then id, when this module wrote it).
+
+    Every ``file_name`` is checked to be a relative path inside ``out`` (:func:`check_file_name`).
+    """
     fs, root = fsspec.core.url_to_fs(out)
     path = posixpath.join(root, METADATA_FILE)
     if not fs.exists(path):
         raise FileNotFoundError(f"no {METADATA_FILE} in {out}")
-    return _parse_rows(fs.cat_file(path), f"{out}/{METADATA_FILE}")
+    return _parse_rows(fs.cat_file(path), f"{out}/{METADATA_FILE}", check_names=True)
+
+
+def read_image_bytes(out: str, file_name: str) -> bytes:
+    """The bytes of ``<out>/<file_name>``; ``file_name`` must pass :func:`check_file_name`, and on a local folder
+    the file, symlinks resolved, must lie inside ``out`` (``ValueError`` naming the file otherwise)."""
+    check_file_name(file_name, f"{out}/{METADATA_FILE}")
+    fs, root = fsspec.core.url_to_fs(out)
+    path = posixpath.join(root.rstrip("/"), file_name)
+    if isinstance(fs, LocalFileSystem):
+        real_root, real = os.path.realpath(root), os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise ValueError(f"{out}: file_name {file_name!r} resolves to {real}, outside the data folder")
+    return fs.cat_file(path)
 
 
 def export_dataset(

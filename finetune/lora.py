@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from finetune.dataset import read_metadata
+from finetune.dataset import read_image_bytes, read_metadata
 from rahf.train import pack_optimizer, unpack_optimizer
 
 ADAPTER_DIR = "adapter"
@@ -91,12 +90,10 @@ def load_folder(data_dir: str) -> tuple[list[Image.Image], list[str]]:
     rows = read_metadata(data_dir)
     if not rows:
         raise ValueError(f"{data_dir}: metadata.jsonl has no rows; nothing to finetune on")
-    fs, root = fsspec.core.url_to_fs(data_dir)
     images, prompts = [], []
-    for row in rows:
-        with fs.open(f"{root.rstrip('/')}/{row['file_name']}", "rb") as f:
-            image = Image.open(io.BytesIO(f.read()))
-            image.load()
+    for row in rows:  # file names are checked to stay inside the folder (symlinks included)
+        image = Image.open(io.BytesIO(read_image_bytes(data_dir, row["file_name"])))
+        image.load()
         images.append(image)
         prompts.append(str(row["text"]))
     return images, prompts

@@ -99,6 +99,7 @@ class AmusedGenerator(DiffusersGenerator):
     """aMUSEd text-to-image and inpainting; build with :meth:`from_preset` or :meth:`from_pretrained`."""
 
     backend = "amused"
+    batch_size = 1  # the scheduler samples a batch with one generator: images are made one at a time
 
     @classmethod
     def from_preset(cls, name: str = "amused-tiny", *, seed: int = 0, **kwargs: Any) -> AmusedGenerator:
@@ -132,6 +133,12 @@ class AmusedGenerator(DiffusersGenerator):
     @property
     def cell_size(self) -> int:  # one token of the VQ grid, in pixels
         return int(self.pipe.vae_scale_factor)
+
+    def _lora_state_dict(self, folder: Path) -> dict[str, torch.Tensor]:
+        return AmusedLoraLoaderMixin.lora_state_dict(str(folder))[0]
+
+    def _lora_targets(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.pipe.transformer}
 
     def _load_lora(self, folder: Path) -> None:
         state_dict, alphas = AmusedLoraLoaderMixin.lora_state_dict(str(folder))

@@ -99,7 +99,6 @@ class StableDiffusionGenerator(DiffusersGenerator):
     """Stable Diffusion text-to-image and inpainting; build with :meth:`from_preset` or :meth:`from_pretrained`."""
 
     backend = "stable-diffusion"
-    batch_size = 8
 
     @classmethod
     def from_preset(cls, name: str = "sd-tiny", *, seed: int = 0, **kwargs: Any) -> StableDiffusionGenerator:
@@ -143,23 +142,20 @@ class StableDiffusionGenerator(DiffusersGenerator):
     def cell_size(self) -> int:  # one latent cell, in pixels
         return int(self.pipe.vae_scale_factor)
 
+    def _lora_state_dict(self, folder: Path) -> dict[str, torch.Tensor]:
+        return self.pipe.lora_state_dict(str(folder))[0]
+
+    def _lora_targets(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
+
     def _load_lora(self, folder: Path) -> None:
         self.pipe.load_lora_weights(str(folder))  # the inpainting pipeline shares the UNet unless it has its own
         if self.inpaint_pipe.unet is not self.pipe.unet:
             self.inpaint_pipe.load_lora_weights(str(folder))
 
     def _text_to_image(self, prompts: list[str], generators: list[torch.Generator]) -> list[Image.Image]:
-        out: list[Image.Image] = []
-        for i in range(0, len(prompts), self.batch_size):
-            res = self.pipe(
-                prompt=prompts[i : i + self.batch_size],
-                height=self.size,
-                width=self.size,
-                generator=generators[i : i + self.batch_size],
-                **self.call_kwargs,
-            )
-            out += res.images
-        return out
+        res = self.pipe(prompt=prompts, height=self.size, width=self.size, generator=generators, **self.call_kwargs)
+        return list(res.images)
 
     def _inpaint(self, image: Image.Image, mask: Image.Image, prompt: str, generator: torch.Generator) -> Image.Image:
         res = self.inpaint_pipe(
