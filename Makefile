@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test lint format bench clean venv
+.PHONY: demo test lint format bench bench-loop clean venv
 
 venv: $(STAMP)
 
@@ -42,6 +42,17 @@ bench: $(STAMP)
 	$(PY) benchmarks/generator_speed.py
 	$(PY) benchmarks/lora_speed.py
 	$(PY) benchmarks/flow_overhead.py
+
+# The loop-gain benchmark needs matplotlib for its plot: the `bench` extra, installed once.
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_LOOP_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench-loop: $(BENCH_STAMP)
+	$(PY) -m richfeedback bench-loop --out outputs/bench-loop $(BENCH_LOOP_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -352,6 +352,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_loop(args: argparse.Namespace) -> int:
+    import torch
+
+    from compare.loop_gain import LoopGainConfig, RandomScorer, run_loop_gain
+    from generators.synthetic import GroundTruthScorer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [s.strip() for s in args.scorers.split(",") if s.strip()]
+    unknown = sorted(set(names) - {"random", "rahf", "oracle"})
+    if unknown or not names:
+        print(f"error: --scorers takes a comma list of random, rahf, oracle; got {args.scorers!r}", file=sys.stderr)
+        return 2
+    config = LoopGainConfig(
+        prompts=args.prompts,
+        per_prompt=args.per_prompt,
+        heldout_prompts=args.heldout_prompts,
+        heldout_per_prompt=args.heldout_per_prompt,
+        rounds=args.rounds,
+        size=args.size,
+        select_by=args.select_by,
+        repair_limit=args.repair_limit,
+        repair_n=args.repair_n,
+        repair_margin=args.repair_margin,
+        mask_threshold=args.mask_threshold,
+        seed=args.seed,
+        n_boot=args.n_boot,
+    )
+    scorers = {}
+    for name in names:
+        if name == "random":
+            scorers[name] = RandomScorer(seed=args.seed)
+        elif name == "oracle":
+            scorers[name] = GroundTruthScorer()
+        else:
+            from rahf.scorer import RAHFScorer
+
+            source = _rahf_source(args.rahf)
+            scorers[name] = RAHFScorer.from_pretrained(source, device=args.device, batch_size=args.batch_size)
+    print(f"loop-gain benchmark: scorers {', '.join(scorers)}; RAHF {args.rahf}; {config.rounds} round(s)")
+    run_loop_gain(config, scorers, args.out, log=print)
+    out = Path(args.out)
+    print((out / "loop_gain.md").read_text())
+    print(f"wrote {out / 'loop_gain.json'}, {out / 'loop_gain.md'} and {out / 'loop_gain.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="richfeedback", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -553,6 +600,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "bench-loop", help="loop-gain benchmark: how much of the oracle's true gain a scorer gets in the loop"
+    )
+    p.add_argument("--out", default="outputs/bench-loop", help="folder for loop_gain.json, .md and .png")
+    p.add_argument(
+        "--rahf",
+        default="synthetic-default",
+        help="RAHF folder, hub id or preset; synthetic-default trains (once) and caches rahf-tiny",
+    )
+    p.add_argument("--scorers", default="random,rahf,oracle", help="comma list of random, rahf, oracle")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prompts", type=int, default=16, help="training prompts per round")
+    p.add_argument("--per-prompt", type=int, default=8, help="candidates per training prompt")
+    p.add_argument("--heldout-prompts", type=int, default=16)
+    p.add_argument("--heldout-per-prompt", type=int, default=4)
+    p.add_argument("--size", type=int, default=64, help="image side of the synthetic world")
+    p.add_argument("--select-by", default="overall", help="the score that picks the best candidate per prompt")
+    p.add_argument("--repair-limit", type=int, default=8, help="held-out images repaired per round, least plausible")
+    p.add_argument("--repair-n", type=int, default=4, help="inpainted candidates per repair")
+    p.add_argument("--repair-margin", type=float, default=0.0)
+    p.add_argument("--mask-threshold", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_bench_loop)
 
     p = sub.add_parser("import-richhf", help="convert a youweiliang/RichHF .pt checkpoint to safetensors")
     p.add_argument("checkpoint")

@@ -1,0 +1,218 @@
+"""The loop-gain benchmark (compare.loop_gain) and the within-prompt ranking metrics (rahf.evaluate)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from rahf.evaluate import markdown, within_prompt_group, within_prompt_metrics, within_prompt_tables
+
+# -- within-prompt metrics on hand-made scores ---------------------------------------------------------------
+
+# Prompt "a": predictions rank the four images exactly backwards.
+#   Spearman -1; pairwise accuracy 0 / 6 = 0; predicted best = index 3 (true 0.1), true best 0.4: regret 0.3.
+# Prompt "b": pred (0.3, 0.1, 0.2) ranks (3, 1, 2); true (0.5, 0.9, 0.1) ranks (2, 3, 1); d = (1, -2, 1),
+#   sum d^2 = 6, Spearman = 1 - 6 * 6 / (3 * 8) = -0.5. Pairs: (0,1) wrong, (0,2) right, (1,2) wrong: 1/3.
+#   Predicted best = index 0 (true 0.5), true best 0.9: regret 0.4.
+PRED = [0.1, 0.2, 0.3, 0.4, 0.3, 0.1, 0.2]
+TRUE = [0.4, 0.3, 0.2, 0.1, 0.5, 0.9, 0.1]
+PROMPTS = ["a"] * 4 + ["b"] * 3
+
+
+def test_within_prompt_group_hand_computed():
+    a = within_prompt_group(np.array(PRED[:4]), np.array(TRUE[:4]))
+    assert a["spearman"] == pytest.approx(-1.0)
+    assert a["pairwise_accuracy"] == pytest.approx(0.0)
+    assert a["top1_regret"] == pytest.approx(0.3)
+    b = within_prompt_group(np.array(PRED[4:]), np.array(TRUE[4:]))
+    assert b["spearman"] == pytest.approx(-0.5)
+    assert b["pairwise_accuracy"] == pytest.approx(1 / 3)
+    assert b["top1_regret"] == pytest.approx(0.4)
+
+
+def test_within_prompt_group_ties():
+    # A predicted tie on a truly ordered pair counts half; truly tied pairs are left out of the accuracy.
+    g = within_prompt_group(np.array([0.5, 0.5, 0.1]), np.array([0.9, 0.2, 0.2]))
+    # pairs (0,1): pred tie, true 0>1 -> 0.5; (0,2): right -> 1; (1,2): true tie -> left out. (0.5 + 1) / 2
+    assert g["pairwise_accuracy"] == pytest.approx(0.75)
+    # predicted best: first of the tied maxima (index 0, true 0.9) = the true best: regret 0
+    assert g["top1_regret"] == pytest.approx(0.0)
+    # a constant prediction has no Spearman (NaN), perfect predictions have 1 / 1 / 0
+    assert math.isnan(within_prompt_group(np.array([0.3, 0.3]), np.array([0.1, 0.2]))["spearman"])
+    p = within_prompt_group(np.array([0.1, 0.2, 0.3]), np.array([1.0, 2.0, 3.0]))
+    assert (p["spearman"], p["pairwise_accuracy"], p["top1_regret"]) == pytest.approx((1.0, 1.0, 0.0))
+
+
+def test_within_prompt_metrics_averages_over_prompts_with_ci():
+    m = within_prompt_metrics(PRED, TRUE, PROMPTS, n_boot=500, seed=0)
+    assert m["prompts"] == 2 and m["images"] == 7
+    assert m["spearman"]["mean"] == pytest.approx(-0.75)
+    assert m["pairwise_accuracy"]["mean"] == pytest.approx(1 / 6)
+    assert m["top1_regret"]["mean"] == pytest.approx(0.35)
+    # two prompts: every resample's mean is one of the two values or their mean
+    assert m["spearman"]["ci_low"] == pytest.approx(-1.0) and m["spearman"]["ci_high"] == pytest.approx(-0.5)
+    assert m["top1_regret"]["ci_low"] == pytest.approx(0.3) and m["top1_regret"]["ci_high"] == pytest.approx(0.4)
+    assert m["spearman"]["n"] == 2
+
+
+def test_within_prompt_metrics_skips_singletons_and_checks_lengths():
+    m = within_prompt_metrics([*PRED, 0.7], [*TRUE, 0.2], [*PROMPTS, "c"], n_boot=100)
+    assert m["prompts"] == 2 and m["images"] == 7  # "c" has one image: no ranking within it
+    with pytest.raises(ValueError, match="same length"):
+        within_prompt_metrics(PRED, TRUE[:3], PROMPTS)
+    assert within_prompt_metrics([0.1], [0.2], ["x"])["prompts"] == 0
+
+
+def test_within_prompt_tables_only_when_groups_exist_and_markdown_shows_them():
+    names = ("plausibility", "overall")
+    pred = {n: np.array(PRED) for n in names}
+    true = {n: np.array(TRUE) for n in names}
+    t = within_prompt_tables(pred, true, PROMPTS, n_boot=100)
+    assert set(t) == set(names) and t["overall"]["spearman"]["mean"] == pytest.approx(-0.75)
+    assert within_prompt_tables(pred, true, [f"p{i}" for i in range(7)]) is None
+    # ``markdown`` prints the within-prompt table beside Tables 1-4 when an evaluation carries one
+    zero = {"plcc": 0.0, "srcc": 0.0}
+    hm = dict.fromkeys(["mse", "mse_gt0", "cc", "kld", "sim", "nss", "auc_judd"], 0.0)
+    res = {
+        "n": 7,
+        "scores": dict.fromkeys(("plausibility", "alignment", "aesthetics", "overall"), zero),
+        "heatmaps": {"implausibility": hm, "misalignment": hm},
+        "keywords": {"precision": 0.0, "recall": 0.0, "f1": 0.0},
+        "within_prompt": t,
+    }
+    md = markdown({"m": res})
+    assert "Within-prompt ranking" in md
+    assert "| m | overall | 2 | -0.750" in md
+
+
+def test_evaluate_adds_within_prompt_only_when_a_prompt_repeats():
+    from rahf.evaluate import GroundTruth, Predictions, evaluate
+    from rahf.model import HEATMAP_NAMES, SCORE_NAMES
+
+    rng = np.random.default_rng(0)
+    maps = {n: rng.random((7, 4, 4)).astype(np.float32) for n in HEATMAP_NAMES}
+    targets = ["a red_0 circle"] * 7
+
+    def run(prompts):
+        gt = GroundTruth(
+            [f"u{i}" for i in range(7)], prompts, [], {n: np.array(TRUE) for n in SCORE_NAMES}, maps, targets
+        )
+        return evaluate(Predictions({n: np.array(PRED) for n in SCORE_NAMES}, maps, targets), gt)
+
+    tables = run(PROMPTS)
+    assert tables["within_prompt"]["plausibility"]["prompts"] == 2
+    assert tables["within_prompt"]["overall"]["top1_regret"]["mean"] == pytest.approx(0.35)
+    assert "within_prompt" not in run([f"p{i}" for i in range(7)])
+
+
+# -- the benchmark at a tiny size ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    from compare.loop_gain import LoopGainConfig, RandomScorer, run_loop_gain
+    from generators.synthetic import GroundTruthScorer
+    from rahf.scorer import RAHFScorer
+
+    out = tmp_path_factory.mktemp("bench")
+    config = LoopGainConfig(
+        prompts=4, per_prompt=8, heldout_prompts=4, heldout_per_prompt=2, rounds=1, size=64, repair_limit=4,
+        select_by="plausibility", n_boot=200,
+    )  # fmt: skip
+    scorers = {
+        "random": RandomScorer(seed=0),
+        "rahf": RAHFScorer.from_pretrained("rahf-tiny", batch_size=16),
+        "oracle": GroundTruthScorer(),
+    }
+    return run_loop_gain(config, scorers, out), out
+
+
+@pytest.mark.slow  # the shared fixture runs the benchmark once: about 15 s
+def test_bench_oracle_selects_truly_better_and_owns_all_of_its_gain(tiny_bench):
+    result, _ = tiny_bench
+    r = {s: result["rounds"][0]["scorers"][s] for s in ("random", "rahf", "oracle")}
+    sel = {s: r[s]["selection"] for s in r}
+    # round 1: every scorer sees the same candidates, so the oracle's pick (by true plausibility) is the best
+    tp = {s: sel[s]["true"]["plausibility"] for s in sel}
+    assert tp["oracle"]["selected"] >= tp["random"]["selected"]
+    assert tp["oracle"]["selected"] >= tp["rahf"]["selected"]
+    assert tp["oracle"]["selected"] > tp["oracle"]["random_pick"]
+    assert tp["oracle"]["selected"] == pytest.approx(tp["random"]["oracle_pick"])
+    assert sel["oracle"]["share_of_oracle_gain"]["mean"] == pytest.approx(1.0)
+    assert sel["oracle"]["share_of_oracle_gain"]["ci_low"] == pytest.approx(1.0)
+    assert sel["oracle"]["share_of_oracle_gain"]["ci_high"] == pytest.approx(1.0)
+    assert sel["oracle"]["within_prompt"]["plausibility"]["top1_regret"]["mean"] == pytest.approx(0.0)
+    # the share is (selected - random) / (oracle - random) over the same prompts
+    t = tp["rahf"]
+    expected = (t["selected"] - t["random_pick"]) / (t["oracle_pick"] - t["random_pick"])
+    assert sel["rahf"]["share_of_oracle_gain"]["mean"] == pytest.approx(expected)
+    # the same prompts and the same candidates for everyone in round 1: the random-pick expectation agrees
+    rnd = {s: sel[s]["true"]["overall"]["random_pick"] for s in sel}
+    assert rnd["random"] == pytest.approx(rnd["oracle"]) and rnd["rahf"] == pytest.approx(rnd["oracle"])
+    assert sel["oracle"]["diversity"]["prompts"] == 4 and sel["oracle"]["diversity"]["prompts_of"] == 4
+
+
+@pytest.mark.slow  # the shared fixture runs the benchmark once: about 15 s
+def test_bench_oracle_repair_reduces_true_implausible_area(tiny_bench):
+    result, _ = tiny_bench
+    rep = result["rounds"][0]["scorers"]["oracle"]["repair"]
+    assert rep["attempted"] == 4
+    assert rep["accepted"] >= 1
+    assert rep["area_after"] < rep["area_before"]
+    assert rep["false_accepts"] == 0 and rep["false_accept_share"] == 0.0
+    assert rep["accept_rate"] == pytest.approx(rep["accepted"] / rep["attempted"])
+
+
+@pytest.mark.slow  # the shared fixture runs the benchmark once: about 15 s
+def test_bench_generator_before_after_and_files(tiny_bench):
+    result, out = tiny_bench
+    gens = {s: result["rounds"][0]["scorers"][s]["generator"] for s in ("random", "rahf", "oracle")}
+    # the same held-out prompts and seeds: every scorer's "before" is the same base generator's output
+    before = {s: gens[s]["overall"]["mean_a"] for s in gens}
+    assert before["random"] == pytest.approx(before["oracle"]) and before["rahf"] == pytest.approx(before["oracle"])
+    assert gens["oracle"]["overall"]["n"] == 8
+    for name in ("loop_gain.json", "loop_gain.md", "loop_gain.png"):
+        assert (out / name).stat().st_size > 0
+    data = json.loads((out / "loop_gain.json").read_text())
+    assert data["config"]["prompts"] == 4 and len(data["rounds"]) == 1
+    assert (out / "loop_gain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "loop_gain.md").read_text()
+    assert "| 1 | oracle |" in md and "share of oracle gain" in md
+
+
+def test_random_scorer_is_deterministic_per_image():
+    from compare.loop_gain import RandomScorer
+    from generators.synthetic import SyntheticGenerator
+
+    ims = [g.image for g in SyntheticGenerator(size=32).generate(["a red circle in the middle"], 3)]
+    a = RandomScorer(seed=1).score("a red circle in the middle", ims)
+    b = RandomScorer(seed=1).score("a red circle in the middle", ims[::-1])
+    assert [x.scores for x in a] == [x.scores for x in b[::-1]]
+    assert a[0].heatmaps["implausibility"].shape == (32, 32)
+    assert all(0.0 <= v <= 1.0 for x in a for v in x.scores.values())
+    assert a[0].scores != RandomScorer(seed=2).score("a red circle in the middle", ims[:1])[0].scores
+
+
+def test_cli_bench_loop_rejects_unknown_scorers(capsys):
+    from richfeedback.cli import main
+
+    assert main(["bench-loop", "--scorers", "random,human", "--out", "unused"]) == 2
+    assert "random, rahf, oracle" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # builds rahf-tiny and draws the plot: about 10 s
+def test_cli_bench_loop_writes_the_three_files(tmp_path, capsys):
+    from richfeedback.cli import main
+
+    args = ["bench-loop", "--out", str(tmp_path), "--rahf", "rahf-tiny", "--scorers", "rahf,oracle", "--rounds", "2"]
+    args += ["--prompts", "2", "--per-prompt", "3", "--heldout-prompts", "2", "--heldout-per-prompt", "2"]
+    assert main([*args, "--repair-limit", "1", "--n-boot", "50", "--size", "32"]) == 0
+    data = json.loads((tmp_path / "loop_gain.json").read_text())
+    assert list(data["rounds"][1]["scorers"]) == ["rahf", "oracle"] and data["config"]["size"] == 32
+    assert data["scorers"]["rahf"]["source"].startswith("rahf-tiny")
+    assert len(data["curve"]["oracle"]) == 3  # the base world and after each of 2 rounds
+    assert (tmp_path / "loop_gain.png").stat().st_size > 0
+    assert "(a) Selection" in capsys.readouterr().out
