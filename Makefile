@@ -43,6 +43,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/lora_speed.py
 	$(PY) benchmarks/flow_overhead.py
 
+# Every GPU measurement in one run of under 8 minutes (needs CUDA); `--dry-run` checks it on the CPU.
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu_suite.py $(BENCH_GPU_ARGS)
+
 # The loop-gain benchmark needs matplotlib for its plot: the `bench` extra, installed once.
 BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_LOOP_ARGS ?=

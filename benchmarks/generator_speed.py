@@ -70,17 +70,19 @@ def median_seconds(fn, repeats: int, device: str) -> float:
     return statistics.median(timed() for _ in range(repeats))
 
 
-def measure(name: str, args) -> dict:
+def measure(name: str, args, batch: int = BATCH, candidates: int = CANDIDATES) -> dict:
+    """Build ``name`` and time ``generate`` (one prompt × ``batch`` seeds) and ``inpaint`` (``candidates``);
+    ``args`` holds device, dtype and repeats."""
     t = time.perf_counter()
     gen = build(name, args.device, args.dtype)
     build_s = time.perf_counter() - t
-    seeds = list(range(BATCH))
-    images = gen.generate([PROMPT], BATCH, seeds=seeds)
-    gen_s = median_seconds(lambda: gen.generate([PROMPT], BATCH, seeds=seeds), args.repeats, args.device)
+    seeds = list(range(batch))
+    images = gen.generate([PROMPT], batch, seeds=seeds)
+    gen_s = median_seconds(lambda: gen.generate([PROMPT], batch, seeds=seeds), args.repeats, args.device)
     image = images[0].image  # the generated image object itself (the synthetic world reads its scene)
     mask = box_mask(image.width, BOX)
     inpaint_s = median_seconds(
-        lambda: gen.inpaint(image, mask, PROMPT, CANDIDATES, seeds=list(range(CANDIDATES))), args.repeats, args.device
+        lambda: gen.inpaint(image, mask, PROMPT, candidates, seeds=list(range(candidates))), args.repeats, args.device
     )
     return {
         "generator": name,
@@ -88,9 +90,9 @@ def measure(name: str, args) -> dict:
         "call": dict(getattr(gen, "call_kwargs", {})),
         "build_s": build_s,
         "generate_s": gen_s,
-        "generate_ips": BATCH / gen_s,
+        "generate_ips": batch / gen_s,
         "inpaint_s": inpaint_s,
-        "inpaint_ips": CANDIDATES / inpaint_s,
+        "inpaint_ips": candidates / inpaint_s,
     }
 
 

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -51,9 +52,7 @@ MARKER = "RESULT_JSON="
 
 
 def run_child(spec: dict) -> dict:
-    import numpy as np
     import torch
-    from PIL import Image
     from torch.utils.flop_counter import FlopCounterMode
 
     from rahf.presets import build_rahf
@@ -75,10 +74,7 @@ def run_child(spec: dict) -> dict:
     )
     if reference_style:  # decode to the 100-token cap like the reference, whatever the prompt length
         processor.keyword_budgets = lambda text, limit: [limit] * text.input_ids.shape[0]
-    rng = np.random.default_rng(0)
-    size = model.config.image_size
-    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(spec["batch"])]
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(spec["batch"])]
+    images, prompts = make_inputs(model.config.image_size, spec["batch"])
     opts = OUTPUT_SETS[spec["outputs"]]
 
     def once():
@@ -128,12 +124,28 @@ def run_child(spec: dict) -> dict:
     if spec["compare_fp32"] and spec["dtype"] != "fp32":
         ref = RAHFScorer(model, processor, device=spec["device"], dtype="fp32", batch_size=spec["batch"])
         base = ref.score(prompts, images, **opts)
-        out["max_score_diff_vs_fp32"] = max(
-            abs(a.scores[k] - b.scores[k]) for a, b in zip(results, base) for k in a.scores
-        )
-        diffs = [float(np.abs(a.heatmaps[k] - b.heatmaps[k]).max()) for a, b in zip(results, base) for k in a.heatmaps]
-        out["max_heatmap_diff_vs_fp32"] = max(diffs) if diffs else None
+        out["max_score_diff_vs_fp32"], out["max_heatmap_diff_vs_fp32"] = max_diffs(results, base)
     return out
+
+
+def make_inputs(size: int, n: int, seed: int = 0) -> tuple[list, list[str]]:
+    """``n`` random RGB images of size × size (seeded) and ``n`` realistic prompts (``PROMPTS`` in turn)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    return images, [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+
+def max_diffs(results: list, base: list) -> tuple[float, float | None]:
+    """Largest |difference| of any score, and of any heatmap pixel (None without heatmaps), between two lists of
+    ``RichFeedback`` for the same inputs (compared pairwise, as far as the shorter list goes)."""
+    import numpy as np
+
+    score = max(abs(a.scores[k] - b.scores[k]) for a, b in zip(results, base) for k in a.scores)
+    maps = [float(np.abs(a.heatmaps[k] - b.heatmaps[k]).max()) for a, b in zip(results, base) for k in a.heatmaps]
+    return float(score), (max(maps) if maps else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,23 +188,49 @@ print(json.dumps({{"matmul_gflops": mm, "conv_gflops": cv}}))
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def child_env(threads: int, env_extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a benchmark child: offline hub, ``threads`` OpenMP threads, no Prefect settings of ours."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
+        env.pop(name, None)
+    env.update(env_extra or {})
+    return env
+
+
+def launch_child_results(
+    script: str, spec: dict, timeout: float | None = None, env_extra: dict[str, str] | None = None
+) -> tuple[list[dict], str | None]:
+    """Run ``script --child SPEC``; every RESULT_JSON line it printed, and why it stopped early (None if it did
+    not): a child killed at ``timeout`` seconds or one that failed still gives the results it printed before."""
+    cmd = [sys.executable, script, "--child", json.dumps(spec)]
+    env = child_env(spec["threads"], env_extra)
+    # with a timeout the child leads a process group of its own, so the kill also ends its helpers (compile
+    # workers, say) instead of leaving them running
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": env, "cwd": ROOT}
+    proc = subprocess.Popen(cmd, **pipes, start_new_session=timeout is not None)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        error = None if proc.returncode == 0 else f"exit {proc.returncode}: {stderr[-3000:]}"
+        if error is None and MARKER not in stdout:
+            error = f"no result printed: {stderr[-3000:]}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        error = f"killed at its {timeout:.0f} s budget"
+    found = [json.loads(ln[len(MARKER) :]) for ln in stdout.splitlines() if ln.startswith(MARKER)]
+    return found, error
+
+
 def launch_child(script: str, spec: dict, env_extra: dict[str, str] | None = None) -> dict:
     """Run ``script --child SPEC`` in a fresh process with ``spec["threads"]`` threads; its RESULT_JSON line.
 
     Every benchmark measures in a child so that thread settings, imports and peak RSS start clean. Prefect
     variables of the parent are dropped, so a child that uses Prefect talks to its own temporary server only.
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"])}
-    for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
-        env.pop(name, None)
-    env.update(env_extra or {})
-    res = subprocess.run(
-        [sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    for line in res.stdout.splitlines():
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER) :])
-    raise RuntimeError(f"child failed for {spec}:\n{res.stderr[-3000:]}")
+    found, error = launch_child_results(script, spec, env_extra=env_extra)
+    if found:
+        return found[0]
+    raise RuntimeError(f"child failed for {spec}:\n{error}")
 
 
 def launch(spec: dict) -> dict:
