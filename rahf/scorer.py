@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rahf.model import RAHFModel
+from rahf.oom import is_out_of_memory, release_memory, run_in_batches
 from rahf.presets import PRESETS, build_rahf
 from rahf.processor import ImageInput, InvalidImageError, RAHFProcessor, load_image, to_rgb
 
@@ -77,7 +78,9 @@ class RAHFScorer:
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         dtype: ``fp32``, ``bf16`` or ``fp16``; lower precisions run under autocast with fp32 weights (T5 is
             unstable with fp16 weights), outputs are returned as float32.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass. A batch that runs out of GPU memory is retried at half the size
+            (``rahf.oom``); ``batch_size`` then holds the size scoring settled on, for this and later calls, and
+            ``requested_batch_size`` the one asked for.
         channels_last: run the convolutional heads channels-last (faster on CPU and GPU; same values).
         head_chunk: feature maps per head call; bounds the memory of full-resolution heatmap activations
             (~0.5 GB per image at richhf-base size) without slowing down.
@@ -99,6 +102,7 @@ class RAHFScorer:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.batch_size = batch_size
+        self.requested_batch_size = batch_size
         self.channels_last = channels_last
         self.head_chunk = head_chunk
         self.processor = processor
@@ -166,19 +170,39 @@ class RAHFScorer:
             raise ValueError(f"unknown heatmaps {sorted(unknown)}; known: {self.model.config.heatmap_names}")
         keywords = keywords and not scores_only
         results: list[RichFeedback | ScoringFailure | None] = [None] * len(images)
-        for start in range(0, len(images), self.batch_size):
-            # Decode per batch, so memory stays flat and one bad file is reported, not fatal to the rest.
-            chunk = self._decode(
-                images, prompts, range(start, min(start + self.batch_size, len(images))), results, errors
-            )
-            if not chunk:
-                continue
-            feedback = self._score_batch(
-                [prompts[i] for i, _ in chunk], [im for _, im in chunk], names, keywords, heatmap_size
-            )
-            for (i, _), fb in zip(chunk, feedback):
-                results[i] = fb
+        # Decode per batch, so memory stays flat and one bad file is reported, not fatal to the rest. A batch that
+        # runs out of memory is retried at half the size (rahf.oom); the images decoded for it are kept, not re-read.
+        decoded: dict[int, Image.Image] = {}
+        decoded_upto = 0
+
+        def run(start: int, stop: int) -> None:
+            nonlocal decoded_upto
+            if stop > decoded_upto:
+                indices = range(decoded_upto, stop)
+                decoded.update(self._decode(images, prompts, indices, results, errors))
+                decoded_upto = stop
+            chunk = [(i, decoded[i]) for i in range(start, stop) if i in decoded]
+            if chunk:
+                try:
+                    feedback = self._score_batch(
+                        [prompts[i] for i, _ in chunk], [im for _, im in chunk], names, keywords, heatmap_size
+                    )
+                except Exception as err:  # one image alone out of memory: its failure record, when asked for
+                    if errors == "raise" or stop - start > 1 or not is_out_of_memory(err):
+                        raise
+                    feedback = [ScoringFailure(start, prompts[start], f"out of memory at batch 1: {err}")]
+                if isinstance(feedback[0], ScoringFailure):
+                    release_memory(self.device)  # after the except block: the error's tensors are gone
+                for (i, _), fb in zip(chunk, feedback):
+                    results[i] = fb
+            for i in range(start, stop):
+                decoded.pop(i, None)
+
+        run_in_batches(run, len(images), self.batch_size, device=self.device, what="scoring", on_settle=self._settle)
         return results  # type: ignore[return-value]
+
+    def _settle(self, batch_size: int) -> None:
+        self.batch_size = batch_size
 
     def _decode(self, images, prompts, indices, results, errors) -> list[tuple[int, Image.Image]]:
         ok = []
