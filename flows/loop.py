@@ -10,11 +10,14 @@ around a plain stage function of :mod:`flows.stages`. Tasks pass names, ids and 
 
 GPU work carries the ``gpu`` tag; :func:`ensure_gpu_limit` (``feedback_loop(gpu_slots=N)``) creates the tag's
 concurrency limit (a limit that does not exist limits nothing; acquiring a slot costs about 2 s per task).
-Transient I/O is retried inside the run store; tasks add a retry on top.
+Transient I/O is retried inside the run store; tasks add a retry on top, for transient errors only
+(:func:`retry_transient`): a refused permission, a missing path or a bad input fails the task at once. Every flow
+starts by sweeping the temporary files that killed writers left under a local root.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,8 +30,28 @@ from prefect.artifacts import (
 )
 
 from flows import stages
+from flows.storage import is_transient
 
 GPU_TAG = "gpu"
+NOTHING_SELECTED = "nothing selected"
+
+log = logging.getLogger(__name__)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed task only when its exception is transient
+    (:func:`flows.storage.is_transient`: connection errors, timeouts, I/O errors other than refused permissions,
+    missing paths, full or read-only disks)."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    if error is None:
+        try:
+            error = state.result(raise_on_failure=False)
+        except Exception:
+            return False
+    if isinstance(error, BaseException) and is_transient(error):
+        return True
+    log.info("%s failed with %s: not transient, not retried", task.name, type(error).__name__)
+    return False
 
 
 def ensure_gpu_limit(slots: int = 1) -> None:
@@ -65,40 +88,40 @@ def _progress(description: str):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5)
+@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def generate_and_score_task(root: str, prompts: list[str], options: dict[str, Any]) -> dict[str, Any]:
     """Generate and score; returns ids and counts."""
     return stages.generate_and_score(root, prompts, progress=_progress("generate and score"), **options)
 
 
-@task(retries=2, retry_delay_seconds=2)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
 def select_task(root: str, selection: dict[str, Any], ids: list[str] | None) -> dict[str, Any]:
     """Select the finetuning set; returns the dataset URI and the selected ids."""
     return stages.select_finetune_data(root, selection=selection, ids=ids)
 
 
-@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5)
+@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def finetune_task(root: str, dataset: str, generator: str, options: dict[str, Any]) -> dict[str, Any]:
     """Finetune; returns the adapter URI."""
     return stages.finetune_generator(root, dataset, generator=generator, options=options)
 
 
-@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5)
+@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def repair_task(root: str, options: dict[str, Any]) -> dict[str, Any]:
     """Repair; returns the decisions."""
     return stages.repair_images(root, **options)
 
 
-@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5)
+@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def compare_task(root: str, prompts: list[str], options: dict[str, Any]) -> dict[str, Any]:
     """Compare two checkpoints; returns the statistics summary."""
     return stages.compare_checkpoints(root, prompts, progress=_progress("compare"), **options)
 
 
-@task(retries=2, retry_delay_seconds=2)
-def manifest_task(root: str) -> dict[str, Any]:
-    """Write manifest.jsonl."""
-    return stages.write_manifest(root)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
+def manifest_task(root: str, ids: list[str] | None = None) -> dict[str, Any]:
+    """Write manifest.jsonl; reports the planned ``ids`` with neither a valid record nor an error record."""
+    return stages.write_manifest(root, ids)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,14 +156,16 @@ def generate_and_score(
 ) -> dict[str, Any]:
     """Generate ``per_prompt`` images per prompt and score them with RAHF; prompts go out in chunks of
     ``chunk_prompts`` as separate tasks, so a Dask (or any parallel) task runner fans them out."""
+    swept = stages.sweep_temps(root)
     options = dict(generator=generator, lora=lora, rahf=rahf, per_prompt=per_prompt, batch_size=batch_size)
     chunks = [prompts[i : i + chunk_prompts] for i in range(0, len(prompts), chunk_prompts)]
     futures = [generate_and_score_task.submit(root, chunk, {**options, "device": device}) for chunk in chunks]
     parts = [f.result() for f in futures]
-    report = {k: [x for p in parts for x in p[k]] for k in ("ids", "generated", "scored", "failed")}
+    report = {k: [x for p in parts for x in p[k]] for k in ("ids", "generated", "scored", "failed", "missing")}
     report["skipped"] = sum(p["skipped"] for p in parts)
+    report["swept"] = swept
     create_table_artifact(_best_table(root, report["ids"]), key="best-per-prompt", description="best image per prompt")
-    manifest_task(root)
+    report["manifest"] = manifest_task(root, report["ids"])
     return report
 
 
@@ -178,6 +203,7 @@ def repair_images(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Repair named images, or those below a plausibility threshold (on demand)."""
+    stages.sweep_temps(root)
     report = repair_task(
         root,
         dict(
@@ -201,6 +227,7 @@ def compare_checkpoints(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Same prompts and seeds through checkpoints A and B; paired statistics and the report."""
+    stages.sweep_temps(root)
     options = dict(
         generator=generator,
         lora_a=lora_a,
@@ -250,42 +277,59 @@ def feedback_loop(
 ) -> dict[str, Any]:
     """generate -> score -> select -> finetune -> compare (base vs finetuned) -> repair the worst.
 
+    When no image clears the selection thresholds, finetuning and the comparison are skipped (``summary["skipped"]``
+    says why; ``finetune`` and ``compare`` are None) and the loop still repairs and writes the manifest.
+    ``summary["generate"]`` counts the planned images (``ids``), the ``failed`` ones (error records) and the
+    ``missing`` ones (neither a valid record nor an error record; see ``summary["manifest"]["missing"]``).
+
     ``gpu_slots`` creates the ``gpu`` tag's concurrency limit when it is missing (for workers that share GPUs);
     a tagged task then pays about 2 s to acquire its slot, so single-machine runs leave it unset.
     """
     logger = get_run_logger()
+    swept = stages.sweep_temps(root)
     if gpu_slots:
         ensure_gpu_limit(gpu_slots)
     gen_report = generate_and_score_task(
         root, prompts, dict(generator=generator, rahf=rahf, per_prompt=per_prompt, device=device)
     )
     logger.info(
-        "generated %d, scored %d, skipped %d finished",
+        "generated %d, scored %d, skipped %d finished, %d failed",
         len(gen_report["generated"]),
         len(gen_report["scored"]),
         gen_report["skipped"],
+        len(gen_report["failed"]),
     )
     create_table_artifact(_best_table(root, gen_report["ids"]), key="best-per-prompt")
     selected = select_task(root, selection or {}, gen_report["ids"])
-    tuned = finetune_task(root, selected["dataset"], generator, finetune or {})
-    comparison = compare_task(
-        root,
-        prompts,
-        dict(generator=generator, lora_b=tuned["adapter"], rahf=rahf, per_prompt=compare_per_prompt, device=device),
-    )
+    tuned = comparison = None
+    skipped: dict[str, str] = {}
+    if selected["selected"]:
+        tuned = finetune_task(root, selected["dataset"], generator, finetune or {})
+        comparison = compare_task(
+            root,
+            prompts,
+            dict(generator=generator, lora_b=tuned["adapter"], rahf=rahf, per_prompt=compare_per_prompt, device=device),
+        )
+    else:
+        logger.warning("no image cleared the selection thresholds: finetuning and the comparison are skipped")
+        skipped = {"finetune": NOTHING_SELECTED, "compare": NOTHING_SELECTED}
     repaired = repair_task(
         root,
         dict(below=repair_below, generator=generator, rahf=rahf, options=repair, limit=repair_limit, device=device),
     )
-    manifest = manifest_task(root)
+    manifest = manifest_task(root, gen_report["ids"])
     summary = {
         "root": root,
+        "swept": swept,
         "generate": {k: (len(v) if isinstance(v, list) else v) for k, v in gen_report.items()},
         "selection": {"selected": len(selected["selected"]), "dataset": selected["dataset"]},
-        "finetune": {k: v for k, v in tuned.items() if k in ("adapter", "reused", "seconds", "flaws")},
+        "finetune": {k: v for k, v in tuned.items() if k in ("adapter", "reused", "seconds", "flaws")}
+        if tuned
+        else None,
         "compare": comparison,
         "repair": {k: (len(v) if isinstance(v, list) else v) for k, v in repaired.items()},
         "manifest": manifest,
+        "skipped": skipped,
     }
     create_markdown_artifact(loop_markdown(summary), key="feedback-loop")
     return summary
@@ -293,15 +337,20 @@ def feedback_loop(
 
 def loop_markdown(summary: dict[str, Any]) -> str:
     g, s, r = summary["generate"], summary["selection"], summary["repair"]
-    return "\n".join(
-        [
-            f"# Feedback loop — `{summary['root']}`",
-            f"- generated {g['generated']}, scored {g['scored']}, reused {g['skipped']} finished images",
-            f"- selected {s['selected']} images -> `{s['dataset']}`",
-            f"- adapter `{summary['finetune'].get('adapter')}`",
-            f"- repair: {r['accepted']} accepted, {r['rejected']} kept the original, {r['failed']} failed, "
-            f"{r['skipped']} already decided",
-            "",
-            comparison_markdown(summary["compare"]),
-        ]
+    lines = [
+        f"# Feedback loop — `{summary['root']}`",
+        f"- generated {g['generated']}, scored {g['scored']}, reused {g['skipped']} finished images, "
+        f"{g['failed']} failed, {g.get('missing', 0)} missing",
+        f"- selected {s['selected']} images -> `{s['dataset']}`",
+    ]
+    if summary["finetune"]:
+        lines.append(f"- adapter `{summary['finetune'].get('adapter')}`")
+    for stage, why in (summary.get("skipped") or {}).items():
+        lines.append(f"- {stage}: skipped, {why}")
+    lines.append(
+        f"- repair: {r['accepted']} accepted, {r['rejected']} kept the original, {r['failed']} failed, "
+        f"{r['skipped']} already decided"
     )
+    if summary["compare"]:
+        lines += ["", comparison_markdown(summary["compare"])]
+    return "\n".join(lines)

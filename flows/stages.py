@@ -1,9 +1,10 @@
 """The feedback loop's stages as plain functions over a run store (DESIGN §6); ``flows.loop`` wraps each in a
 Prefect task. They take names, ids and URIs and return JSON-able reports; models are loaded once per process.
 
-Resume: an id whose record exists is finished and never regenerated or rescored; an image written before a kill
-but not yet scored is scored from its stored file, not regenerated. A failed item gets an error record under
-``errors/<id>.json`` (retried by the next run) and its batch goes on.
+Resume: an id whose record is valid is finished and never regenerated or rescored; an unreadable record counts as
+unfinished and is redone. An image written before a kill but not yet scored is scored from its stored file, not
+regenerated. A failed item gets an error record under ``errors/<id>.json`` (retried by the next run) and its batch
+goes on. Side files that do not parse (error records, repair decisions) are logged by key and skipped or redone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common.atomic import sweep_stale_temps
 from flows.storage import RunStore, heatmap_key, image_key
 from generators.base import Generator, ImageRecord, decode_png, encode_png
 
@@ -118,7 +120,8 @@ def generate_and_score(
     """Generate ``per_prompt`` images per prompt, score them, write images, heatmaps and records.
 
     Returns ``{"ids": [...all ids, prompt-major], "generated": [...], "scored": [...], "skipped": n,
-    "failed": [...]}``.
+    "failed": [...], "missing": [...]}``: ``missing`` holds the ids that ended with neither a record nor an error
+    record (a generator that returned another id than planned, say); an empty list on a complete run.
     """
     store = RunStore(root)
     gen = load_generator(generator, lora, device)
@@ -139,6 +142,10 @@ def generate_and_score(
         done += len(batch)
         if progress:
             progress(done, len(ids))
+    accounted = finished | set(report["scored"]) | set(report["failed"])
+    report["missing"] = [i for i in ids if i not in accounted]
+    if report["missing"]:
+        log.error("%d of %d planned images have neither a record nor an error record", len(report["missing"]), len(ids))
     return report
 
 
@@ -255,13 +262,15 @@ def finetune_generator(
     root: str, dataset: str, *, generator: str = "synthetic", options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """LoRA finetuning (or the synthetic world's fit) on ``dataset``; the adapter lands in
-    ``<root>/finetune/adapter``. A finished adapter is reused."""
+    ``<root>/finetune/adapter``. A finished adapter is reused: one with a readable ``finetune/summary.json``, which
+    is written after the adapter (adapter files without it are the remains of a killed run and are trained again).
+    """
     from finetune.lora import ADAPTER_DIR, LoraTrainConfig, finetune
 
     store = RunStore(root)
     prefix = f"finetune/{ADAPTER_DIR}"
     existing = store.list(prefix)
-    if existing:
+    if existing and _finished_finetune(store):
         return {"adapter": store.uri(prefix), "reused": True, "files": len(existing)}
     local = store.local
     work = Path(store.uri("finetune")) if local else Path(tempfile.mkdtemp(prefix="richfeedback-ft-"))
@@ -275,6 +284,17 @@ def finetune_generator(
     out.update({"adapter": store.uri(prefix), "reused": False, "config": asdict(cfg)})
     store.write_json("finetune/summary.json", out)
     return out
+
+
+def _finished_finetune(store: RunStore) -> bool:
+    try:
+        summary = store.read_json("finetune/summary.json")
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        log.warning("unreadable %s (%s); finetuning again", store.uri("finetune/summary.json"), e)
+        return False
+    return isinstance(summary, dict) and "adapter" in summary
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,7 +338,8 @@ def repair_images(
             key=lambda r: (r.scores.get(config.score, 1.0), r.id),
         )
     chosen = chosen[:limit] if limit is not None else chosen
-    decided = {k.removeprefix("repairs/").removesuffix(".json") for k in store.list("repairs")}
+    decisions, _ = read_json_files(store, "repairs")  # a decision that does not parse is made again
+    decided = {k.removeprefix("repairs/").removesuffix(".json") for k in decisions}
     report: dict[str, Any] = {"considered": len(chosen), "skipped": 0, "accepted": [], "rejected": [], "failed": []}
     for rec in chosen:
         if rec.id in decided:
@@ -353,17 +374,70 @@ def repair_images(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def write_manifest(root: str) -> dict[str, Any]:
-    """``manifest.jsonl``: every record (generated and repaired) and every error record, one line per id."""
+def read_json_files(store: RunStore, folder: str) -> tuple[dict[str, Any], list[str]]:
+    """The JSON files under ``folder`` as ``{key: value}``, and the keys of those that cannot be read or parsed
+    (each logged at WARNING with its location), sorted."""
+    values: dict[str, Any] = {}
+    bad: list[str] = []
+    for key in store.list(folder):
+        try:
+            values[key] = store.read_json(key)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            log.warning("skipping unreadable %s (%s: %s)", store.uri(key), type(e).__name__, e)
+            bad.append(key)
+    return values, bad
+
+
+def write_manifest(root: str, ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """``manifest.jsonl``: every valid record (generated and repaired) and every error record, one line per id.
+
+    Returns ``{"manifest": uri, "records": n, "errors": n, "bad_files": [keys that did not parse], "missing":
+    [...]}``; ``missing`` lists the ids of ``ids`` (the planned images) that have neither a valid record nor an
+    error record, sorted ([] without ``ids``).
+    """
     store = RunStore(root)
     read = store.records()
+    have = set(read.ids)
     errors = []
-    for key in store.list("errors"):
-        d = store.read_json(key)
-        if "prompt" in d and d.get("id") not in read.ids:
-            errors.append(ImageRecord(**d))
+    side, bad = read_json_files(store, "errors")
+    for key, d in side.items():
+        if not (isinstance(d, dict) and "prompt" in d):
+            continue  # a repair's error note, not an image's
+        try:
+            rec = ImageRecord(**d)
+        except TypeError as e:
+            log.warning("skipping unreadable %s (%s)", store.uri(key), e)
+            bad.append(key)
+            continue
+        if rec.id not in have:
+            errors.append(rec)
     uri = store.write_manifest(list(read.records) + errors)
-    return {"manifest": uri, "records": len(read.records), "errors": len(errors), "bad_files": len(read.bad)}
+    accounted = have | {r.id for r in errors}
+    missing = sorted({i for i in ids if i not in accounted}) if ids is not None else []
+    return {
+        "manifest": uri,
+        "records": len(read.records),
+        "errors": len(errors),
+        "bad_files": sorted([k for k, _ in read.bad] + bad),
+        "missing": missing,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stale temporary files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sweep_temps(root: str, older_than_s: float = 60.0) -> int:
+    """Remove temporary files that killed writers left under a local run root (older than ``older_than_s``, so a
+    live writer's file stays); returns how many. Object stores have none: their writes are single PUTs."""
+    store = RunStore(root)
+    if not store.local:
+        return 0
+    removed = sweep_stale_temps(store.path, older_than_s=older_than_s)
+    if removed:
+        log.info("removed %d stale temporary files under %s", len(removed), root)
+    return len(removed)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,7 +470,7 @@ def compare_checkpoints(
 
     store = RunStore(root)
     sides = {"a": (generator, lora_a), "b": (generator_b or generator, lora_b)}
-    records = {}
+    records, failed, missing = {}, {}, {}
     for side, (name, lora) in sides.items():
         sub = store.uri(f"compare/{side}")
         rep = generate_and_score(
@@ -413,12 +487,16 @@ def compare_checkpoints(
         )
         wanted = set(rep["ids"])
         records[side] = [r for r in RunStore(sub).records() if r.id in wanted]
+        failed[side], missing[side] = len(rep["failed"]), len(rep["missing"])
     pairs = pair_records(records["a"], records["b"])
     stats = compare_scores(pairs, n_boot=n_boot, seed=0)
     summary: dict[str, Any] = {
         "a": {"generator": sides["a"][0], "lora": lora_a},
         "b": {"generator": sides["b"][0], "lora": lora_b},
         "pairs": len(pairs),
+        "planned": len(prompts) * per_prompt,
+        "failed": failed,
+        "missing": missing,
         "scores": {k: asdict(v) for k, v in stats.scores.items()},
     }
     truth = _truth_comparison(pairs)

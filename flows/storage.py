@@ -9,14 +9,16 @@ Layout under the root (keys are POSIX paths relative to it)::
 
 Every write is whole or absent: locally a temporary file in the same folder, then ``os.replace``; on object stores
 one ``pipe_file`` (a single PUT, or a multipart upload that only appears when completed). A rerun skips an id whose
-record exists. Remote calls go through :func:`with_retries` (exponential backoff on connection errors), so an
-endpoint that is away for a few seconds costs time, not the run. Ids are content-derived (``generators.base.
+record is valid (parses, and names the id of its key); an unreadable record counts as unfinished work. Remote calls
+go through :func:`with_retries` (exponential backoff on :func:`is_transient` errors), so an endpoint that is away
+for a few seconds costs time, not the run. Ids are content-derived (``generators.base.
 image_id``), so several workers sharing one prefix never write different bytes to the same key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import posixpath
@@ -41,6 +43,24 @@ RETRY_MAX_DELAY_S = 3.0  # ... up to this: 0.2 + 0.4 + 0.8 + 1.6 + 3.0 = 6 s of 
 
 # Not transient: retrying cannot make a missing key appear or a denied request pass.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# OSError numbers that waiting does not cure (a full disk, a read-only mount, a bad name).
+_PERMANENT_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.EROFS,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.ENAMETOOLONG,
+        errno.EINVAL,
+        errno.EBADF,
+        errno.ELOOP,
+    }
+)
 _TRANSIENT: tuple[type[BaseException], ...] | None = None
 
 
@@ -67,6 +87,15 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     return _TRANSIENT
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying may cure ``error``: connection errors, timeouts and OSErrors other than missing paths,
+    refused permissions, full or read-only disks and bad names. Everything else (ValueError, RuntimeError, ...)
+    is a bug or a bad input and is not retried."""
+    if isinstance(error, _PERMANENT) or not isinstance(error, transient_errors()):
+        return False
+    return getattr(error, "errno", None) not in _PERMANENT_ERRNOS
+
+
 def with_retries(
     fn: Callable[..., T],
     *args: Any,
@@ -76,7 +105,7 @@ def with_retries(
     max_delay: float = RETRY_MAX_DELAY_S,
     **kwargs: Any,
 ) -> T:
-    """``fn(*args, **kwargs)``, retried on :func:`transient_errors` with exponential backoff.
+    """``fn(*args, **kwargs)``, retried on :func:`is_transient` errors with exponential backoff.
 
     Args:
         what: what is being done, for the log line of each retry.
@@ -89,10 +118,8 @@ def with_retries(
     for attempt in range(1, tries + 1):
         try:
             return fn(*args, **kwargs)
-        except _PERMANENT:
-            raise
-        except transient_errors() as e:
-            if attempt == tries:
+        except Exception as e:
+            if attempt == tries or not is_transient(e):
                 raise
             name = type(e).__name__
             log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, name, e, attempt, tries - 1, delay)
@@ -213,10 +240,15 @@ class RunStore:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ValueError(f"data must be bytes, got {type(data).__name__}")
         full = self._full(key)
-        if self.local:
-            atomic_write_bytes(full, bytes(data), fsync=True)
-        else:
-            with_retries(self.fs.pipe_file, full, bytes(data), what=f"write {key} ({self.root})")
+        try:
+            if self.local:
+                atomic_write_bytes(full, bytes(data), fsync=True)
+            else:
+                with_retries(self.fs.pipe_file, full, bytes(data), what=f"write {key} ({self.root})")
+        except _PERMANENT as e:
+            if e.filename is None:  # name the place: a remote refusal often does not
+                raise type(e)(e.errno, e.strerror or str(e), self.uri(key)) from e
+            raise
         return self.uri(key)
 
     def read_json(self, key: str) -> Any:
@@ -267,7 +299,7 @@ class RunStore:
         out = {}
         for full, k in fulls.items():
             value = got.get(full)
-            if isinstance(value, transient_errors()) and not isinstance(value, _PERMANENT):
+            if isinstance(value, Exception) and is_transient(value):
                 try:
                     value = self.read_bytes(k)  # retried one by one
                 except OSError as e:
@@ -288,21 +320,27 @@ class RunStore:
         return ImageRecord.from_json(self.read_bytes(record_key(id)).decode())
 
     def has_record(self, id: str) -> bool:
-        return self.exists(record_key(id))
+        """Whether ``id`` has a valid record (see :meth:`has_records`)."""
+        return id in self.has_records([id])
 
     def has_records(self, ids: Iterable[str]) -> set[str]:
-        """The ids among ``ids`` that have a record, from one listing of ``records/``."""
+        """The ids among ``ids`` whose record is valid: finished work. One listing of ``records/``, then a read of
+        the listed ones (one batched request on remote stores); a record that does not parse or names another id
+        is logged by key and left out, so it is redone."""
         wanted = {_check_id(i) for i in ids}
-        return wanted & set(self.record_ids())
+        listed = sorted(wanted & set(self.record_ids()))
+        return set(self._parse_records([record_key(i) for i in listed]).ids)
 
     def record_ids(self) -> list[str]:
-        """Ids of all record files, sorted (from one listing)."""
+        """Ids of all record files, sorted (from one listing; a file listed here may still be unreadable)."""
         keys = self.list("records")
         return [k[len("records/") : -len(".json")] for k in keys if k.startswith("records/") and k.endswith(".json")]
 
     def records(self) -> RecordsRead:
-        """Every record, sorted by id; unreadable or unparseable record files go to ``.bad``, never raise."""
-        keys = [record_key(i) for i in self.record_ids()]
+        """Every valid record, sorted by id; unreadable or unparseable record files go to ``.bad``, never raise."""
+        return self._parse_records([record_key(i) for i in self.record_ids()])
+
+    def _parse_records(self, keys: list[str]) -> RecordsRead:
         out = RecordsRead()
         for key, data in self._read_many(keys).items():
             try:
@@ -313,7 +351,7 @@ class RunStore:
                     raise ValueError(f"record id {record.id!r} does not match its key")
             except Exception as e:
                 out.bad.append((key, f"{type(e).__name__}: {e}"))
-                log.warning("skipping unreadable record %s: %s", self.uri(key), e)
+                log.warning("unreadable record %s (%s): its item counts as unfinished", self.uri(key), e)
                 continue
             out.records.append(record)
         out.records.sort(key=lambda r: r.id)

@@ -87,6 +87,10 @@ def _prefect_home(out: str) -> None:
         os.environ["PREFECT_HOME"] = str(home)
     # the temporary server migrates a fresh database first: slow on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+    if not os.environ.get("PREFECT_API_URL"):
+        from flows.server import guard_temporary_server
+
+        guard_temporary_server()  # the temporary server exits with this process, even one killed with SIGKILL
 
 
 def cmd_loop(args: argparse.Namespace) -> int:
@@ -118,11 +122,35 @@ def cmd_loop(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(improvement_report(summary))
+    return _loop_exit(summary)
+
+
+def _loop_exit(summary: dict) -> int:
+    """The loop's exit code: 1 (and a message on stderr) when planned images have neither a valid record nor an
+    error record; failed images (error records, in the manifest, retried by a rerun) and unreadable files skipped
+    are counted on stdout."""
+    planned, failed = summary["generate"]["ids"], summary["generate"]["failed"]
+    manifest = summary["manifest"]
+    if manifest.get("bad_files"):
+        print(f"{len(manifest['bad_files'])} unreadable files skipped: {', '.join(manifest['bad_files'][:5])}")
+    if failed:
+        print(
+            f"{failed} of {planned} planned images failed: error records in errors/ and the manifest; a rerun retries"
+        )
+    missing = manifest.get("missing") or []
+    if missing:
+        print(
+            f"error: {len(missing)} of {planned} planned images have neither a valid record nor an error record "
+            f"(first: {', '.join(missing[:3])}); rerun the same command to redo them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 def improvement_report(summary: dict) -> str:
     """What improved, in numbers: finetuning (RAHF and, for the synthetic world, true scores) and repair."""
+    from flows.stages import read_json_files
     from flows.storage import RunStore
 
     c, r = summary["compare"] or {"scores": {}}, summary["repair"]
@@ -143,11 +171,13 @@ def improvement_report(summary: dict) -> str:
         f"({r['rejected']} kept their original, {r['failed']} failed, {r['skipped']} decided before)"
     )
     store = RunStore(summary["root"])
-    pairs = [
-        (store.get_record(k.removeprefix("repairs/").removesuffix(".json")), store.read_json(k))
-        for k in store.list("repairs")
+    records = {r.id: r for r in store.records()}  # valid records only; unreadable files were reported
+    decisions, _ = read_json_files(store, "repairs")
+    done = [
+        (records[d["parent_id"]], records[d["repaired_id"]])
+        for d in decisions.values()
+        if isinstance(d, dict) and d.get("parent_id") in records and d.get("repaired_id") in records
     ]
-    done = [(p, store.get_record(d["repaired_id"])) for p, d in pairs if d.get("repaired_id")]
     if done and all(a.truth and b.truth for a, b in done):
         before = sum(a.truth["implausible_area"] for a, _ in done) / len(done)
         after = sum(b.truth["implausible_area"] for _, b in done) / len(done)
@@ -213,6 +243,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(comparison_markdown(summary))
+    return _compare_exit(summary)
+
+
+def _compare_exit(summary: dict) -> int:
+    """1 (and a message on stderr) when an image of either side is missing or failed, or no pair was scored."""
+    short = {side: summary.get("failed", {}).get(side, 0) + summary.get("missing", {}).get(side, 0) for side in "ab"}
+    if summary["pairs"] == 0 or any(short.values()):
+        print(
+            f"error: {summary['pairs']} pairs compared; images without a score: A {short['a']}, B {short['b']} "
+            f"(of {summary.get('planned', '?')} each); see errors/ under compare/a and compare/b",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -251,6 +294,12 @@ def cmd_repair(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(json.dumps(report, indent=1))
+    if report["failed"]:
+        print(
+            f"error: {len(report['failed'])} repairs failed (errors/repair-<id>.json); a rerun retries them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
