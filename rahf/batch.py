@@ -2,13 +2,22 @@
 
 Writes, per run folder:
 
-* ``scores.jsonl``: one line per item in input order — image, prompt, the four scores, misaligned keywords,
-  the keyword sequence, the overlay files, or ``error`` for an item that could not be scored;
-* ``scores.csv``: the same scores as a table;
-* ``overlays/<stem>.png``: the image beside its implausibility and misalignment overlays.
+* ``scores.jsonl``: one line per item in input order — its id, image, prompt, the four scores, misaligned
+  keywords, the keyword sequence, the overlay file, or ``error`` for an item that could not be scored;
+* ``scores.csv``: the same scores as a table (text cells that a spreadsheet would run as a formula are
+  prefixed with ``'``; the JSONL keeps the true text);
+* ``overlays/<id>.png``: the image beside its implausibility and misalignment overlays. The id is the item's
+  zero-padded position and its file stem (``000007-cat``), so items sharing an image or a stem never collide.
 
-Every file is written to a temporary name and renamed, so an interrupted run never leaves half a file. One bad
-image becomes a line with its error; the rest of the batch is scored.
+Items are scored in chunks. After each chunk its overlays and a part file ``scores.parts/<chunk>.jsonl`` are
+written, so a crash late in a batch keeps every chunk finished before it; at the end ``scores.jsonl`` and
+``scores.csv`` are written and the parts removed (a new run in the folder first removes an old run's parts).
+Every file is written to a temporary name and renamed, with the user's umask, so none is ever half written.
+
+One bad item (an image that cannot be opened or decoded, one over ``max_pixels``, a prompt that is not a
+string) becomes a line with its error; the rest are scored. Images are reduced as they are decoded so their
+long side is at most ``max_side``: heatmaps and overlays come at that size, and memory per item is bounded.
+Each image is decoded once, in groups of the scorer's batch size, and dropped once its overlay is written.
 """
 
 from __future__ import annotations
@@ -16,37 +25,79 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic import atomic_write_bytes
-from rahf.processor import load_image, to_rgb
-from rahf.scorer import RAHFScorer, RichFeedback, ScoringFailure
+from PIL import Image
+
+from common.atomic import atomic_write_bytes, sweep_stale_temps
+from common.lines import LineIssue, decoded_lines, raise_if_strict
+from rahf.processor import DEFAULT_MAX_PIXELS, InvalidImageError, load_image, to_rgb
+from rahf.scorer import RAHFScorer, RichFeedback, ScoringFailure, prompt_problem
 from rahf.visualize import overlay_heatmap, side_by_side
+
+#: Long side, in pixels, to which images are reduced before scoring; heatmaps and overlays come at this size.
+DEFAULT_MAX_SIDE = 1024
+#: Items per chunk: the unit of durable progress (a part file and its overlays).
+DEFAULT_CHUNK_SIZE = 32
+PARTS_DIR = "scores.parts"
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_MISSING = object()
 
 
 @dataclass
 class ScoreItem:
-    """One input: an image file and the prompt it was generated from."""
+    """One input: an image file and the prompt it was generated from.
+
+    ``prompt`` is what the input held; a value that is not a string is refused for this item when scored.
+    """
 
     image: Path
-    prompt: str
+    prompt: object
 
 
-def read_items(path: str | Path) -> list[ScoreItem]:
-    """Read a JSONL file of ``{"image": path, "prompt": str}``; image paths are relative to the file."""
+def read_items(path: str | Path, *, strict: bool = False) -> tuple[list[ScoreItem], list[LineIssue]]:
+    """Read a JSONL file of ``{"image": path, "prompt": str}`` -> (items, bad lines).
+
+    Image paths are relative to the file. A line that is not UTF-8, not a JSON object, or has no ``image``
+    string is skipped and reported. A line whose prompt is missing or not a string of valid Unicode is reported
+    and kept as an item, which :func:`score_items` records as an error. ``strict``: any bad line refuses the
+    file (:class:`common.lines.BadLinesError`, naming ``file:line``).
+    """
     path = Path(path)
-    items = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
+    items, issues = [], []
+    for n, text, problem in decoded_lines(path):
+        if problem is None and text is not None and not text.strip():
             continue
-        try:
-            row = json.loads(line)
-            items.append(ScoreItem(path.parent / row["image"], str(row["prompt"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f'{path}:{n}: expected {{"image": ..., "prompt": ...}}: {err}') from err
-    return items
+        if problem is None:
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                row, problem = None, f"not valid JSON ({err.msg} at column {err.colno})"
+            if problem is None and not (isinstance(row, dict) and isinstance(row.get("image"), str) and row["image"]):
+                problem = 'expected a JSON object {"image": path, "prompt": text} with a non-empty image path'
+        if problem is not None:
+            issues.append(LineIssue(path, n, problem))
+            continue
+        prompt = row.get("prompt", _MISSING)
+        items.append(ScoreItem(path.parent / row["image"], prompt))
+        reason = _item_problem(items[-1])
+        if reason is not None:
+            issues.append(LineIssue(path, n, reason, kept=True))
+    raise_if_strict(issues, strict)
+    return items, issues
+
+
+def _item_problem(item: ScoreItem) -> str | None:
+    return "no prompt" if item.prompt is _MISSING else prompt_problem(item.prompt)
+
+
+def item_id(index: int, image: Path, total: int) -> str:
+    """A run-unique id for item ``index``: its zero-padded position and file stem (``000007-cat``)."""
+    stem = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in Path(image).stem)[:80]
+    return f"{index:0{max(6, len(str(total - 1)))}d}-{stem}"
 
 
 def score_items(
@@ -56,29 +107,104 @@ def score_items(
     *,
     overlays: bool = True,
     scores_only: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_side: int | None = DEFAULT_MAX_SIDE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> list[dict]:
-    """Score ``items`` and write the run folder; returns the JSONL rows."""
+    """Score ``items`` and write the run folder (see the module docstring); returns the JSONL rows.
+
+    Args:
+        max_pixels: images with more pixels are error records (None: only Pillow's own limit).
+        max_side: images are reduced to this long side before scoring; heatmaps and overlays have that size
+            (None: each image's own size, memory grows with it).
+        chunk_size: items scored, and made durable, per chunk.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_limits(scorer, max_pixels, max_side)
     out_dir = Path(out_dir)
+    parts = out_dir / PARTS_DIR
+    sweep_stale_temps(out_dir)
+    if parts.is_dir():
+        shutil.rmtree(parts)  # an interrupted run's progress; this run rescores those items
+    limits = {"max_pixels": max_pixels, "max_side": max_side}
+    rows: list[dict] = []
+    for c, start in enumerate(range(0, len(items), chunk_size)):
+        chunk = items[start : start + chunk_size]
+        chunk_rows = [_base_row(i, it, len(items)) for i, it in enumerate(chunk, start=start)]
+        pending = []
+        for row, it in zip(chunk_rows, chunk):
+            problem = _item_problem(it)
+            if problem is None:
+                pending.append((row, it))
+            else:
+                row["error"] = problem
+        done = 0
+        while done < len(pending):  # groups of the scorer's batch size (which may shrink after out of memory)
+            group = pending[done : done + scorer.batch_size]
+            done += len(group)
+            _score_group(scorer, group, out_dir, overlays=overlays, scores_only=scores_only, limits=limits)
+        atomic_write_bytes(parts / f"{c:06d}.jsonl", _jsonl(chunk_rows))
+        rows.extend(chunk_rows)
+    atomic_write_bytes(out_dir / "scores.jsonl", _jsonl(rows))
+    atomic_write_bytes(
+        out_dir / "scores.csv", _csv(rows, scorer.model.config.score_names).encode("utf-8", "backslashreplace")
+    )
+    if parts.is_dir():
+        shutil.rmtree(parts)
+    return rows
+
+
+def check_limits(scorer: RAHFScorer, max_pixels: int | None, max_side: int | None) -> None:
+    """Refuse (``ValueError``) a pixel limit below 1 or a side cap below the model's input size."""
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1 (or None), got {max_pixels}")
+    if max_side is not None and max_side < scorer.processor.image_size:
+        raise ValueError(f"max_side must be >= the model's input size {scorer.processor.image_size}, got {max_side}")
+
+
+def _score_group(
+    scorer: RAHFScorer,
+    group: list[tuple[dict, ScoreItem]],
+    out_dir: Path,
+    *,
+    overlays: bool,
+    scores_only: bool,
+    limits: dict,
+) -> None:
+    """Decode (once, within ``limits``), score and draw one group of items, filling in their rows."""
+    decoded = []
+    for row, item in group:
+        try:
+            decoded.append((row, to_rgb(load_image(item.image, **limits))))
+        except InvalidImageError as err:
+            row["error"] = str(err)
+    if not decoded:
+        return
     results = scorer.score(
-        [it.prompt for it in items],
-        [it.image for it in items],
+        [row["prompt"] for row, _ in decoded],
+        [image for _, image in decoded],
         errors="return",
         heatmap_size="image",
         scores_only=scores_only,
+        max_pixels=None,  # applied above, as the images were decoded
     )
-    rows = []
-    for item, res in zip(items, results):
-        row: dict = {"image": str(item.image), "prompt": item.prompt}
+    for (row, image), res in zip(decoded, results):
         if isinstance(res, ScoringFailure):
             row["error"] = res.error
-        else:
-            row.update(_feedback_row(res))
-            if overlays and res.heatmaps:
-                row["overlay"] = _write_overlay(out_dir, item, res)
-        rows.append(row)
-    atomic_write_bytes(out_dir / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-    atomic_write_bytes(out_dir / "scores.csv", _csv(rows, scorer.model.config.score_names).encode())
-    return rows
+            continue
+        row.update(_feedback_row(res))
+        if overlays and res.heatmaps:
+            row["overlay"] = _write_overlay(out_dir, row["id"], image, res)
+
+
+def _base_row(index: int, item: ScoreItem, total: int) -> dict:
+    prompt = None if item.prompt is _MISSING else item.prompt
+    return {"id": item_id(index, item.image, total), "image": str(item.image), "prompt": prompt}
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode("ascii")  # ASCII: lone surrogates stay escaped
 
 
 def _feedback_row(fb: RichFeedback) -> dict:
@@ -90,30 +216,43 @@ def _feedback_row(fb: RichFeedback) -> dict:
     }
 
 
-def _write_overlay(out_dir: Path, item: ScoreItem, fb: RichFeedback) -> str:
-    image = load_image(item.image)
+def _write_overlay(out_dir: Path, key: str, image: Image.Image, fb: RichFeedback) -> str:
     panels = [overlay_heatmap(image, fb.heatmaps[n]) for n in fb.heatmaps]
-    picture = side_by_side([to_rgb(image), *panels])
+    picture = side_by_side([image, *panels])
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
-    rel = Path("overlays") / f"{item.image.stem}.png"
+    rel = Path("overlays") / f"{key}.png"
     atomic_write_bytes(out_dir / rel, buf.getvalue())
     return str(rel)
+
+
+def csv_cell(value: object) -> object:
+    """A CSV cell a spreadsheet will not run: text starting with ``= + - @``, tab or CR gets a leading ``'``.
+
+    Numbers pass unchanged; None becomes an empty cell; lists are written as their JSON text.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
 def _csv(rows: list[dict], score_names: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["image", "prompt", *score_names, "misaligned_keywords", "error"])
+    writer.writerow(["image", "prompt", *score_names, "misaligned_keywords", "error", "id"])
     for r in rows:
         scores = r.get("scores", {})
         writer.writerow(
             [
-                r["image"],
-                r["prompt"],
+                csv_cell(r["image"]),
+                csv_cell(r["prompt"]),
                 *[scores.get(n, "") for n in score_names],
-                " ".join(r.get("misaligned_keywords", [])),
-                r.get("error", ""),
+                csv_cell(" ".join(r.get("misaligned_keywords", []))),
+                csv_cell(r.get("error", "")),
+                csv_cell(r["id"]),
             ]
         )
     return buf.getvalue()

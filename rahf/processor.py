@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rahf.words import clean_prompt, keyword_sequence, prompt_words
@@ -29,22 +29,94 @@ class InvalidImageError(ValueError):
     """An image that cannot be decoded or converted; the message names the image."""
 
 
-def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
-    """Open a path, bytes or PIL image and decode it fully; failures raise :class:`InvalidImageError`."""
+class ImageTooLargeError(InvalidImageError):
+    """An image with more pixels than the caller's limit (or Pillow's decompression-bomb limit)."""
+
+
+#: Pixel limit for images to be scored: 64 MP (8000 x 8000), below Pillow's 89.5 MP warning threshold.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def load_image(
+    source: ImageInput,
+    name: str | None = None,
+    *,
+    max_pixels: int | None = None,
+    max_side: int | None = None,
+) -> Image.Image:
+    """Open a path, bytes or PIL image and decode it fully; failures raise :class:`InvalidImageError`.
+
+    Args:
+        source: a path, encoded bytes or a PIL image (returned as is unless ``max_side`` reduces it).
+        name: how messages name the image (default: the path, or the byte count).
+        max_pixels: refuse (:class:`ImageTooLargeError`) an image of more pixels, read from the file header
+            before anything is decoded. Pillow's own limit (2 x ``Image.MAX_IMAGE_PIXELS``) applies on top.
+        max_side: reduce an image whose long side exceeds this to that long side (aspect kept, Lanczos); JPEGs
+            are decoded at a reduced scale first, so the full-size image is never held in memory.
+    """
+    label = name or (
+        str(source)
+        if isinstance(source, (str, Path))
+        else "<PIL image>"
+        if isinstance(source, Image.Image)
+        else f"<{len(source)} bytes>"
+    )
     if isinstance(source, Image.Image):
-        return source
-    label = name or (str(source) if isinstance(source, (str, Path)) else f"<{len(source)} bytes>")
+        check_pixels(source.size, max_pixels, label)
+        return fit_within(source, max_side, label)
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
         raise InvalidImageError(f"cannot open image {label}: {err}") from err
     try:
         with fp:
-            image = Image.open(fp)
+            image = Image.open(fp)  # reads the header only
+            check_pixels(image.size, max_pixels, label)
+            if max_side is not None and max(image.size) > max_side:
+                image.draft(None, fitted_size(image.size, max_side))  # JPEG: DCT scaling, never below the target
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InvalidImageError(f"cannot decode image {label}: {err}") from err
-    return image
+    except InvalidImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(f"image {label} is too large to decode safely: {err}") from err
+    except Exception as err:  # a hostile file can make any plugin raise anything; the item is what failed
+        raise InvalidImageError(f"cannot decode image {label}: {type(err).__name__}: {err}") from err
+    return fit_within(image, max_side, label)
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int | None, label: str = "image") -> None:
+    """Raise :class:`ImageTooLargeError` when ``size`` (W, H) holds more than ``max_pixels`` pixels."""
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"image {label} is {w}x{h} ({w * h / 1e6:.1f} MP), over the limit of {max_pixels} pixels (max_pixels)"
+        )
+
+
+def fitted_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(W, H) scaled so the long side is ``max_side`` (aspect kept, each side at least 1); unchanged if it fits."""
+    w, h = size
+    if max(w, h) <= max_side:
+        return w, h
+    s = max_side / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def fit_within(image: Image.Image, max_side: int | None, label: str = "image") -> Image.Image:
+    """``image`` reduced so its long side is at most ``max_side`` (Lanczos, alpha premultiplied); a new image.
+
+    Palette and 1-bit images are converted first (RGBA / L) so they are filtered, not subsampled.
+    """
+    if max_side is None or max(image.size) <= max_side:
+        return image
+    try:
+        if image.mode in ("P", "PA"):
+            image = image.convert("RGBA")
+        elif image.mode == "1":
+            image = image.convert("L")
+        return image.resize(fitted_size(image.size, max_side), Image.LANCZOS, reducing_gap=3.0)
+    except (ValueError, OSError) as err:
+        raise InvalidImageError(f"cannot reduce image {label} ({image.mode} {image.size}): {err}") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -56,6 +128,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.width < 1 or image.height < 1:
         raise InvalidImageError(f"image has no pixels: {image.size}")
+    try:
+        return _convert_to_rgb(image)
+    except (ValueError, OSError, TypeError) as err:  # a mode or palette Pillow cannot convert
+        raise InvalidImageError(f"cannot convert a {image.mode} image to RGB: {err}") from err
+
+
+def _convert_to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image

@@ -21,7 +21,7 @@ from PIL import Image
 from rahf.model import RAHFModel
 from rahf.oom import is_out_of_memory, release_memory, run_in_batches
 from rahf.presets import PRESETS, build_rahf
-from rahf.processor import ImageInput, InvalidImageError, RAHFProcessor, load_image, to_rgb
+from rahf.processor import DEFAULT_MAX_PIXELS, ImageInput, InvalidImageError, RAHFProcessor, load_image, to_rgb
 
 DTYPES = {
     "fp32": torch.float32,
@@ -146,6 +146,8 @@ class RAHFScorer:
         scores_only: bool = False,
         heatmap_size: str = "model",
         errors: str = "raise",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_side: int | None = None,
     ) -> list[RichFeedback | ScoringFailure]:
         """Predict rich feedback for each image.
 
@@ -157,9 +159,19 @@ class RAHFScorer:
             scores_only: only the four scores (no heatmaps, no decoding): the cheapest path.
             heatmap_size: ``"model"`` ((S, S), the ViT input size) or ``"image"`` (each image's own (H, W)).
             errors: ``"raise"`` stops at the first bad input with a message naming it; ``"return"`` puts a
-                :class:`ScoringFailure` at that position and scores the rest.
+                :class:`ScoringFailure` at that position and scores the rest (an image that cannot be opened,
+                decoded or converted, one over ``max_pixels``, a prompt that is not a string of valid Unicode).
+            max_pixels: images with more pixels are refused (:class:`ImageTooLargeError`) from their header,
+                before decoding; None for no limit of ours (Pillow's decompression-bomb limit still applies).
+            max_side: reduce images whose long side is longer to that long side (aspect kept) as they are
+                decoded, so memory per image is bounded; ``heatmap_size="image"`` heatmaps then come at the
+                reduced size. Must be at least the model's input size. None keeps images as they are.
         """
-        prompts = _expand_prompts(prompt, len(images))
+        prompts = _expand_prompts(prompt, len(images), strict=errors != "return")
+        if max_side is not None and max_side < self.processor.image_size:
+            raise ValueError(f"max_side must be >= the model's input size {self.processor.image_size}, got {max_side}")
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
         if heatmap_size not in ("model", "image"):
             raise ValueError(f"heatmap_size must be 'model' or 'image', got {heatmap_size!r}")
         if errors not in ("raise", "return"):
@@ -179,7 +191,7 @@ class RAHFScorer:
             nonlocal decoded_upto
             if stop > decoded_upto:
                 indices = range(decoded_upto, stop)
-                decoded.update(self._decode(images, prompts, indices, results, errors))
+                decoded.update(self._decode(images, prompts, indices, results, errors, (max_pixels, max_side)))
                 decoded_upto = stop
             chunk = [(i, decoded[i]) for i in range(start, stop) if i in decoded]
             if chunk:
@@ -204,11 +216,18 @@ class RAHFScorer:
     def _settle(self, batch_size: int) -> None:
         self.batch_size = batch_size
 
-    def _decode(self, images, prompts, indices, results, errors) -> list[tuple[int, Image.Image]]:
+    def _decode(self, images, prompts, indices, results, errors, limits) -> list[tuple[int, Image.Image]]:
+        """Decode the images at ``indices`` to RGB; bad ones become failures in ``results`` (or raise)."""
+        max_pixels, max_side = limits
         ok = []
         for i in indices:
+            problem = prompt_problem(prompts[i])
+            if problem is not None:  # only reached with errors="return": "raise" refused it up front
+                results[i] = ScoringFailure(i, prompts[i], problem)
+                continue
+            name = str(images[i]) if isinstance(images[i], (str, Path)) else f"#{i}"
             try:
-                ok.append((i, to_rgb(load_image(images[i], name=f"#{i}"))))
+                ok.append((i, to_rgb(load_image(images[i], name=name, max_pixels=max_pixels, max_side=max_side))))
             except InvalidImageError as err:
                 if errors == "raise":
                     raise InvalidImageError(f"image {i}: {err}") from err
@@ -324,13 +343,30 @@ def resolve_model_dir(source: str | Path) -> Path:
         ) from err
 
 
-def _expand_prompts(prompt: str | Sequence[str], n: int) -> list[str]:
+def prompt_problem(prompt: object) -> str | None:
+    """Why ``prompt`` cannot be scored (not a string, or not valid Unicode), or None when it can."""
+    if not isinstance(prompt, str):
+        kind = "null" if prompt is None else type(prompt).__name__
+        return f"prompt must be a string, got {kind}"
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"prompt is not valid Unicode (lone surrogate at position {err.start})"
+    return None
+
+
+def _expand_prompts(prompt: str | Sequence[str], n: int, *, strict: bool = True) -> list[str]:
+    """One prompt per image; ``strict`` refuses prompts that cannot be scored (else ``_decode`` fails them)."""
     if isinstance(prompt, str):
-        return [prompt] * n
+        prompt = [prompt] * n
     prompts = list(prompt)
     if len(prompts) != n:
         raise ValueError(f"got {len(prompts)} prompts for {n} images; pass one prompt or one per image")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"prompts must be str; positions {bad[:5]} are not")
+    if strict:
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"prompts must be str; positions {bad[:5]} are not")
+        bad = [i for i, p in enumerate(prompts) if prompt_problem(p)]
+        if bad:
+            raise ValueError(f"prompts must be valid Unicode; positions {bad[:5]} are not")
     return prompts

@@ -24,6 +24,18 @@ def _add_scorer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--scores-only", action="store_true", help="only the four scores (fastest)")
     p.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlay PNGs")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=64_000_000,
+        help="images with more pixels are error records (default 64000000; 0: only Pillow's own limit)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=1024,
+        help="reduce images to this long side before scoring; heatmaps and overlays have it (default 1024; 0: none)",
+    )
 
 
 def _scorer(args: argparse.Namespace):
@@ -44,22 +56,58 @@ def _print_rows(rows: list[dict], out: Path) -> None:
         s = "  ".join(f"{k}={v:.3f}" for k, v in r["scores"].items())
         kw = ", ".join(r["misaligned_keywords"]) or "-"
         print(f"  {Path(r['image']).name:32s} {s}  misaligned: {kw}")
-    print(f"wrote {out / 'scores.jsonl'}, {out / 'scores.csv'} and overlays in {out / 'overlays'}")
+    failed = sum("error" in r for r in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} items failed (error records in scores.jsonl)")
+    overlays = f" and overlays in {out / 'overlays'}" if any("overlay" in r for r in rows) else ""
+    print(f"wrote {out / 'scores.jsonl'}, {out / 'scores.csv'}{overlays}")
+
+
+def _score_options(args: argparse.Namespace) -> dict:
+    return {
+        "overlays": not args.no_overlays,
+        "scores_only": args.scores_only,
+        "max_pixels": args.max_pixels or None,
+        "max_side": args.max_side or None,
+    }
+
+
+def _report_bad_lines(issues: list, shown: int = 20) -> None:
+    for issue in issues[:shown]:
+        print(f"warning: {issue} ({'recorded as an error' if issue.kept else 'skipped'})", file=sys.stderr)
+    if len(issues) > shown:
+        print(f"warning: ... and {len(issues) - shown} more", file=sys.stderr)
+    if issues:
+        print(f"warning: {len(issues)} bad lines (use --strict to refuse such a file)", file=sys.stderr)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from rahf.batch import ScoreItem, read_items, score_items
+    """Exit 0: every item scored; 1: some item failed or an input line was skipped (everything else is written);
+    2: nothing run (no inputs, an unreadable items file, or a bad line under --strict)."""
+    from rahf.batch import ScoreItem, check_limits, read_items, score_items
 
+    issues: list = []
     if args.items:
-        items = read_items(args.items)
+        try:
+            items, issues = read_items(args.items, strict=args.strict)
+        except OSError as err:
+            print(f"error: cannot read {args.items}: {err}", file=sys.stderr)
+            return 2
+        _report_bad_lines(issues)
     elif args.image and args.prompt is not None:
         items = [ScoreItem(Path(p), args.prompt) for p in args.image]
     else:
         print("error: give --items FILE.jsonl, or --image PATH [PATH ...] with --prompt TEXT", file=sys.stderr)
         return 2
-    rows = score_items(_scorer(args), items, args.out, overlays=not args.no_overlays, scores_only=args.scores_only)
+    scorer, options = _scorer(args), _score_options(args)
+    try:
+        check_limits(scorer, options["max_pixels"], options["max_side"])
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = score_items(scorer, items, args.out, **options)
     _print_rows(rows, Path(args.out))
-    return 1 if all("error" in r for r in rows) else 0
+    return 1 if any(not i.kept for i in issues) or any("error" in r for r in rows) else 0
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -67,11 +115,11 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
     samples = resources.files("rahf") / "samples" / "prompts.jsonl"
     with resources.as_file(samples) as path:
-        items = read_items(path)
+        items, _ = read_items(path, strict=True)
         print(f"scoring {len(items)} bundled sample images with {args.model} on {args.device} ({args.dtype})")
         if args.model in ("rahf-tiny",):
             print("note: presets are at random init until trained: the numbers show the pipeline, not quality")
-        rows = score_items(_scorer(args), items, args.out, overlays=not args.no_overlays, scores_only=args.scores_only)
+        rows = score_items(_scorer(args), items, args.out, **_score_options(args))
     _print_rows(rows, Path(args.out))
     return 0 if all("error" not in r for r in rows) else 1
 
@@ -96,10 +144,10 @@ def _prefect_home(out: str) -> None:
 def cmd_loop(args: argparse.Namespace) -> int:
     import os
 
+    prompts = _prompts(args)  # first: a refused prompts file costs nothing
     _prefect_home(args.out)
     os.environ.setdefault("DO_NOT_TRACK", "1")
     rahf = _rahf_source(args.rahf)
-    prompts = _prompts(args)
     from flows.loop import feedback_loop
 
     finetune = {"steps": args.finetune_steps} if args.finetune_steps and args.generator != "synthetic" else {}
@@ -212,10 +260,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
+    """The --prompts file (bad lines reported and skipped; refused under --strict), or the grammar's prompts."""
+    if args.prompts:
+        from common.lines import BadLinesError, read_prompt_lines
+
+        prompts, issues = read_prompt_lines(args.prompts, strict=args.strict)
+        _report_bad_lines(issues)
+        if not prompts:
+            raise BadLinesError(issues, headline=f"{args.prompts}: no usable prompt")
+        return prompts
     from rahf.data.synthetic import sample_prompts
 
-    if args.prompts:
-        return [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
     return sample_prompts(args.num_prompts, seed=0)
 
 
@@ -228,12 +283,13 @@ def _rahf_source(name: str) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    prompts = _prompts(args)
     _prefect_home(args.out)
     from flows.loop import compare_checkpoints, comparison_markdown
 
     summary = compare_checkpoints(
         root=args.out,
-        prompts=_prompts(args),
+        prompts=prompts,
         generator=args.generator,
         lora_a=args.lora_a,
         lora_b=args.lora_b,
@@ -457,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", nargs="+", help="image files (with --prompt)")
     p.add_argument("--prompt", help="the prompt of the --image files")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--strict", action="store_true", help="refuse an --items file with any bad line (exit 2)")
     _add_scorer_args(p)
     p.set_defaults(func=cmd_score)
 
@@ -478,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="RAHF folder or hub id; synthetic-default trains (once) and caches rahf-tiny",
         )
         p.add_argument("--prompts", help="a text file, one prompt per line (default: prompts of the grammar)")
+        p.add_argument("--strict", action="store_true", help="refuse a --prompts file with any bad line (exit 2)")
         p.add_argument("--num-prompts", type=int, default=12)
         p.add_argument("--per-prompt", type=int, default=8)
         p.add_argument("--compare-per-prompt", type=int, default=4)
@@ -532,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-b", help="adapter folder on top of B")
     p.add_argument("--rahf", default="synthetic-default")
     p.add_argument("--prompts", help="a text file, one prompt per line")
+    p.add_argument("--strict", action="store_true", help="refuse a --prompts file with any bad line (exit 2)")
     p.add_argument("--num-prompts", type=int, default=12)
     p.add_argument("--per-prompt", type=int, default=4)
     p.add_argument("--device", default="cpu")
@@ -688,8 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.lines import BadLinesError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BadLinesError as err:  # an input file refused under --strict (or with nothing usable in it)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def test_score_keeps_going_past_a_bad_file(tmp_path):
         + "\n"
     )
     out = tmp_path / "run"
-    assert main(["score", "--items", str(items), "--out", str(out), "--scores-only"]) == 0
+    # exit 1: an item failed; the rest is still scored and written
+    assert main(["score", "--items", str(items), "--out", str(out), "--scores-only"]) == 1
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert "scores" in rows[0] and "overlay" not in rows[0]
     assert "cannot decode image" in rows[1]["error"]
