@@ -49,12 +49,22 @@ class Predictions:
 
 def load_ground_truth(data_dir: str | Path, split: str, suffix: str = "_0") -> GroundTruth:
     """Read a split (``<split>.tfrecord`` + ``<split>.jsonl``); examples without a usable prompt are skipped."""
-    records, _ = read_split(data_dir, split)
-    scores = {n: np.array([r.example.scores[n] for r in records]) for n in SCORE_NAMES}
-    maps = {n: np.stack([r.example.heatmaps[n] for r in records]) for n in HEATMAP_NAMES}
-    targets = [keyword_sequence(r.prompt, r.example.word_labels, suffix) for r in records]
+    records, _ = read_split(data_dir, split)  # lazy: one pass below decodes each record once
+    uids, scores, maps, targets = [], {n: [] for n in SCORE_NAMES}, {n: [] for n in HEATMAP_NAMES}, []
+    for r in records:
+        uids.append(r.example.uid)
+        for n in SCORE_NAMES:
+            scores[n].append(r.example.scores[n])
+        for n in HEATMAP_NAMES:
+            maps[n].append(r.example.heatmaps[n])
+        targets.append(keyword_sequence(r.prompt, r.example.word_labels, suffix))
     return GroundTruth(
-        [r.example.uid for r in records], [r.prompt for r in records], [r.image for r in records], scores, maps, targets
+        uids,
+        list(records.prompts),
+        [records.image(i) for i in range(len(records))],
+        {n: np.array(v) for n, v in scores.items()},
+        {n: np.stack(v) for n, v in maps.items()},
+        targets,
     )
 
 

@@ -9,6 +9,11 @@ every ``eval_every`` steps measure the dev loss and keep the best checkpoint -> 
 save a checkpoint. A killed run resumes from its last checkpoint and ends with the same weights as an
 uninterrupted run: the data order is a function of the step, and the checkpoint holds the model (safetensors),
 the optimizer state and the torch RNG state (safetensors), and the step (JSON).
+
+Splits are read lazily (:class:`rahf.data.richhf.RichHFSplit`): a batch is decoded when it is drawn, so memory
+does not grow with the dataset. Under ``accelerate launch`` / ``torchrun`` every process takes a disjoint slice of
+the same seeded global micro-batch, loss parts are weighted by their share of it (:func:`rank_loss`), and only
+the main process writes files.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +35,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from rahf.data.richhf import read_split
-from rahf.model import TRAINING_FIELDS, RAHFConfig, RAHFLabels, RAHFModel
+from rahf.data.richhf import RichHFSplit, read_split
+from rahf.model import TRAINING_FIELDS, RAHFConfig, RAHFLabels, RAHFModel, RAHFOutput
 from rahf.presets import build_rahf
 from rahf.processor import RAHFProcessor
 
@@ -81,43 +88,87 @@ class TrainConfig:
 
 
 @dataclass
-class SplitData:
-    """A split as tensors at the model resolution, plus prompts and keyword targets."""
+class TrainBatch:
+    """Examples decoded at the model resolution."""
 
-    pixels: torch.Tensor  # (N, 3, S, S) normalised
-    heatmaps: dict[str, torch.Tensor]  # name -> (N, S, S) in [0, 1]
-    scores: dict[str, torch.Tensor]  # name -> (N,)
+    pixels: torch.Tensor  # (B, 3, S, S) normalised
+    heatmaps: dict[str, torch.Tensor]  # name -> (B, S, S) in [0, 1]
+    scores: dict[str, torch.Tensor]  # name -> (B,)
     prompts: list[str]
     targets: list[str]  # keyword sequences ("a yellow_0 cat")
-    skipped: int  # examples dropped because word and label counts differ
+
+
+class SplitData:
+    """A split for training: a lazy :class:`RichHFSplit`, decoded one batch at a time at the model resolution.
+
+    Nothing decoded is kept between batches, so memory does not grow with the split. ``pixels``, ``heatmaps``,
+    ``scores`` and ``targets`` are the whole split decoded once and then kept — for small in-memory users (the
+    baselines); training never reads them.
+    """
+
+    def __init__(self, records: RichHFSplit, processor: RAHFProcessor) -> None:
+        self.records = records
+        self.processor = processor
+        self.skipped = records.skipped  # examples dropped because word and label counts differ
 
     def __len__(self) -> int:
-        return len(self.prompts)
+        return len(self.records)
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.records.prompts
+
+    def batch(self, index: torch.Tensor | Sequence[int]) -> TrainBatch:
+        """The examples at ``index`` (in that order), read from disk and decoded now."""
+        size = self.processor.image_size
+        pixels, maps, scores, prompts, targets = [], {}, {}, [], []
+        for rec in self.records.read(torch.as_tensor(index).tolist()):
+            pixels.append(self.processor.preprocess_image(rec.image))
+            for name, m in rec.example.heatmaps.items():
+                maps.setdefault(name, []).append(_resize_map(m, size))
+            for name, v in rec.example.scores.items():
+                scores.setdefault(name, []).append(v)
+            prompts.append(rec.prompt)
+            targets.append(self.processor.keyword_target(rec.prompt, rec.example.word_labels))
+        return TrainBatch(
+            torch.stack(pixels),
+            {k: torch.stack(v) for k, v in maps.items()},
+            {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()},
+            prompts,
+            targets,
+        )
+
+    @cached_property
+    def _whole(self) -> TrainBatch:
+        return self.batch(torch.arange(len(self)))
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """(N, 3, S, S): the whole split, decoded on first use and kept."""
+        return self._whole.pixels
+
+    @property
+    def heatmaps(self) -> dict[str, torch.Tensor]:
+        """name -> (N, S, S): the whole split, decoded on first use and kept."""
+        return self._whole.heatmaps
+
+    @property
+    def scores(self) -> dict[str, torch.Tensor]:
+        """name -> (N,): the whole split, decoded on first use and kept."""
+        return self._whole.scores
+
+    @property
+    def targets(self) -> list[str]:
+        return self._whole.targets
 
 
 def load_split(data_dir: str | Path, split: str, processor: RAHFProcessor) -> SplitData:
-    """Read a split; examples whose prompt word count differs from the label count are skipped and counted."""
+    """Index a split (lazily, see :class:`RichHFSplit`); examples whose prompt word count differs from the label
+    count are skipped and counted. Raises ``ValueError`` when no example is usable."""
     records, skipped = read_split(data_dir, split)
-    size = processor.image_size
-    pixels, maps, scores, prompts, targets = [], {}, {}, [], []
-    for rec in records:
-        pixels.append(processor.preprocess_image(rec.image))
-        for name, m in rec.example.heatmaps.items():
-            maps.setdefault(name, []).append(_resize_map(m, size))
-        for name, v in rec.example.scores.items():
-            scores.setdefault(name, []).append(v)
-        prompts.append(rec.prompt)
-        targets.append(processor.keyword_target(rec.prompt, rec.example.word_labels))
-    if not prompts:
+    if not len(records):
         raise ValueError(f"{data_dir}/{split}: no usable examples ({skipped} skipped)")
-    return SplitData(
-        torch.stack(pixels),
-        {k: torch.stack(v) for k, v in maps.items()},
-        {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()},
-        prompts,
-        targets,
-        skipped,
-    )
+    return SplitData(records, processor)
 
 
 def _resize_map(m: np.ndarray, size: int) -> torch.Tensor:
@@ -128,19 +179,17 @@ def _resize_map(m: np.ndarray, size: int) -> torch.Tensor:
 
 
 def batch_inputs(model: RAHFModel, processor: RAHFProcessor, data: SplitData, index: torch.Tensor):
-    """Model inputs and labels for the examples at ``index``."""
-    prompts = [data.prompts[i] for i in index.tolist()]
+    """Model inputs and labels for the examples at ``index``: (pixels, input_ids, attention_mask, labels)."""
+    batch = data.batch(index)
     if model.config.variant == "multi_head":
-        text = processor.tokenize(prompts)
+        text = processor.tokenize(batch.prompts)
     else:
         tasks = model.task_order(model.config.heatmap_names, model.config.score_names, True)
-        text = processor.tokenize_tasks(prompts, [model.config.task_prefixes[t] for t in tasks])
+        text = processor.tokenize_tasks(batch.prompts, [model.config.task_prefixes[t] for t in tasks])
     labels = RAHFLabels(
-        heatmaps={k: v[index] for k, v in data.heatmaps.items()},
-        scores={k: v[index] for k, v in data.scores.items()},
-        keyword_ids=processor.tokenize_targets([data.targets[i] for i in index.tolist()]),
+        heatmaps=batch.heatmaps, scores=batch.scores, keyword_ids=processor.tokenize_targets(batch.targets)
     )
-    return data.pixels[index], text.input_ids, text.attention_mask, labels
+    return batch.pixels, text.input_ids, text.attention_mask, labels
 
 
 def micro_batch_index(k: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -149,6 +198,72 @@ def micro_batch_index(k: int, n: int, batch_size: int, seed: int) -> torch.Tenso
     epoch, j = divmod(k, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return order[j * batch_size : (j + 1) * batch_size]
+
+
+def rank_batch_index(k: int, n: int, batch_size: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """Process ``rank``'s ``batch_size`` indices of micro-batch ``k`` when ``world`` processes train together.
+
+    Every process draws the same global micro-batch of ``batch_size × world`` (:func:`micro_batch_index`) and
+    takes its own slice, so the slices are disjoint and ``world`` processes see exactly what one process with the
+    global batch would. One process: :func:`micro_batch_index` itself.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside 0..{world - 1}")
+    if world == 1:
+        return micro_batch_index(k, n, batch_size, seed)
+    total = batch_size * world
+    if n < total:
+        raise ValueError(
+            f"{n} training examples, fewer than one global batch of {total} ({batch_size} × {world} processes)"
+        )
+    return micro_batch_index(k, n, total, seed)[rank * batch_size : (rank + 1) * batch_size]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses across processes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def loss_terms(config: RAHFConfig, labels: RAHFLabels, outputs: RAHFOutput) -> dict[str, tuple[float, torch.Tensor]]:
+    """Per loss part: (its coefficient in the model's total loss, the count its batch mean divides by).
+
+    Scores, and heatmaps without an empty-map weight, are means over samples (count = B); the token loss is a
+    mean over target tokens; heatmaps with ``empty_heatmap_weight`` λ > 0 divide by Σ (1 + λ·[target empty]);
+    the ITM loss is a mean over its (B + negatives) pairs. So part = Σ over a split batch of part_r · count_r /
+    Σ count_r, which is what :func:`rank_loss` uses.
+    """
+    terms: dict[str, tuple[float, torch.Tensor]] = {}
+    for key, part in outputs.loss_parts.items():
+        kind, _, name = key.partition("/")
+        if kind == "heatmap":
+            target = labels.heatmaps[name]
+            coef = config.heatmap_loss_weight * config.heatmap_weights.get(name, 1.0)
+            if config.empty_heatmap_weight == 0.0:
+                count = torch.tensor(float(target.shape[0]))
+            else:
+                empty = target.float().flatten(1).amax(dim=1) <= 0
+                count = (1.0 + config.empty_heatmap_weight * empty.float()).sum()
+        elif kind == "score":
+            coef, count = config.score_loss_weight, torch.tensor(float(labels.scores[name].shape[0]))
+        elif key == "tokens" and labels.keyword_ids is not None:
+            coef, count = config.token_loss_weight, (labels.keyword_ids != -100).sum().float()
+        elif key == "itm" and outputs.itm_logits is not None:
+            coef, count = config.itm_loss_weight, torch.tensor(float(outputs.itm_logits.numel()))
+        else:
+            raise ValueError(f"no rule to weight the loss part {key!r} across processes")
+        terms[key] = (float(coef), count.detach().to(part.device, torch.float64))
+    return terms
+
+
+def rank_loss(
+    parts: dict[str, torch.Tensor], terms: dict[str, tuple[float, torch.Tensor]], totals: dict, world: int
+) -> torch.Tensor:
+    """This process's share of the global batch's loss: Σ coef · part · count · world / Σ_ranks count.
+
+    Averaged over the ``world`` processes (what DDP does to gradients) it is the loss of the whole global batch,
+    token loss and empty-map weights included. ``totals``: part -> count summed over the processes.
+    """
+    return sum(coef * parts[k] * (count * world / totals[k]).to(parts[k].dtype) for k, (coef, count) in terms.items())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,10 +337,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def dev_loss(model: RAHFModel, processor: RAHFProcessor, data: SplitData, batch_size: int, device) -> float:
+def dev_loss(
+    model: RAHFModel,
+    processor: RAHFProcessor,
+    data: SplitData,
+    batch_size: int,
+    device,
+    accelerator: Accelerator | None = None,
+) -> float:
+    """Mean over examples of the loss of consecutive batches of ``batch_size``.
+
+    With an ``accelerator`` of several processes, process r evaluates batches r, r + world, ... and the sums are
+    reduced, so every process returns the same number as one process would (same batches).
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     model.eval()
     total, n = 0.0, 0
-    for start in range(0, len(data), batch_size):
+    for j, start in enumerate(range(0, len(data), batch_size)):
+        if j % world != rank:
+            continue
         index = torch.arange(start, min(start + batch_size, len(data)))
         px, ids, mask, labels = batch_inputs(model, processor, data, index)
         labels = _to(labels, device)
@@ -233,6 +363,8 @@ def dev_loss(model: RAHFModel, processor: RAHFProcessor, data: SplitData, batch_
         total += float(out.loss) * len(index)
         n += len(index)
     model.train()
+    if world > 1:
+        total, n = accelerator.reduce(torch.tensor([total, n], dtype=torch.float64, device=device), "sum").tolist()
     return total / n
 
 
@@ -247,13 +379,19 @@ def _to(labels: RAHFLabels, device) -> RAHFLabels:
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) training; ``stop_after`` ends early after that many optimizer steps (tests of resume).
 
-    Returns a summary: final step, best dev loss, seconds, skipped example counts.
+    Under ``accelerate launch`` / ``torchrun`` with several processes, ``batch_size`` is per process: each takes
+    its slice of one seeded global micro-batch of ``batch_size × processes`` (:func:`rank_batch_index`), DDP
+    averages the gradients of :func:`rank_loss`, and only the main process writes the configuration, the log and
+    the checkpoints. Returns a summary: final step, best dev loss, seconds, examples, skipped example counts,
+    processes and the global batch (per optimizer micro-step).
     """
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     overrides: dict[str, Any] = {n: getattr(cfg, n) for n in TRAINING_FIELDS if getattr(cfg, n) is not None}
     if Path(cfg.preset).is_dir():
         model, processor = RAHFModel.from_pretrained(cfg.preset), RAHFProcessor.from_pretrained(cfg.preset)
@@ -265,6 +403,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         model, processor = build_rahf(cfg.preset, variant=cfg.variant, seed=cfg.seed, config_overrides=overrides)
     train_data = load_split(cfg.data_dir, cfg.train_split, processor)
     dev_data = load_split(cfg.data_dir, cfg.dev_split, processor)
+    rank_batch_index(0, len(train_data), cfg.batch_size, cfg.seed, rank, world)  # refuse a split too small, now
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, best = 0, float("inf")
@@ -276,7 +415,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     device = accelerator.device
-    log = open(out / "log.jsonl", "a")  # noqa: SIM115 - closed in finally
+    log = open(out / "log.jsonl", "a") if main else None  # noqa: SIM115 - closed in finally
+
+    def write(entry: dict) -> None:
+        if log is not None:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+
     started, done_now = time.perf_counter(), 0
     try:
         while step < cfg.steps and (stop_after is None or done_now < stop_after):
@@ -284,42 +429,54 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
                 group["lr"] = lr_at(step, cfg)
             parts_sum: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                index = micro_batch_index(step * cfg.grad_accum + micro, len(train_data), cfg.batch_size, cfg.seed)
+                k = step * cfg.grad_accum + micro
+                index = rank_batch_index(k, len(train_data), cfg.batch_size, cfg.seed, rank, world)
                 px, ids, mask, labels = batch_inputs(raw, processor, train_data, index)
+                labels = _to(labels, device)
                 with accelerator.accumulate(model), accelerator.autocast():
                     outputs = model(
-                        px.to(device),
-                        ids.to(device),
-                        mask.to(device),
-                        labels=_to(labels, device),
-                        channels_last=cfg.channels_last,
+                        px.to(device), ids.to(device), mask.to(device), labels=labels, channels_last=cfg.channels_last
                     )
-                    accelerator.backward(outputs.loss)
+                    parts = {k: float(v.detach()) for k, v in outputs.loss_parts.items()}
+                    loss = outputs.loss
+                    if world > 1:  # each part weighted by its share of the global batch (see rank_loss)
+                        terms = loss_terms(raw.config, labels, outputs)
+                        counts = torch.stack([c for _, c in terms.values()]).to(device)
+                        totals = dict(zip(terms, accelerator.reduce(counts, "sum"), strict=True))
+                        loss = rank_loss(outputs.loss_parts, terms, totals, world)
+                        parts = {k: parts[k] * float(c * world / totals[k]) for k, (_, c) in terms.items()}
+                    accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
-                for k, v in outputs.loss_parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
+            if world > 1:  # the mean over processes of the weighted parts is the global batch's part
+                mean = accelerator.reduce(torch.tensor(list(parts_sum.values()), dtype=torch.float64, device=device))
+                parts_sum = dict(zip(parts_sum, (v / world for v in mean.tolist()), strict=True))
             step += 1
             done_now += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
-                entry = {"step": step, "lr": lr_at(step - 1, cfg), "loss": sum(parts_sum.values()), **parts_sum}
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
+                write({"step": step, "lr": lr_at(step - 1, cfg), "loss": sum(parts_sum.values()), **parts_sum})
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                loss = dev_loss(raw, processor, dev_data, cfg.batch_size, device)
-                log.write(json.dumps({"step": step, "dev_loss": loss}) + "\n")
-                log.flush()
-                if loss < best:
-                    best = loss
-                    save_checkpoint(out / "best", raw, processor, optimizer, step, best)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                loss_dev = dev_loss(raw, processor, dev_data, cfg.batch_size, device, accelerator)
+                write({"step": step, "dev_loss": loss_dev})
+                if loss_dev < best:  # the same on every process: the dev loss is reduced over them
+                    best = loss_dev
+                    if main:
+                        save_checkpoint(out / "best", raw, processor, optimizer, step, best)
+            if main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 save_checkpoint(out / "checkpoints" / f"step-{step}", raw, processor, optimizer, step, best)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
+    accelerator.wait_for_everyone()
     return {
         "step": step,
         "best_dev_loss": best,
         "seconds": time.perf_counter() - started,
         "train_examples": len(train_data),
         "skipped": train_data.skipped + dev_data.skipped,
+        "processes": world,
+        "global_batch": cfg.batch_size * world,
+        "main_process": main,
     }

@@ -412,7 +412,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 2
         cfg = TrainConfig(**{k: v for k, v in flags.items() if v is not None})
     summary = train(cfg)
-    print(json.dumps(summary))
+    if summary["main_process"]:  # several processes (accelerate launch / torchrun): one summary
+        print(json.dumps(summary))
     return 0
 
 

@@ -21,11 +21,12 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO, overload
 
 import numpy as np
 from PIL import Image
 
-from rahf.data.tfrecord import decode_example, encode_example, read_records, write_records
+from rahf.data.tfrecord import decode_example, encode_example, iter_records, read_record_at, read_records, write_records
 from rahf.words import prompt_words
 
 SCORE_FEATURES = {
@@ -83,8 +84,8 @@ def _map_to_png(heatmap: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def parse_example(features: dict, where: str = "record") -> RichHFExample:
-    """Decoded ``tf.train.Example`` features -> :class:`RichHFExample`; schema errors name ``where``."""
+def _parse_fields(features: dict, where: str) -> tuple[str, dict[str, float], list[int]]:
+    """Filename, scores and word labels of decoded features (everything but the maps), schema-checked."""
 
     def one(name: str) -> object:
         values = features.get(name)
@@ -101,7 +102,8 @@ def parse_example(features: dict, where: str = "record") -> RichHFExample:
         if not isinstance(value, float) or not 0.0 <= value <= 1.0:
             raise RichHFFormatError(f"{where}: {theirs!r} must be a float in [0, 1], got {value!r}")
         scores[ours] = value
-    heatmaps = {ours: _png_to_map(one(theirs), f"{where}: {theirs}") for ours, theirs in MAP_FEATURES.items()}
+    for theirs in MAP_FEATURES.values():
+        one(theirs)
     labels_raw = features.get(LABEL_FEATURE) or [b""]
     try:
         labels = [int(t) for t in labels_raw[0].decode("utf-8").split()]
@@ -109,7 +111,14 @@ def parse_example(features: dict, where: str = "record") -> RichHFExample:
         raise RichHFFormatError(f"{where}: {LABEL_FEATURE!r} must be space-separated 0/1: {err}") from err
     if any(x not in (0, 1) for x in labels):
         raise RichHFFormatError(f"{where}: {LABEL_FEATURE!r} must hold only 0 and 1")
-    return RichHFExample(filename.decode("utf-8"), scores, heatmaps, labels)
+    return filename.decode("utf-8"), scores, labels
+
+
+def parse_example(features: dict, where: str = "record") -> RichHFExample:
+    """Decoded ``tf.train.Example`` features -> :class:`RichHFExample`; schema errors name ``where``."""
+    filename, scores, labels = _parse_fields(features, where)
+    heatmaps = {ours: _png_to_map(features[theirs][0], f"{where}: {theirs}") for ours, theirs in MAP_FEATURES.items()}
+    return RichHFExample(filename, scores, heatmaps, labels)
 
 
 def example_features(example: RichHFExample) -> dict:
@@ -121,15 +130,18 @@ def example_features(example: RichHFExample) -> dict:
     return features
 
 
+def _decode(data: bytes, where: str) -> dict:
+    try:
+        return decode_example(data)
+    except ValueError as err:
+        raise RichHFFormatError(f"{where}: not a tf.train.Example: {err}") from err
+
+
 def read_richhf(paths: str | Path | Sequence[str | Path]) -> Iterator[RichHFExample]:
     """Yield the examples of one or more RichHF-18K TFRecord files, in order."""
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         for i, record in enumerate(read_records(path)):
-            try:
-                features = decode_example(record)
-            except ValueError as err:
-                raise RichHFFormatError(f"{path} record {i}: not a tf.train.Example: {err}") from err
-            yield parse_example(features, where=f"{path} record {i}")
+            yield parse_example(_decode(record, f"{path} record {i}"), where=f"{path} record {i}")
 
 
 @dataclass
@@ -141,26 +153,88 @@ class SplitRecord:
     image: Path
 
 
-def read_split(data_dir: str | Path, split: str) -> tuple[list[SplitRecord], int]:
-    """Pair ``<split>.tfrecord`` examples with ``<split>.jsonl`` rows (uid, image, prompt) of a split folder.
+class RichHFSplit(Sequence[SplitRecord]):
+    """The usable examples of a split folder, read lazily: memory is flat in the split's size.
 
-    Examples with no row, or whose prompt's word count (RichHF-18K rule) differs from their label count, are
-    skipped, never truncated; returns the records and the number skipped.
+    Built by one pass over ``<split>.tfrecord`` that checks every record's framing and its names, scores and
+    labels, and pairs it with its ``<split>.jsonl`` row (uid, image, prompt); examples with no row, or whose
+    prompt's word count (RichHF-18K rule) differs from their label count, are skipped and counted, never
+    truncated. The split then holds, per kept example, the record's byte offset (``offsets``, int64 (N,)), its
+    position in the file, the prompt and the image's name; ``split[i]`` re-reads record i (checksums verified)
+    and decodes its maps. Order is file order. A record damaged after indexing raises :class:`TFRecordError`
+    (file and byte offset); a map that is not a PNG raises :class:`RichHFFormatError` (file, record, byte offset
+    and field).
     """
-    data_dir = Path(data_dir)
-    rows = {}
-    for line in (data_dir / f"{split}.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["uid"]] = row
-    records, skipped = [], 0
-    for ex in read_richhf(data_dir / f"{split}.tfrecord"):
-        row = rows.get(ex.uid)
-        if row is None or len(prompt_words(row["prompt"])) != len(ex.word_labels):
-            skipped += 1
-            continue
-        records.append(SplitRecord(ex, row["prompt"], data_dir / row["image"]))
-    return records, skipped
+
+    def __init__(self, data_dir: str | Path, split: str) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / f"{split}.tfrecord"
+        rows: dict[str, tuple[str, str]] = {}
+        for line in (self.data_dir / f"{split}.jsonl").read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["uid"]] = (row["image"], row["prompt"])
+        offsets: list[int] = []
+        numbers: list[int] = []
+        self.prompts: list[str] = []
+        self.image_names: list[str] = []
+        self.skipped = 0
+        for i, (offset, data) in enumerate(iter_records(self.path)):
+            where = f"{self.path} record {i} at byte {offset}"
+            filename, _, labels = _parse_fields(_decode(data, where), where)
+            row = rows.get(PurePosixPath(filename).stem)
+            if row is None or len(prompt_words(row[1])) != len(labels):
+                self.skipped += 1
+                continue
+            offsets.append(offset)
+            numbers.append(i)
+            self.image_names.append(row[0])
+            self.prompts.append(row[1])
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.record_numbers = np.asarray(numbers, dtype=np.int64)  # position in the file, for messages
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _read(self, i: int, handle: BinaryIO) -> SplitRecord:
+        offset = int(self.offsets[i])
+        where = f"{self.path} record {self.record_numbers[i]} at byte {offset}"
+        example = parse_example(_decode(read_record_at(self.path, offset, handle), where), where)
+        return SplitRecord(example, self.prompts[i], self.data_dir / self.image_names[i])
+
+    def read(self, indices: Iterable[int]) -> list[SplitRecord]:
+        """The records at ``indices`` (any order, repeats allowed), decoded through one open file."""
+        n = len(self)
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not -n <= i < n]
+        if bad:
+            raise IndexError(f"{self.path}: index {bad[0]} out of range for a split of {n} examples")
+        with open(self.path, "rb") as handle:
+            return [self._read(i % n, handle) for i in idx]
+
+    @overload
+    def __getitem__(self, i: int) -> SplitRecord: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[SplitRecord]: ...
+    def __getitem__(self, i: int | slice) -> SplitRecord | list[SplitRecord]:
+        if isinstance(i, slice):
+            return self.read(range(*i.indices(len(self))))
+        return self.read([i])[0]
+
+    def __iter__(self) -> Iterator[SplitRecord]:
+        with open(self.path, "rb") as handle:
+            for i in range(len(self)):
+                yield self._read(i, handle)
+
+    def image(self, i: int) -> Path:
+        """Path of example i's image (no decoding)."""
+        return self.data_dir / self.image_names[i]
+
+
+def read_split(data_dir: str | Path, split: str) -> tuple[RichHFSplit, int]:
+    """The lazy :class:`RichHFSplit` of ``<split>.tfrecord`` + ``<split>.jsonl`` and the number skipped."""
+    records = RichHFSplit(data_dir, split)
+    return records, records.skipped
 
 
 def write_richhf(path: str | Path, examples: Iterable[RichHFExample]) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import crc32c as _crc32c
 
@@ -40,29 +41,56 @@ def masked_crc32c(data: bytes) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_records(path: str | Path) -> Iterator[bytes]:
-    """Yield each record's payload, verifying the length and data checksums."""
+def _read_frame(f: BinaryIO, path: Path, offset: int) -> bytes | None:
+    """The payload of the record at ``offset`` (``f`` positioned there), checksums verified; None at the end."""
+    header = f.read(12)
+    if not header:
+        return None
+    if len(header) < 12:
+        raise TFRecordError(f"{path}: truncated record header at byte {offset}")
+    (length,) = struct.unpack("<Q", header[:8])
+    (length_crc,) = struct.unpack("<I", header[8:])
+    if masked_crc32c(header[:8]) != length_crc:
+        raise TFRecordError(f"{path}: length checksum mismatch at byte {offset}")
+    data = f.read(length)
+    footer = f.read(4)
+    if len(data) < length or len(footer) < 4:
+        raise TFRecordError(f"{path}: truncated record of {length} bytes at byte {offset}")
+    if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
+        raise TFRecordError(f"{path}: data checksum mismatch in the record at byte {offset}")
+    return data
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """Yield (byte offset, payload) of each record in file order, verifying the length and data checksums."""
     path = Path(path)
     with open(path, "rb") as f:
         offset = 0
-        while True:
-            header = f.read(12)
-            if not header:
-                return
-            if len(header) < 12:
-                raise TFRecordError(f"{path}: truncated record header at byte {offset}")
-            (length,) = struct.unpack("<Q", header[:8])
-            (length_crc,) = struct.unpack("<I", header[8:])
-            if masked_crc32c(header[:8]) != length_crc:
-                raise TFRecordError(f"{path}: length checksum mismatch at byte {offset}")
-            data = f.read(length)
-            footer = f.read(4)
-            if len(data) < length or len(footer) < 4:
-                raise TFRecordError(f"{path}: truncated record of {length} bytes at byte {offset}")
-            if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-                raise TFRecordError(f"{path}: data checksum mismatch in the record at byte {offset}")
-            yield data
-            offset += 16 + length
+        while (data := _read_frame(f, path, offset)) is not None:
+            yield offset, data
+            offset += 16 + len(data)
+
+
+def read_records(path: str | Path) -> Iterator[bytes]:
+    """Yield each record's payload, verifying the length and data checksums."""
+    for _, data in iter_records(path):
+        yield data
+
+
+def read_record_at(path: str | Path, offset: int, handle: BinaryIO | None = None) -> bytes:
+    """The payload of the one record that starts at byte ``offset`` (from :func:`iter_records`), verified.
+
+    ``handle``: an open binary file of ``path`` to read from (saves an open per record); errors name ``path``.
+    """
+    path = Path(path)
+    if handle is None:
+        with open(path, "rb") as f:
+            return read_record_at(path, offset, f)
+    handle.seek(offset)
+    data = _read_frame(handle, path, offset)
+    if data is None:
+        raise TFRecordError(f"{path}: no record at byte {offset}, the file ends at byte {handle.seek(0, 2)}")
+    return data
 
 
 def frame_record(data: bytes) -> bytes:
