@@ -320,8 +320,9 @@ def load_checkpoint(path: Path, model: RAHFModel, optimizer) -> tuple[int, float
 
 
 def last_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+    """The finished checkpoint of the highest step (``step-N``; a ``step-N.tmp`` left by a killed save is not)."""
+    found = [p for p in (out_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    return max(found, key=lambda p: int(p.name[5:]), default=None)
 
 
 # ---------------------------------------------------------------------------------------------------------

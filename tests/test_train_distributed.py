@@ -159,3 +159,13 @@ def test_two_processes_match_one_process_of_the_same_global_batch(data_dir, tmp_
     want = dev_loss(model, processor, load_split(data_dir, "dev", processor), 2, torch.device("cpu"))
     logged = [r["dev_loss"] for r in rows["two"] if "dev_loss" in r]
     assert logged == [pytest.approx(want, rel=1e-5)]
+
+
+def test_a_half_written_checkpoint_is_not_resumed_from(tmp_path):
+    from rahf.train import last_checkpoint
+
+    (tmp_path / "checkpoints" / "step-3").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-12").mkdir()
+    (tmp_path / "checkpoints" / "step-15.tmp").mkdir()  # a save killed before its rename
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-12"
+    assert last_checkpoint(tmp_path / "nothing") is None
