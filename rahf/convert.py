@@ -22,6 +22,10 @@ Names, theirs -> ours:
 * Norm scales are stored as (C, 1, 1) there and (C,) here.
 
 Single-head reference checkpoints map to our ``augmented_prompt`` variant with the reference's task strings.
+
+The imported folder also records how the reference fed its model, so scoring sees what it was trained on: the ViT
+image processor's resize (PIL bilinear to the ViT size; rescale 1/255; mean = std = 0.5) and the caption cleaned
+by the RichHF-18K split rule (our processor's rule), tokenised with truncation only at t5-base's 512 tokens.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ REFERENCE_TASK_PREFIXES = {
     "overall": "<output> SCORE: overall </output>",
     "keywords": "",
 }
+REFERENCE_RESAMPLE = "bilinear"  # the ViT image processor's resize filter (google/vit-large-patch16-384)
+REFERENCE_MAX_TEXT_TOKENS = 512  # the reference tokenises with truncation at the T5 tokenizer's 512 tokens
 
 
 def _sub_all(rules: list[tuple[str, str]], rest: str) -> str | None:
@@ -188,11 +194,11 @@ def import_reference_checkpoint(
     state = load_reference_checkpoint(checkpoint)
     multi = any(re.match(r"heatmap_predictor\.[a-z]+\.conv_layers", k) for k in state)
     variant = "multi_head" if multi else "augmented_prompt"
-    config = preset_config(preset, variant)
+    config = preset_config(preset, variant, {"max_text_tokens": REFERENCE_MAX_TEXT_TOKENS})
     if variant == "augmented_prompt":
         config.task_prefixes = dict(REFERENCE_TASK_PREFIXES)
     model = RAHFModel(config)
-    model.load_state_dict_strict(convert_reference_state_dict(state, model))
+    model.load_state_dict_strict(convert_reference_state_dict(state, model), source=str(checkpoint))
     tokenizer_source = tokenizer_source or PRESETS[preset].text_id
     if tokenizer_source is None:
         tokenizer = build_offline_t5_tokenizer()
@@ -203,6 +209,7 @@ def import_reference_checkpoint(
         image_size=config.image_size,
         max_text_tokens=config.max_text_tokens,
         misaligned_suffix=config.misaligned_suffix,
+        resample=REFERENCE_RESAMPLE,
     )
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)

@@ -8,17 +8,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from common.config_fields import Positive, PositiveInt, check_fields, load_json_config
 from rahf.words import clean_prompt, keyword_sequence, prompt_words
 
 PROCESSOR_NAME = "processor_config.json"
@@ -165,6 +168,27 @@ class TextBatch:
     num_words: list[int]  # words of each cleaned prompt (RichHF-18K rule)
 
 
+Resample = Literal["bicubic", "bilinear", "lanczos", "hamming", "box", "nearest"]
+RESAMPLE_FILTERS = {name: Image.Resampling[name.upper()] for name in get_args(Resample)}
+
+
+@dataclass
+class ProcessorConfig:
+    """The settings of :class:`RAHFProcessor` (``processor_config.json``), checked against these annotations."""
+
+    image_size: PositiveInt  # the ViT input side S
+    max_text_tokens: PositiveInt = 128  # prompt tokens kept
+    image_mean: float = 0.5  # pixels are normalised as (x / 255 - mean) / std
+    image_std: Positive = 0.5
+    misaligned_suffix: str = "_0"
+    # PIL filter of the resize to S x S. Bicubic for models trained here; imported reference checkpoints were
+    # trained with the ViT image processor's bilinear resize.
+    resample: Resample = "bicubic"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 class RAHFProcessor:
     """Turns (prompt, image) pairs into model inputs and decoded keyword sequences back into words."""
 
@@ -180,22 +204,22 @@ class RAHFProcessor:
     ) -> None:
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs pad and eos tokens")
+        config = ProcessorConfig(image_size, max_text_tokens, image_mean, image_std, misaligned_suffix, resample)
         self.tokenizer = tokenizer
-        self.image_size = image_size
-        self.max_text_tokens = max_text_tokens
-        self.image_mean = image_mean
-        self.image_std = image_std
-        self.misaligned_suffix = misaligned_suffix
-        self.resample = resample
+        self.image_size = config.image_size
+        self.max_text_tokens = config.max_text_tokens
+        self.image_mean = config.image_mean
+        self.image_std = config.image_std
+        self.misaligned_suffix = config.misaligned_suffix
+        self.resample = config.resample
 
     # -- images --------------------------------------------------------------------------------------------
 
     def preprocess_image(self, image: ImageInput) -> torch.Tensor:
         """One image -> (3, S, S) float32, normalised: (x / 255 - mean) / std, so [-1, 1] at 0.5 / 0.5."""
         rgb = to_rgb(load_image(image))
-        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[self.resample]
         if rgb.size != (self.image_size, self.image_size):
-            rgb = rgb.resize((self.image_size, self.image_size), resample=resample)
+            rgb = rgb.resize((self.image_size, self.image_size), resample=RESAMPLE_FILTERS[self.resample])
         arr = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         return (arr - self.image_mean) / self.image_std
 
@@ -276,24 +300,18 @@ class RAHFProcessor:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(directory))
-        config = {
-            "image_size": self.image_size,
-            "max_text_tokens": self.max_text_tokens,
-            "image_mean": self.image_mean,
-            "image_std": self.image_std,
-            "misaligned_suffix": self.misaligned_suffix,
-            "resample": self.resample,
-        }
-        (directory / PROCESSOR_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        config = ProcessorConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ProcessorConfig)})
+        (directory / PROCESSOR_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> RAHFProcessor:
+        """Read the tokenizer and ``processor_config.json``; a bad file or field raises ``ValueError`` naming it."""
         directory = Path(directory)
         path = directory / PROCESSOR_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {PROCESSOR_NAME} in {directory}")
-        config = json.loads(path.read_text())
-        return cls(_load_tokenizer(directory), **config)
+        config = load_json_config(ProcessorConfig, path, "processor")
+        return cls(_load_tokenizer(directory), **dataclasses.asdict(config))
 
 
 def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:

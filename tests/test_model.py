@@ -354,7 +354,7 @@ def test_bce_heatmap_loss_by_hand():
         torch.testing.assert_close(logit.grad * 4, expected(torch.sigmoid(logit.detach())))
     with pytest.raises(ValueError, match="heatmap loss must be one of"):
         heatmap_loss(pred, target, kind="l1")
-    with pytest.raises(ValueError, match="heatmap_loss must be one of"):
+    with pytest.raises(ValueError, match="field heatmap_loss: expected one of"):
         RAHFConfig(**{**preset_config("rahf-tiny").to_dict(), "heatmap_loss": "l1"})
 
 
@@ -397,7 +397,7 @@ def test_per_map_heatmap_weights_scale_only_their_map(tiny_multi, images):
     assert isinstance(config.heatmap_weights["misalignment"], float)
     with pytest.raises(ValueError, match="heatmap_weights names 'shadows'"):
         preset_config("rahf-tiny", overrides={"heatmap_weights": {"shadows": 1.0}})
-    with pytest.raises(ValueError, match=r"heatmap_weights\['misalignment'\] must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"field heatmap_weights\[misalignment\]: expected float >= 0"):
         preset_config("rahf-tiny", overrides={"heatmap_weights": {"misalignment": -1.0}})
 
 
@@ -423,7 +423,7 @@ def test_negative_loss_weights_are_refused():
 
     with pytest.raises(ValueError, match="empty_weight must be a finite number >= 0"):
         heatmap_loss(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), -0.5)
-    with pytest.raises(ValueError, match="empty_heatmap_weight must be a finite number >= 0, got nan"):
+    with pytest.raises(ValueError, match="field empty_heatmap_weight: expected a finite float, got nan"):
         RAHFConfig(**{**preset_config("rahf-tiny").to_dict(), "empty_heatmap_weight": float("nan")})
 
 
@@ -435,7 +435,7 @@ def test_itm_head_exists_only_when_weighted_and_leaves_other_weights_alone():
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same backbone and heads: ITM is built last
     with pytest.raises(ValueError, match="itm_loss_weight > 0 needs the multi_head variant"):
         preset_config("rahf-tiny", "augmented_prompt", {"itm_loss_weight": 1.0})
-    with pytest.raises(ValueError, match="itm_loss_weight must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="field itm_loss_weight: expected float >= 0"):
         preset_config("rahf-tiny", overrides={"itm_loss_weight": -1.0})
 
 
@@ -482,5 +482,5 @@ def test_itm_negatives_limits_the_shifted_pairs(images):
     with torch.no_grad():
         single = model(pixels[:1], text.input_ids[:1], text.attention_mask[:1], labels=one)
     assert single.itm_logits is None and "itm" not in single.loss_parts  # no other prompt to pair with
-    with pytest.raises(ValueError, match="itm_negatives must be >= 0"):
+    with pytest.raises(ValueError, match="field itm_negatives: expected int >= 0"):
         preset_config("rahf-tiny", overrides={"itm_negatives": -1})

@@ -117,7 +117,7 @@ def test_loss_weight_overrides_reach_the_saved_model_and_bad_ones_are_refused(da
     train(config(data_dir, tmp_path / "ok", steps=3, empty_heatmap_weight=2.5, heatmap_loss_weight=7.0))
     saved = json.loads((tmp_path / "ok" / "best" / "config.json").read_text())
     assert (saved["empty_heatmap_weight"], saved["heatmap_loss_weight"]) == (2.5, 7.0)
-    with pytest.raises(ValueError, match=r"empty_heatmap_weight must be a finite number >= 0, got -1\.0"):
+    with pytest.raises(ValueError, match=r"field empty_heatmap_weight: expected float >= 0, got -1\.0"):
         train(config(data_dir, tmp_path / "bad", empty_heatmap_weight=-1.0))
     assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before any step ran
 
@@ -130,7 +130,8 @@ def test_itm_override_builds_the_head_and_a_saved_model_without_one_refuses_it(d
     train(config(data_dir, tmp_path / "plain", steps=1))
     with pytest.raises(ValueError, match="saved without an ITM head"):
         train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "plain" / "best"), itm_loss_weight=1.0))
-    with pytest.raises(ValueError, match="itm_negatives must be >= 0, got -2"):  # a saved model's overrides are checked
+    # a saved model's overrides are checked
+    with pytest.raises(ValueError, match="field itm_negatives: expected int >= 0, got -2"):
         train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "plain" / "best"), itm_negatives=-2))
     resumed = config(data_dir, tmp_path / "again", preset=str(tmp_path / "plain" / "best"), steps=1, itm_negatives=3)
     train(resumed)
