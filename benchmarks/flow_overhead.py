@@ -1,4 +1,4 @@
-"""What Prefect costs the feedback loop, and how generate-and-score scales with the number of images (DESIGN §6).
+"""What Prefect costs the feedback loop, and how generate-and-score scales with the number of images.
 
 (a) The feedback loop through the Prefect flow ``flows.loop.feedback_loop`` against the same stages of
 ``flows.stages`` called directly in the same order with the same arguments (generate and score -> select ->

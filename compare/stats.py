@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_write_text
+from common.bootstrap import bootstrap_means
 from generators.base import SCORE_NAMES, ImageRecord
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,6 @@ BINS = ("much_better", "better", "same", "worse", "much_worse")
 BIN_SYMBOLS = {"much_better": "B ≫ A", "better": "B > A", "same": "B ≈ A", "worse": "B < A", "much_worse": "B ≪ A"}
 #: tolerance of the threshold comparisons (scores are in [0, 1])
 THRESHOLD_TOL = 1e-9
-#: at most this many resampled indices are held at once
-_BOOT_CHUNK_ELEMS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -273,27 +272,6 @@ def score_matrix(pairs: Sequence[tuple[ImageRecord, ImageRecord]], names: Sequen
                 if v is None or not math.isfinite(v) or not 0 <= v <= 1:
                     raise ValueError(f"pair {i} ({r.prompt!r}, seed {r.seed}) side {'AB'[side]}: {n} = {v!r}")
                 out[side, i, j] = v
-    return out
-
-
-def bootstrap_means(d: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Means of ``n_boot`` resamples (with replacement) of the rows of ``d``; (N, S) -> (n_boot, S).
-
-    Resample ``b`` uses row indices ``rng.integers(0, N, size=N)`` in draw order, ``rng = default_rng(seed)``;
-    they are drawn in chunks of whole resamples, which gives the same indices as one draw per resample. A
-    resample's mean is (how often each row was drawn) @ ``d`` / N, one matrix product per chunk.
-    """
-    d = np.asarray(d, np.float64)
-    n = d.shape[0]
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _BOOT_CHUNK_ELEMS // n)
-    out = np.empty((n_boot, d.shape[1]), np.float64)
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(m, n))  # (m, N) row indices of m resamples
-        idx += (np.arange(m) * n)[:, None]  # offset each resample's indices into its own row of counts
-        counts = np.bincount(idx.ravel(), minlength=m * n).reshape(m, n)
-        out[start : start + m] = counts @ d / n
     return out
 
 

@@ -1,4 +1,4 @@
-"""Finetuning generators on their own best images, chosen by predicted rich feedback (paper §5, DESIGN §5).
+"""Finetuning generators on their own best images, chosen by predicted rich feedback (paper §5).
 
 * :mod:`finetune.select` — group scored images by prompt, rank them by one predicted score or a weighted mean of
   several, and keep the best ``top_k`` per prompt that clear every threshold (the paper: best of eight,

@@ -1,4 +1,4 @@
-"""Export of a selected finetuning set as an image folder (paper §5, DESIGN §5 and §6).
+"""Export of a selected finetuning set as an image folder (paper §5).
 
 The folder is what diffusers' text-to-image training scripts and the ``datasets`` "imagefolder" loader read::
 

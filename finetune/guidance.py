@@ -1,4 +1,4 @@
-"""Score-guided sampling for Stable Diffusion (the paper's second use of RAHF scores, Fig. 8c-d; DESIGN §5).
+"""Score-guided sampling for Stable Diffusion (the paper's second use of RAHF scores, Fig. 8c-d).
 
 At every denoising step the predicted clean latent x̂₀ is decoded by the VAE, RAHF scores the image, and the
 gradient of that score with respect to the current latent steers the noise prediction, in the classifier-guidance

@@ -1,4 +1,4 @@
-"""LoRA finetuning of a generator on a selected image folder (paper §5, DESIGN §5).
+"""LoRA finetuning of a generator on a selected image folder (paper §5).
 
 The data is the folder :func:`finetune.dataset.export_dataset` writes (``metadata.jsonl`` with ``file_name`` and
 ``text``). The loop, top to bottom: build the generator -> encode every image once with the frozen VQ-GAN / VAE

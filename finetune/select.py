@@ -1,4 +1,4 @@
-"""Best-of-N selection of finetuning data by predicted scores (paper §5, DESIGN §5).
+"""Best-of-N selection of finetuning data by predicted scores (paper §5).
 
 The paper generates eight images per prompt, predicts RAHF scores for each, and keeps a prompt's best image
 when its score clears a fixed threshold (plausibility >= 0.8 in its Fig. 8 example). Here the ranking value is

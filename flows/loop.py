@@ -1,4 +1,4 @@
-"""Prefect flows of the feedback loop (DESIGN §6): each flow only orchestrates tasks, and each task is a few lines
+"""Prefect flows of the feedback loop: each flow only orchestrates tasks, and each task is a few lines
 around a plain stage function of :mod:`flows.stages`. Tasks pass names, ids and URIs, never tensors or images.
 
 * ``generate_and_score`` — N images per prompt, scored in batches (progress artifact, console bar).

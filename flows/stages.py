@@ -1,4 +1,4 @@
-"""The feedback loop's stages as plain functions over a run store (DESIGN §6); ``flows.loop`` wraps each in a
+"""The feedback loop's stages as plain functions over a run store; ``flows.loop`` wraps each in a
 Prefect task. They take names, ids and URIs and return JSON-able reports; models are loaded once per process.
 
 Resume: an id whose record is valid is finished and never regenerated or rescored; an unreadable record counts as

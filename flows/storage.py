@@ -1,4 +1,4 @@
-"""The run store: everything of a run under one root, a local folder or ``s3://bucket/prefix`` (DESIGN §6).
+"""The run store: everything of a run under one root, a local folder or ``s3://bucket/prefix``.
 
 Layout under the root (keys are POSIX paths relative to it)::
 

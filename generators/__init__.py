@@ -1,4 +1,4 @@
-"""Text-to-image generators behind one interface (DESIGN §3): the synthetic world (``generators.synthetic``),
+"""Text-to-image generators behind one interface: the synthetic world (``generators.synthetic``),
 aMUSEd (``generators.amused``) and Stable Diffusion (``generators.stable_diffusion``). ``generators.base`` holds the
 interface, the generator identity and the image record; it imports neither torch nor diffusers."""
 

@@ -1,5 +1,5 @@
 """What the diffusers backends share: device and dtype, one ``torch.Generator`` per image, LoRA identity, and the
-paste-back that keeps pixels outside an inpainting mask exactly as they were (DESIGN §3–4)."""
+paste-back that keeps pixels outside an inpainting mask exactly as they were."""
 
 from __future__ import annotations
 

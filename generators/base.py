@@ -1,6 +1,6 @@
 """The one generator interface, the identity of a generator, and the image record that flows between stages.
 
-DESIGN §3 and §6: every generated image carries its prompt, seed, parameters and the generator's identity
+Every generated image carries its prompt, seed, parameters and the generator's identity
 (model id or path, revision, LoRA adapter content hash), and gets a stable id from them, so a rerun recognises
 finished work. :class:`ImageRecord` is the JSON-able form the flows write to the manifest; it never holds pixels.
 """

@@ -1,4 +1,4 @@
-"""Stable Diffusion behind the generator interface: text-to-image and inpainting (DESIGN §3).
+"""Stable Diffusion behind the generator interface: text-to-image and inpainting.
 
 Presets: ``sd-tiny`` (built offline from configs at random init: a 4-block VAE, so 64 px → 8×8 latents as in the
 real model's 8-pixel cells, a 2-level UNet, a 2-layer CLIP text encoder and the offline byte-level tokenizer),

@@ -1,4 +1,4 @@
-"""The synthetic world as a generator backend (DESIGN §3): renders prompts of the scene grammar with flaws drawn
+"""The synthetic world as a generator backend: renders prompts of the scene grammar with flaws drawn
 from a per-concept :class:`~rahf.data.synthetic.FlawModel` (the generator's "parameters"), and inpaints by
 re-rendering the objects under the mask. Every image carries its exact ground truth, so the loop's effects
 (repair, finetuning) are measurable offline.

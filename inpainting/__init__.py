@@ -1,4 +1,4 @@
-"""Heatmap-guided inpainting repair (paper §5, Fig. 9; DESIGN §4).
+"""Heatmap-guided inpainting repair (paper §5, Fig. 9).
 
 * ``inpainting.masks``: implausibility heatmap → inpainting mask (resize, absolute or quantile threshold, dilation
   by at least one latent/token cell of the generator, small components dropped, optional feather).

@@ -1,4 +1,4 @@
-"""Implausibility heatmap → inpainting mask (paper §5, Fig. 9; DESIGN §4).
+"""Implausibility heatmap → inpainting mask (paper §5, Fig. 9).
 
 Repair repaints the regions RAHF marks as implausible. The mask comes from the predicted heatmap in five steps:
 

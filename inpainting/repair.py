@@ -1,4 +1,4 @@
-"""Best-of-N repair of implausible regions (paper §5, Fig. 9; DESIGN §4).
+"""Best-of-N repair of implausible regions (paper §5, Fig. 9).
 
 implausibility heatmap -> mask (:mod:`inpainting.masks`) -> N inpainted candidates with recorded seeds (the
 generator pastes untouched pixels back exactly) -> every candidate rescored by RAHF -> the best by the chosen

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.bootstrap import bootstrap_means
 from rahf.data.richhf import read_split
 from rahf.metrics import heatmap_metrics, keyword_metrics, rankdata, score_metrics
 from rahf.model import HEATMAP_NAMES, SCORE_NAMES
@@ -129,8 +130,6 @@ def within_prompt_group(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
 
 def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
     """Mean of the finite values with a percentile bootstrap 95 % interval; NaNs when there are none."""
-    from compare.stats import bootstrap_means
-
     v = values[np.isfinite(values)]
     if not v.size:
         return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}

@@ -1,6 +1,6 @@
 """Trained checkpoints that can be made offline: ``rahf-tiny-p4`` trained on the synthetic rich-feedback benchmark.
 
-The embedded default of the feedback loop (DESIGN §7) scores with this model. It is trained on first use from a
+The embedded default of the feedback loop scores with this model. It is trained on first use from a
 fixed recipe (data size, steps, learning rate, loss settings: :data:`SYNTHETIC_RECIPE`, run N of docs/results.md
 round 5, the run that meets the benchmark's bar) and cached under ``$RICHFEEDBACK_CACHE`` (default
 ``~/.cache/richfeedback``) in a folder named after the recipe's hash; it is never committed as a binary. A killed

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 
+import common.bootstrap
 import compare.stats as cs
 from compare.stats import BINS, BinThresholds, ComparisonStats, bin_differences, compare_scores, pair_records
 from generators.base import SCORE_NAMES, ImageRecord
@@ -114,7 +115,7 @@ def reference_bootstrap(d: np.ndarray, n_boot: int, seed: int) -> tuple[float, f
 
 @pytest.mark.parametrize("chunk_elems", [4_000_000, 20])  # one chunk, and many chunks of whole resamples
 def test_bootstrap_interval_matches_plain_loop(monkeypatch, chunk_elems):
-    monkeypatch.setattr(cs, "_BOOT_CHUNK_ELEMS", chunk_elems)
+    monkeypatch.setattr(common.bootstrap, "_BOOT_CHUNK_ELEMS", chunk_elems)
     pairs = random_pairs(3, 3, seed=5)
     rng = np.random.default_rng(11)  # give B its own noise so the interval is not degenerate
     for _, rb in pairs:

@@ -1,4 +1,4 @@
-"""The run store (flows/storage.py, DESIGN §6) on a local folder and on a real S3-protocol server (moto)."""
+"""The run store (flows/storage.py; docs/storage.md) on a local folder and on a real S3-protocol server (moto)."""
 
 from __future__ import annotations
 
