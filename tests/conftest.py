@@ -43,6 +43,20 @@ def images() -> list[Image.Image]:
     return [random_image(i, (80 + 16 * i, 64 + 8 * i)) for i in range(3)]
 
 
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server for the test session (started by the first test that needs it), its state
+    under the test folder, heartbeats off."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    no_heartbeat = temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    with prefect_test_harness(server_startup_timeout=300), no_heartbeat:
+        yield home
+
+
 def synthetic_split_folder(tmp_path_factory, name: str, sizes: dict[str, int], seed: int):
     """A split folder of the synthetic world at rahf-tiny's image size (64 px): {split: example count}."""
     from rahf.data.synthetic import write_split

@@ -28,19 +28,6 @@ PROMPTS = [
 TINY = {"generator": "synthetic", "rahf": "rahf-tiny"}
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    """One temporary Prefect server for the module, its state under the test folder, heartbeats off."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    os.environ["PREFECT_HOME"] = str(home)
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    no_heartbeat = temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-    with prefect_test_harness(server_startup_timeout=300), no_heartbeat:
-        yield home
-
-
 def manifest_lines(root: str) -> list[dict]:
     store = RunStore(root)
     return [json.loads(line) for line in store.read_bytes("manifest.jsonl").decode().splitlines()]
