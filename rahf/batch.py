@@ -11,8 +11,19 @@ Writes, per run folder:
 
 Items are scored in chunks. After each chunk its overlays and a part file ``scores.parts/<chunk>.jsonl`` are
 written, so a crash late in a batch keeps every chunk finished before it; at the end ``scores.jsonl`` and
-``scores.csv`` are written and the parts removed (a new run in the folder first removes an old run's parts).
-Every file is written to a temporary name and renamed, with the user's umask, so none is ever half written.
+``scores.csv`` are written and the parts removed. Every file is written to a temporary name and renamed, with the
+user's umask, so none is ever half written.
+
+Resuming: a run records what it is scoring in ``scores.parts/run.json`` (a hash of the item list, the model's
+identity, dtype and processor settings, and the options that shape the rows: ``overlays``, ``scores_only``,
+``max_pixels``, ``max_side``, ``chunk_size``). A rerun in the folder with the same record reuses every part file
+that holds exactly its chunk's rows (each row's id, image and prompt those of its item, each with scores or an
+error, each overlay it names on disk) and scores only the other chunks, so its ``scores.jsonl`` is the one an
+uninterrupted run writes. An error record in a finished chunk is a finished outcome and is reused as it is. A part
+file that fails those checks is named and its chunk scored again; parts of a run with another record (other items
+or order, another model, other options) or none are discarded, with a note, never mixed in. Images are known by
+path: a file replaced in place after its chunk finished is not noticed. A completed folder has no parts left, so a
+rerun there scores everything again.
 
 One bad item (an image that cannot be opened or decoded, one over ``max_pixels``, a prompt that is not a
 string) becomes a line with its error; the rest are scored. Images are reduced as they are decoded so their
@@ -23,18 +34,22 @@ Each image is decoded once, in groups of the scorer's batch size, and dropped on
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
 import json
+import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from common.atomic import atomic_write_bytes, sweep_stale_temps
 from common.lines import LineIssue, decoded_lines, raise_if_strict
-from rahf.processor import DEFAULT_MAX_PIXELS, InvalidImageError, load_image, to_rgb
+from rahf.processor import DEFAULT_MAX_PIXELS, InvalidImageError, ProcessorConfig, load_image, to_rgb
 from rahf.scorer import RAHFScorer, RichFeedback, ScoringFailure, prompt_problem
 from rahf.visualize import overlay_heatmap, side_by_side
 
@@ -43,6 +58,9 @@ DEFAULT_MAX_SIDE = 1024
 #: Items per chunk: the unit of durable progress (a part file and its overlays).
 DEFAULT_CHUNK_SIZE = 32
 PARTS_DIR = "scores.parts"
+#: The record, inside ``PARTS_DIR``, of what a run scores: a rerun reuses parts only under the same record.
+RUN_FILE = "run.json"
+_RUN_FORMAT = 1
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _MISSING = object()
 
@@ -110,26 +128,51 @@ def score_items(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     max_side: int | None = DEFAULT_MAX_SIDE,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    log: Callable[[str], None] | None = print,
 ) -> list[dict]:
     """Score ``items`` and write the run folder (see the module docstring); returns the JSONL rows.
+
+    Resumes an interrupted run of the same items, model and options in ``out_dir``: its finished chunks are
+    reused, the rest scored.
 
     Args:
         max_pixels: images with more pixels are error records (None: only Pillow's own limit).
         max_side: images are reduced to this long side before scoring; heatmaps and overlays have that size
             (None: each image's own size, memory grows with it).
         chunk_size: items scored, and made durable, per chunk.
+        log: receives the notes on resuming (parts reused, damaged or discarded); None for silence.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     check_limits(scorer, max_pixels, max_side)
+    say = log or (lambda _: None)
     out_dir = Path(out_dir)
     parts = out_dir / PARTS_DIR
     sweep_stale_temps(out_dir)
-    if parts.is_dir():
-        shutil.rmtree(parts)  # an interrupted run's progress; this run rescores those items
+    options = {
+        "overlays": overlays,
+        "scores_only": scores_only,
+        "max_pixels": max_pixels,
+        "max_side": max_side,
+        "chunk_size": chunk_size,
+    }
+    record = run_record(scorer, items, options)
+    starts = range(0, len(items), chunk_size)
+    finished = _finished_chunks(parts, record, items, starts, out_dir, say)
+    atomic_write_bytes(parts / RUN_FILE, (json.dumps(record, indent=1) + "\n").encode("ascii"))
+    if finished is not None:
+        reused = sum(len(r) for r in finished.values())
+        say(
+            f"resuming {out_dir}: reused {reused} of {len(items)} items ({len(finished)} of {len(starts)} chunks) "
+            f"from an interrupted run; scoring the other {len(items) - reused}"
+        )
+    finished = finished or {}
     limits = {"max_pixels": max_pixels, "max_side": max_side}
     rows: list[dict] = []
-    for c, start in enumerate(range(0, len(items), chunk_size)):
+    for c, start in enumerate(starts):
+        if c in finished:
+            rows.extend(finished.pop(c))
+            continue
         chunk = items[start : start + chunk_size]
         chunk_rows = [_base_row(i, it, len(items)) for i, it in enumerate(chunk, start=start)]
         pending = []
@@ -144,7 +187,7 @@ def score_items(
             group = pending[done : done + scorer.batch_size]
             done += len(group)
             _score_group(scorer, group, out_dir, overlays=overlays, scores_only=scores_only, limits=limits)
-        atomic_write_bytes(parts / f"{c:06d}.jsonl", _jsonl(chunk_rows))
+        atomic_write_bytes(parts / _part_name(c), _jsonl(chunk_rows))
         rows.extend(chunk_rows)
     atomic_write_bytes(out_dir / "scores.jsonl", _jsonl(rows))
     atomic_write_bytes(
@@ -153,6 +196,127 @@ def score_items(
     if parts.is_dir():
         shutil.rmtree(parts)
     return rows
+
+
+def run_record(scorer: RAHFScorer, items: Sequence[ScoreItem], options: dict) -> dict:
+    """What a run scores, as ``scores.parts/run.json`` holds it: the hash of the item list (absolute image paths
+    and prompts, in order), the model, the options.
+
+    The model is its ``identity`` (source and weights hash), dtype and processor settings; a scorer built in
+    memory (no source, no weights hash) is known by a hash of its parameters and buffers instead.
+    """
+    h = hashlib.sha256()
+    for it in items:
+        prompt = {"missing": True} if it.prompt is _MISSING else it.prompt
+        h.update((json.dumps([os.path.abspath(it.image), prompt], default=repr) + "\n").encode("ascii"))
+    identity = dict(scorer.identity)
+    if identity.get("weights_hash") is None and identity.get("source") == "in-memory":
+        identity["parameters_hash"] = _parameters_hash(scorer.model)
+    model = {
+        **identity,
+        "dtype": str(scorer.dtype).removeprefix("torch."),
+        "processor": {f.name: getattr(scorer.processor, f.name) for f in dataclasses.fields(ProcessorConfig)},
+        "score_names": list(scorer.model.config.score_names),
+    }
+    return {
+        "format": _RUN_FORMAT,
+        "items": {"count": len(items), "sha256": h.hexdigest()},
+        "model": json.loads(json.dumps(model, default=repr)),
+        "options": dict(options),
+    }
+
+
+def _parameters_hash(model) -> str:
+    """SHA-256 (16 hex digits) of a model's parameter and buffer names, shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _record_change(old: object, new: dict) -> str | None:
+    """Why an earlier run's record ``old`` is not ``new`` (None when they are the same)."""
+    if not isinstance(old, dict) or old.get("format") != new["format"]:
+        return "no readable run record"
+    changes = []
+    if old.get("items") != new["items"]:
+        changes.append("the item list")
+    if old.get("model") != new["model"]:
+        changes.append("the model")
+    before = old.get("options") if isinstance(old.get("options"), dict) else {}
+    changes += [f"{k} {before.get(k)} -> {v}" for k, v in new["options"].items() if before.get(k, _MISSING) != v]
+    return ", ".join(changes) if changes else None
+
+
+def _finished_chunks(
+    parts: Path,
+    record: dict,
+    items: Sequence[ScoreItem],
+    starts: range,
+    out_dir: Path,
+    say: Callable[[str], None],
+) -> dict[int, list[dict]] | None:
+    """The rows of each finished chunk an earlier run of the same ``record`` left in ``parts``; None when there
+    is no such run. Parts of another run are removed, and damaged ones named, through ``say``."""
+    if not parts.is_dir():
+        return None
+    try:
+        old = json.loads((parts / RUN_FILE).read_bytes())
+    except (OSError, ValueError):
+        old = None
+    change = _record_change(old, record)
+    if change is not None:
+        n = sum(1 for p in parts.glob("*.jsonl"))
+        say(f"note: discarding {n} finished chunks of an earlier run in {parts} ({change}); scoring from the start")
+        shutil.rmtree(parts)
+        return None
+    finished = {}
+    for c, start in enumerate(starts):
+        path = parts / _part_name(c)
+        if not path.exists():
+            continue
+        chunk = items[start : start + record["options"]["chunk_size"]]
+        base = [_base_row(i, it, len(items)) for i, it in enumerate(chunk, start=start)]
+        rows, problem = _read_part(path, start, base, out_dir)
+        if problem is None:
+            finished[c] = rows
+        else:
+            say(f"note: {path} is not a finished chunk ({problem}); its {len(base)} items are scored again")
+    return finished
+
+
+def _read_part(path: Path, start: int, base: list[dict], out_dir: Path) -> tuple[list[dict], str | None]:
+    """The rows of a part file when they are exactly its chunk's (``base``: the id, image and prompt of items
+    ``start``, ``start + 1``, ...), else a reason."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        return [], f"cannot read it: {err.strerror or err}"
+    except UnicodeDecodeError as err:
+        return [], f"not UTF-8 at byte {err.start}"
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            return [], f"line {n}: not valid JSON ({err.msg})"
+    if len(rows) != len(base):
+        return [], f"{len(rows)} rows, expected {len(base)}"
+    for n, (row, want) in enumerate(zip(rows, base), start=1):
+        want = json.loads(json.dumps(want))  # as the part file holds it (tuples as lists, ...)
+        if not isinstance(row, dict) or any(row.get(k, _MISSING) != v for k, v in want.items()):
+            return [], f"row {n} is not item {start + n - 1}"
+        if "scores" not in row and "error" not in row:
+            return [], f"row {n} has neither scores nor an error"
+        if "overlay" in row and not (isinstance(row["overlay"], str) and (out_dir / row["overlay"]).is_file()):
+            return [], f"row {n}'s overlay {row['overlay']} is missing"
+    return rows, None
+
+
+def _part_name(chunk: int) -> str:
+    return f"{chunk:06d}.jsonl"
 
 
 def check_limits(scorer: RAHFScorer, max_pixels: int | None, max_side: int | None) -> None:

@@ -36,6 +36,12 @@ def _add_scorer_args(p: argparse.ArgumentParser) -> None:
         default=1024,
         help="reduce images to this long side before scoring; heatmaps and overlays have it (default 1024; 0: none)",
     )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=32,
+        help="items per chunk, the unit a rerun of an interrupted run in the same --out resumes from (default 32)",
+    )
 
 
 def _scorer(args: argparse.Namespace):
@@ -69,6 +75,7 @@ def _score_options(args: argparse.Namespace) -> dict:
         "scores_only": args.scores_only,
         "max_pixels": args.max_pixels or None,
         "max_side": args.max_side or None,
+        "chunk_size": args.chunk_size,
     }
 
 
@@ -102,6 +109,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorer, options = _scorer(args), _score_options(args)
     try:
         check_limits(scorer, options["max_pixels"], options["max_side"])
+        if options["chunk_size"] < 1:
+            raise ValueError(f"--chunk-size must be >= 1, got {options['chunk_size']}")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

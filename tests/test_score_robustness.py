@@ -103,9 +103,11 @@ def test_a_crash_late_in_a_batch_keeps_the_chunks_already_scored(scorer, tmp_pat
     assert [r["prompt"] for r in kept] == ["prompt 0", "prompt 1", "prompt 2", "prompt 3"]
     assert all("scores" in r and (out / r["overlay"]).is_file() for r in kept)
     assert not (out / "scores.jsonl").exists()
-    # A rerun scores everything and replaces the parts of the interrupted run.
-    monkeypatch.setattr(scorer, "score", real)
+    # A rerun reuses the two finished chunks and scores only the last (tests/test_score_resume.py has the rest).
+    rescored = []
+    monkeypatch.setattr(scorer, "score", lambda prompts, *a, **k: rescored.extend(prompts) or real(prompts, *a, **k))
     rows = score_items(scorer, items, out, chunk_size=2)
+    assert rescored == ["prompt 4"]
     assert len(_rows(out)) == 5 and [r["prompt"] for r in rows] == [f"prompt {i}" for i in range(5)]
     assert not (out / PARTS_DIR).exists()
     assert [r["scores"] for r in rows[:4]] == [r["scores"] for r in kept]
