@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test lint format bench bench-loop clean venv
+.PHONY: demo test lint format bench bench-gpu bench-loop clean venv
 
 venv: $(STAMP)
 
@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/generator_speed.py
 	$(PY) benchmarks/lora_speed.py
 	$(PY) benchmarks/flow_overhead.py
+	$(PY) benchmarks/score_bounds.py
+	$(PY) benchmarks/train_memory.py
 
 # Every GPU measurement in one run of under 8 minutes (needs CUDA); `--dry-run` checks it on the CPU.
 bench-gpu: $(STAMP)
