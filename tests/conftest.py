@@ -33,6 +33,24 @@ def tiny_multi():
     return build_rahf("rahf-tiny", variant="multi_head", seed=0)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny models gain nothing from a second thread on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def scorer(tiny_multi):
+    """A RAHFScorer of rahf-tiny (multi-head, seed 0) scoring two images per batch."""
+    from rahf.scorer import RAHFScorer
+
+    model, processor = tiny_multi
+    return RAHFScorer(model, processor, batch_size=2)
+
+
 def random_image(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from rahf.batch import PARTS_DIR, RUN_FILE, ScoreItem, score_items
@@ -18,18 +17,7 @@ from richfeedback.cli import main
 CHUNK = 2  # five items: chunks [0, 1] [2, 3] [4]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def scorer(tiny_multi):
-    model, processor = tiny_multi
-    return RAHFScorer(model, processor, batch_size=2)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

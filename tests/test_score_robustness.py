@@ -13,29 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from common.lines import BadLinesError, read_prompt_lines
 from rahf.batch import PARTS_DIR, ScoreItem, read_items, score_items
 from rahf.processor import ImageTooLargeError, InvalidImageError, load_image
-from rahf.scorer import RAHFScorer, RichFeedback, ScoringFailure
+from rahf.scorer import RichFeedback, ScoringFailure
 from richfeedback.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread: these tests run tiny models, where a second thread only contends on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def scorer(tiny_multi):
-    model, processor = tiny_multi
-    return RAHFScorer(model, processor, batch_size=2)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _png_header_only(width: int, height: int) -> bytes:
