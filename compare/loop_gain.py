@@ -79,7 +79,11 @@ class LoopGainConfig:
     repair_limit: int = 8  # held-out images repaired per round, least plausible (by the scorer) first
     repair_n: int = 4  # inpainted candidates per repair
     repair_margin: float = 0.0  # a candidate is accepted when its predicted plausibility beats the original's by more
-    mask_threshold: float = 0.25  # implausibility heat that enters the repair mask
+    mask_threshold: float = 0.4  # implausibility heat that enters the repair mask (see mask_threshold_mode)
+    mask_threshold_mode: str = "relative"  # absolute | quantile | relative (x the map's max), as MaskConfig
+    mask_floor: float = 0.1  # heat every masked pixel must also exceed, whatever the mode
+    mask_dilate_frac: float = 0.06  # mask dilation radius as a fraction of the image side
+    repair_heat_drop: float = 0.02  # a candidate must cut the mean predicted heat inside the mask by this fraction
     seed: int = 0  # the prompts' seed; repair candidate k gets seed + k
     n_boot: int = 2000  # bootstrap resamples of every interval
 
@@ -96,6 +100,24 @@ class LoopGainConfig:
             raise ValueError(f"select_by must be one of {SCORE_NAMES}, got {self.select_by!r}")
         if self.prior_strength < 0:
             raise ValueError(f"prior_strength must be >= 0, got {self.prior_strength}")
+        self.repair_config()  # the mask and repair settings are checked where they are defined
+
+    def repair_config(self) -> RepairConfig:
+        """The :class:`~inpainting.repair.RepairConfig` of the repair step (picked by predicted plausibility)."""
+        mask = MaskConfig(
+            threshold=self.mask_threshold,
+            threshold_mode=self.mask_threshold_mode,  # type: ignore[arg-type]
+            floor=self.mask_floor,
+            dilate_frac=self.mask_dilate_frac,
+        )
+        return RepairConfig(
+            mask=mask,
+            n=self.repair_n,
+            seed=self.seed,
+            score="plausibility",
+            margin=self.repair_margin,
+            heat_drop=self.repair_heat_drop,
+        )
 
 
 class RandomScorer:
@@ -278,20 +300,17 @@ def measure_repair(
     """Repair the ``repair_limit`` images of lowest predicted plausibility (ties: input order) and measure, in
     truth, what the repairs did (see the module docstring, part (c))."""
     order = sorted(range(len(images)), key=lambda k: (predicted[k]["plausibility"], k))[: config.repair_limit]
-    rconfig = RepairConfig(
-        mask=MaskConfig(threshold=config.mask_threshold),
-        n=config.repair_n,
-        seed=config.seed,
-        score="plausibility",
-        margin=config.repair_margin,
-    )
+    rconfig = config.repair_config()
     before, after, accepted, nothing = [], [], [], 0
+    scores_before, scores_after = [], []
     for k in order:
         g = images[k]
         result = repair(g.image, g.prompt, generator, scorer, rconfig)
         new = result.accepted_candidate.generated if result.accepted_candidate is not None else g
         before.append(g.truth["implausible_area"])  # type: ignore[index]
         after.append(new.truth["implausible_area"])  # type: ignore[index]
+        scores_before.append([_true(g)[n] for n in SCORE_NAMES])
+        scores_after.append([_true(new)[n] for n in SCORE_NAMES])
         accepted.append(result.reason == IMPROVED)
         nothing += result.reason == NOTHING_TO_REPAIR
     n = len(order)
@@ -301,6 +320,17 @@ def measure_repair(
     b, a, acc = np.array(before), np.array(after), np.array(accepted, bool)
     worse = acc & (a > b + WORSE_TOL)
     diff = _ci(a - b, config.n_boot, seed)
+    sb, sa = np.array(scores_before), np.array(scores_after)
+    true_scores = {}
+    for j, name in enumerate(SCORE_NAMES):
+        d = _ci(sa[:, j] - sb[:, j], config.n_boot, seed)
+        true_scores[name] = {
+            "before": float(sb[:, j].mean()),
+            "after": float(sa[:, j].mean()),
+            "diff": d["mean"],
+            "ci_low": d["ci_low"],
+            "ci_high": d["ci_high"],
+        }
     out |= {
         "accepted": int(acc.sum()),
         "accept_rate": float(acc.mean()),
@@ -315,6 +345,7 @@ def measure_repair(
         "area_ci_high": diff["ci_high"],
         "accepted_area_before": float(b[acc].mean()) if acc.any() else None,
         "accepted_area_after": float(a[acc].mean()) if acc.any() else None,
+        "true_scores": true_scores,
     }
     return out
 
@@ -413,7 +444,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Synthetic world at {c['size']} px; {c['prompts']} training prompts × {c['per_prompt']} candidates, "
         f"selection by {by}; {c['heldout_prompts']} held-out prompts × {c['heldout_per_prompt']} seeds; "
         f"{c['rounds']} round(s); repair of the {c['repair_limit']} least plausible held-out images "
-        f"({c['repair_n']} candidates, margin {c['repair_margin']}, mask threshold {c['mask_threshold']}); "
+        f"({c['repair_n']} candidates, margin {c['repair_margin']}, heat drop {c.get('repair_heat_drop', 0.0)}, "
+        f"mask threshold {c['mask_threshold']} {c.get('mask_threshold_mode', 'absolute')} "
+        f"floor {c.get('mask_floor', 0.0)}, dilation {c.get('mask_dilate_frac', 0.03)}); "
         f"bootstrap 95 % intervals ({c['n_boot']} resamples). Scorers: "
         + "; ".join(f"{s} = {i.get('source', '?')}" for s, i in result["scorers"].items())
         + ".",
@@ -460,21 +493,26 @@ def markdown(result: dict[str, Any]) -> str:
         "after (after = accepted candidate or the original); false accepts = accepted repairs that are truly worse",
         "",
         "| round | scorer | repaired | nothing to repair | accepted (rate) | false accepts (share of accepted) | "
-        "true implausible area | Δ [95% CI] |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "true implausible area | Δ [95% CI] | true plausibility Δ [95% CI] | true overall Δ [95% CI] |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rounds"]:
         for s, m in row["scorers"].items():
             r = m["repair"]
             if not r["attempted"]:
-                out.append(f"| {row['round']} | {s} | 0 | – | – | – | – | – |")
+                out.append(f"| {row['round']} | {s} | 0 | – | – | – | – | – | – | – |")
                 continue
             out.append(
                 f"| {row['round']} | {s} | {r['attempted']} | {r['nothing_to_repair']} | "
                 f"{r['accepted']} ({r['accept_rate']:.0%}) | "
                 f"{r['false_accepts']} ({_f(r['false_accept_share'], '.0%')}) | "
                 f"{r['area_before']:.4f} → {r['area_after']:.4f} | "
-                f"{_interval(r['area_diff'], r['area_ci_low'], r['area_ci_high'], '+.4f')} |"
+                f"{_interval(r['area_diff'], r['area_ci_low'], r['area_ci_high'], '+.4f')} | "
+                + " | ".join(
+                    _interval(t["diff"], t["ci_low"], t["ci_high"]) if t else "–"
+                    for t in (r.get("true_scores", {}).get(n) for n in ("plausibility", "overall"))
+                )
+                + " |"
             )
     within = {
         f"round {row['round']}, {s}": m["selection"]["within_prompt"]

@@ -3,8 +3,10 @@
 Repair repaints the regions RAHF marks as implausible. The mask comes from the predicted heatmap in five steps:
 
 1. resize the heatmap to the image size (bilinear);
-2. threshold it: absolute (pixels above ``threshold``) or quantile (pixels above the heatmap's
-   ``threshold``-quantile, so a constant map marks nothing);
+2. threshold it: absolute (pixels above ``threshold``), quantile (pixels above the heatmap's
+   ``threshold``-quantile, so a constant map marks nothing) or relative (pixels above ``threshold`` × the map's
+   own maximum, so a faint but peaked map still marks its peak); in every mode a pixel must also exceed ``floor``,
+   so a near-empty map marks nothing;
 3. dilate by an elliptical structuring element whose radius is a fraction of the image's shorter side and at
    least one latent/token cell of the generator (aMUSEd binarises masks on its token grid, SD on its 8-px latent
    grid: a thinner mask would vanish there);
@@ -31,8 +33,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-ThresholdMode = Literal["absolute", "quantile"]
-THRESHOLD_MODES = ("absolute", "quantile")
+ThresholdMode = Literal["absolute", "quantile", "relative"]
+THRESHOLD_MODES = ("absolute", "quantile", "relative")
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,11 @@ class MaskConfig:
 
     #: in [0, 1]: the heatmap value to exceed (absolute) or the quantile q whose value to exceed (quantile)
     threshold: float = 0.5
-    #: "absolute": pixels > threshold; "quantile": pixels > the q-quantile of the heatmap (a constant map: none)
+    #: "absolute": pixels > threshold; "quantile": pixels > the q-quantile of the heatmap (a constant map: none);
+    #: "relative": pixels > threshold x the heatmap's maximum
     threshold_mode: ThresholdMode = "absolute"
+    #: in [0, 1]: an absolute floor every marked pixel must also exceed, whatever the mode (0: none)
+    floor: float = 0.0
     #: dilation radius as a fraction of the image's shorter side (0.03 → 15 px at 512²)
     dilate_frac: float = 0.03
     #: the generator's latent/token cell in pixels (SD 8, aMUSEd 16): the dilation radius is at least this
@@ -58,6 +63,8 @@ class MaskConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(f"floor must be in [0, 1], got {self.floor}")
         if not 0.0 <= self.dilate_frac < math.inf:
             raise ValueError(f"dilate_frac must be finite and >= 0, got {self.dilate_frac}")
         if isinstance(self.min_cell, bool) or not isinstance(self.min_cell, int) or self.min_cell < 1:
@@ -236,8 +243,9 @@ def heatmap_to_mask(
     width, height = _check_image_size(image_size)
     radius = dilation_radius((width, height), config, cell_size)
     hmap, lo, hi = _check_heatmap(heatmap)
-    if lo == hi:  # a constant map: nothing stands out above its quantiles; absolute, all or nothing
-        marked = config.threshold_mode == "absolute" and np.float32(lo) > np.float32(config.threshold)
+    if lo == hi:  # a constant map: nothing stands out above its quantiles; absolute or relative, all or nothing
+        cut = config.threshold * hi if config.threshold_mode == "relative" else config.threshold
+        marked = config.threshold_mode != "quantile" and np.float32(lo) > np.float32(max(cut, config.floor))
         return np.full((height, width), 255 if marked else 0, np.uint8)
 
     # threshold at the image size (a quantile is the heatmap's own: its lower order statistic)
@@ -245,6 +253,9 @@ def heatmap_to_mask(
     if config.threshold_mode == "quantile":
         k = math.floor(config.threshold * (hmap.size - 1))
         cut = float(np.partition(hmap.ravel(), k)[k])
+    elif config.threshold_mode == "relative":
+        cut = float(np.float32(config.threshold) * np.float32(hi))
+    cut = max(cut, config.floor)
     if hmap.shape != (height, width):
         hmap = cv2.resize(hmap, (width, height), interpolation=cv2.INTER_LINEAR)
     hot = hmap > cut

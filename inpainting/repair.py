@@ -3,8 +3,11 @@
 implausibility heatmap -> mask (:mod:`inpainting.masks`) -> N inpainted candidates with recorded seeds (the
 generator pastes untouched pixels back exactly) -> every candidate rescored by RAHF -> the best by the chosen
 score (plausibility by default, or a weighted combination) is accepted only if it beats the original by
-``margin``. The result keeps every candidate's scores and the decision. An empty mask returns the original,
-marked "nothing to repair".
+``margin``. With ``heat_drop > 0`` a candidate must also lower the mean predicted implausibility heat inside the
+mask to at most ``1 - heat_drop`` times the original's (the candidates are then scored with their heatmaps): the
+whole-image score is a noisy judge of a small repainted region, the heat over that region a direct one. The
+result keeps every candidate's scores and the decision. An empty mask returns the original, marked "nothing to
+repair".
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -40,8 +44,13 @@ class RepairConfig:
     score: str = "plausibility"  # the score that picks the winner ...
     weights: dict[str, float] | None = None  # ... or a weighted combination of scores (overrides ``score``)
     margin: float = 0.02  # accept only if the winner beats the original by more than this
+    #: in [0, 1): a candidate qualifies only if its mean predicted implausibility heat inside the mask is at most
+    #: (1 - heat_drop) x the original's; 0 turns the check off (and scores candidates without heatmaps)
+    heat_drop: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.heat_drop < 1.0:
+            raise ValueError(f"heat_drop must be in [0, 1), got {self.heat_drop}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         names = set(self.weights or {self.score: 1.0})
@@ -63,6 +72,7 @@ class RepairCandidate:
     scores: dict[str, float]
     value: float
     error: str | None = None
+    mask_heat: float | None = None  # mean predicted implausibility inside the mask (when heat_drop > 0)
 
 
 @dataclass
@@ -78,6 +88,7 @@ class RepairResult:
     mask_area: float
     candidates: list[RepairCandidate]
     chosen: int | None  # index into candidates of the best one (accepted or not)
+    original_mask_heat: float | None = None  # the original's mean predicted implausibility inside the mask
 
     @property
     def accepted_candidate(self) -> RepairCandidate | None:
@@ -91,9 +102,17 @@ class RepairResult:
             "original_scores": self.original_scores,
             "original_value": self.original_value,
             "mask_area": self.mask_area,
+            "original_mask_heat": self.original_mask_heat,
             "chosen": self.chosen,
             "candidates": [
-                {"id": c.generated.id, "seed": c.generated.seed, "scores": c.scores, "value": c.value, "error": c.error}
+                {
+                    "id": c.generated.id,
+                    "seed": c.generated.seed,
+                    "scores": c.scores,
+                    "value": c.value,
+                    "mask_heat": c.mask_heat,
+                    "error": c.error,
+                }
                 for c in self.candidates
             ],
         }
@@ -136,26 +155,61 @@ def repair(
     mask_image = mask_to_image(mask)
     seeds = [config.seed + k for k in range(config.n)]
     generated = generator.inpaint(image, mask_image, prompt, config.n, seeds)
-    candidates = _score_candidates(generated, prompt, scorer, config)
+    candidates = _score_candidates(generated, prompt, scorer, config, mask)
     valid = [i for i, c in enumerate(candidates) if c.error is None]
+    original_heat = None
+    if config.heat_drop > 0:
+        original_heat = mean_heat_in_mask(np.asarray(heatmap, np.float32), mask)
+        limit = (1.0 - config.heat_drop) * original_heat
+        valid = [i for i in valid if candidates[i].mask_heat is not None and candidates[i].mask_heat <= limit]
     chosen = max(valid, key=lambda i: (candidates[i].value, -candidates[i].generated.seed)) if valid else None
     accepted = chosen is not None and candidates[chosen].value > original_value + config.margin
     result_image = candidates[chosen].generated.image if accepted else image
     reason = IMPROVED if accepted else NOT_BETTER
     return RepairResult(
-        result_image, accepted, reason, original_scores, original_value, mask_image, area, candidates, chosen
+        result_image,
+        accepted,
+        reason,
+        original_scores,
+        original_value,
+        mask_image,
+        area,
+        candidates,
+        chosen,
+        original_heat,
     )
 
 
+def mean_heat_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of an (h, w) heatmap in [0, 1], resized (bilinear) to the (H, W) mask, over the mask's repainted
+    pixels (> 127); 0.0 for an empty mask."""
+    heatmap = np.asarray(heatmap, np.float32)
+    if heatmap.ndim != 2 or np.asarray(mask).ndim != 2:
+        raise ValueError(f"heatmap and mask must be 2-D, got shapes {heatmap.shape} and {np.asarray(mask).shape}")
+    inside = np.asarray(mask) > 127
+    if not inside.any():
+        return 0.0
+    if heatmap.shape != inside.shape:
+        heatmap = cv2.resize(heatmap, (inside.shape[1], inside.shape[0]), interpolation=cv2.INTER_LINEAR)
+    return float(heatmap[inside].mean())
+
+
 def _score_candidates(
-    generated: Sequence[GeneratedImage], prompt: str, scorer: Scorer, config: RepairConfig
+    generated: Sequence[GeneratedImage], prompt: str, scorer: Scorer, config: RepairConfig, mask: np.ndarray
 ) -> list[RepairCandidate]:
-    feedback = scorer.score(prompt, [g.image for g in generated], scores_only=True, errors="return")
+    images = [g.image for g in generated]
+    if config.heat_drop > 0:
+        feedback = scorer.score(prompt, images, heatmaps=("implausibility",), keywords=False, errors="return")
+    else:
+        feedback = scorer.score(prompt, images, scores_only=True, errors="return")
     out = []
     for g, fb in zip(generated, feedback):
         if not hasattr(fb, "scores"):  # a ScoringFailure: recorded, never chosen
             out.append(RepairCandidate(g, {}, float("-inf"), getattr(fb, "error", "scoring failed")))
             continue
         scores = {k: float(v) for k, v in fb.scores.items()}
-        out.append(RepairCandidate(g, scores, config.value(scores)))
+        heat = None
+        if config.heat_drop > 0:
+            heat = mean_heat_in_mask(np.asarray(fb.heatmaps["implausibility"], np.float32), mask)
+        out.append(RepairCandidate(g, scores, config.value(scores), mask_heat=heat))
     return out

@@ -492,6 +492,10 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
         repair_n=args.repair_n,
         repair_margin=args.repair_margin,
         mask_threshold=args.mask_threshold,
+        mask_threshold_mode=args.mask_threshold_mode,
+        mask_floor=args.mask_floor,
+        mask_dilate_frac=args.mask_dilate_frac,
+        repair_heat_drop=args.repair_heat_drop,
         seed=args.seed,
         n_boot=args.n_boot,
     )
@@ -739,7 +743,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair-limit", type=int, default=8, help="held-out images repaired per round, least plausible")
     p.add_argument("--repair-n", type=int, default=4, help="inpainted candidates per repair")
     p.add_argument("--repair-margin", type=float, default=0.0)
-    p.add_argument("--mask-threshold", type=float, default=0.25)
+    p.add_argument("--mask-threshold", type=float, default=0.4)
+    p.add_argument(
+        "--mask-threshold-mode",
+        choices=("absolute", "quantile", "relative"),
+        default="relative",
+        help="relative: heat above threshold x the map's own maximum",
+    )
+    p.add_argument("--mask-floor", type=float, default=0.1, help="heat every masked pixel must also exceed")
+    p.add_argument("--mask-dilate-frac", type=float, default=0.06, help="mask dilation, fraction of the image side")
+    p.add_argument(
+        "--repair-heat-drop",
+        type=float,
+        default=0.02,
+        help="a candidate must cut the mean predicted heat inside the mask by this fraction (0: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--device", default="cpu")

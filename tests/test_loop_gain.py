@@ -196,6 +196,22 @@ def test_random_scorer_is_deterministic_per_image():
     assert a[0].scores != RandomScorer(seed=2).score("a red circle in the middle", ims[:1])[0].scores
 
 
+def test_loop_gain_config_builds_the_repair_config_and_checks_it():
+    from compare.loop_gain import LoopGainConfig
+
+    cfg = LoopGainConfig(
+        repair_n=6, repair_margin=0.01, mask_threshold=0.4, mask_threshold_mode="relative", mask_floor=0.1,
+        mask_dilate_frac=0.1, repair_heat_drop=0.05, seed=3,
+    ).repair_config()  # fmt: skip
+    assert (cfg.n, cfg.margin, cfg.heat_drop, cfg.seed, cfg.score) == (6, 0.01, 0.05, 3, "plausibility")
+    m = cfg.mask
+    assert (m.threshold, m.threshold_mode, m.floor, m.dilate_frac) == (0.4, "relative", 0.1, 0.1)
+    with pytest.raises(ValueError, match="threshold_mode"):
+        LoopGainConfig(mask_threshold_mode="ratio")
+    with pytest.raises(ValueError, match="heat_drop"):
+        LoopGainConfig(repair_heat_drop=1.0)
+
+
 def test_cli_bench_loop_rejects_unknown_scorers(capsys):
     from richfeedback.cli import main
 

@@ -161,6 +161,22 @@ def test_constant_and_empty_maps():
     assert heatmap_to_mask(np.zeros((32, 32)), size).shape == (48, 64)
 
 
+def test_relative_threshold_scales_with_the_maps_own_maximum_and_respects_the_floor():
+    ramp = (np.arange(100, dtype=np.float32) / 99).reshape(1, 100).repeat(10, axis=0) * 0.4  # columns 0 .. 0.4
+    cfg = MaskConfig(threshold=0.5, threshold_mode="relative", dilate_frac=0.0, min_area_frac=0.0)
+    mask = heatmap_to_mask(ramp, (100, 10), cfg)  # cut 0.2: columns whose value > 0.2, i.e. 50..99, plus 1 px
+    assert (mask[:, 50:] == 255).all() and (mask[:, :49] == 0).all()
+    assert not heatmap_to_mask(ramp, (100, 10), MaskConfig(threshold=0.5, dilate_frac=0.0)).any()  # absolute 0.5
+    floored = heatmap_to_mask(ramp, (100, 10), MaskConfig(**{**cfg.__dict__, "floor": 0.3}))  # cut max(0.2, 0.3)
+    assert (floored[:, 76:] == 255).all() and (floored[:, :74] == 0).all()
+    faint = heatmap_to_mask(ramp * 0.1, (100, 10), MaskConfig(**{**cfg.__dict__, "floor": 0.05}))
+    assert not faint.any()  # a near-empty map (max 0.04) marks nothing above the floor
+    size = (16, 16)
+    constant = MaskConfig(threshold=0.5, threshold_mode="relative", floor=0.2)
+    assert (heatmap_to_mask(np.full((8, 8), 0.3), size, constant) == 255).all()  # 0.3 > max(0.15, 0.2)
+    assert not heatmap_to_mask(np.full((8, 8), 0.1), size, constant).any()  # under the floor
+
+
 def test_blur_feathers_the_edge():
     hmap = disk_map((128, 128), center=(64, 64), radius=20)
     hard = heatmap_to_mask(hmap, (128, 128), HARD)
@@ -258,7 +274,9 @@ def test_bad_image_sizes(size):
         ({"threshold": 1.5}, "threshold"),
         ({"threshold": -0.1}, "threshold"),
         ({"threshold": float("nan")}, "threshold"),
-        ({"threshold_mode": "relative"}, "threshold_mode"),
+        ({"threshold_mode": "ratio"}, "threshold_mode"),
+        ({"floor": 1.5}, "floor"),
+        ({"floor": -0.1}, "floor"),
         ({"dilate_frac": -0.01}, "dilate_frac"),
         ({"min_cell": 0}, "min_cell"),
         ({"min_area_frac": 1.5}, "min_area_frac"),

@@ -86,6 +86,65 @@ def test_given_heatmap_and_scores_skip_scoring_the_original_and_rahf_plugs_in(ti
     assert np.array_equal(np.asarray(result.image)[outside], np.asarray(im.image)[outside])
 
 
+class _HeatScorer:
+    """Scores every image the same; the implausibility heat is 0.5 on the original and ``heats[seed]`` on
+    candidate ``seed`` (read from the candidates' seeds in call order)."""
+
+    def __init__(self, heats):
+        self.heats, self.calls = list(heats), []
+
+    def score(self, prompt, images, **kwargs):
+        from rahf.scorer import RichFeedback
+
+        self.calls.append(kwargs)
+        scores = {"plausibility": 0.5, "alignment": 0.5, "aesthetics": 0.5, "overall": 0.5}
+        heat = [0.5] if len(self.calls) == 1 else self.heats[: len(images)]  # the original first, then candidates
+        out = []
+        for k in range(len(images)):
+            s = dict(scores, plausibility=0.5 + 0.01 * k * (len(self.calls) > 1))  # later candidates look better
+            maps = {} if kwargs.get("scores_only") else {"implausibility": np.full((8, 8), heat[k], np.float32)}
+            out.append(RichFeedback(prompt, s, maps, []))
+        return out
+
+
+def test_heat_drop_requires_the_heat_inside_the_mask_to_fall():
+    from inpainting.repair import mean_heat_in_mask
+
+    gen = SyntheticGenerator(FlawModel(dict.fromkeys(SHAPES, 1.0), 0.0, 0.0, 0.0))
+    im = gen.generate(PROMPTS[:1], 1)[0]
+    mask_cfg = MaskConfig(threshold=0.1, min_area_frac=0.0)
+    # heats 0.45, 0.30, 0.40: with heat_drop 0.3 only candidate 1 (0.30 <= 0.35) qualifies, though 2 scores higher
+    config = RepairConfig(mask=mask_cfg, n=3, margin=0.0, heat_drop=0.3)
+    scorer = _HeatScorer([0.45, 0.30, 0.40])
+    result = repair(im.image, im.prompt, SyntheticGenerator(), scorer, config)
+    assert result.accepted and result.chosen == 1
+    assert result.original_mask_heat == pytest.approx(0.5)
+    assert [c.mask_heat for c in result.candidates] == pytest.approx([0.45, 0.30, 0.40])
+    assert result.summary()["candidates"][1]["mask_heat"] == pytest.approx(0.30)
+    assert scorer.calls[1].get("heatmaps") == ("implausibility",) and not scorer.calls[1].get("scores_only")
+    # no candidate drops the heat by half: the original is kept
+    result = repair(im.image, im.prompt, SyntheticGenerator(), _HeatScorer([0.45, 0.30, 0.40]),
+                    RepairConfig(mask=mask_cfg, n=3, margin=0.0, heat_drop=0.5))  # fmt: skip
+    assert not result.accepted and result.reason == NOT_BETTER and result.chosen is None
+    # heat_drop 0 (the default): candidates are scored without heatmaps and the best score wins
+    plain = _HeatScorer([0.45, 0.30, 0.40])
+    result = repair(im.image, im.prompt, SyntheticGenerator(), plain, RepairConfig(mask=mask_cfg, n=3, margin=0.0))
+    assert result.chosen == 2 and result.original_mask_heat is None and plain.calls[1].get("scores_only")
+    # the helper: mean over the mask's pixels after a bilinear resize; an empty mask gives 0
+    heat = np.zeros((4, 4), np.float32)
+    heat[:, 2:] = 1.0
+    mask = np.zeros((4, 4), np.uint8)
+    mask[:, 1:3] = 255
+    assert mean_heat_in_mask(heat, mask) == pytest.approx(0.5)
+    assert mean_heat_in_mask(heat, np.zeros((4, 4), np.uint8)) == 0.0
+
+
+@pytest.mark.parametrize("drop", [-0.1, 1.0, float("nan")])
+def test_bad_heat_drop(drop):
+    with pytest.raises(ValueError, match="heat_drop"):
+        RepairConfig(heat_drop=drop)
+
+
 def test_bad_inputs():
     gen = SyntheticGenerator()
     im = gen.generate(PROMPTS[:1], 1)[0]
