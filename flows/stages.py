@@ -61,8 +61,9 @@ def load_scorer(source: str, device: str = "cpu", batch_size: int = 16) -> Any:
             _MODELS[key] = GroundTruthScorer()
         else:
             from rahf.scorer import RAHFScorer
+            from rahf.zoo import resolve_model
 
-            _MODELS[key] = RAHFScorer.from_pretrained(source, device=device, batch_size=batch_size)
+            _MODELS[key] = RAHFScorer.from_pretrained(resolve_model(source), device=device, batch_size=batch_size)
     return _MODELS[key]
 
 

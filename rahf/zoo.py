@@ -77,3 +77,15 @@ def ensure_synthetic_rahf(
     shutil.copytree(run / "best", tmp, ignore=shutil.ignore_patterns("optimizer.safetensors", "trainer_state.json"))
     tmp.rename(target)
     return target
+
+
+#: The name every entry point uses for the demo model (CLI flags, flow parameters, ``prefect.yaml``).
+DEMO_MODEL = "synthetic-default"
+
+
+def resolve_model(source: str) -> str:
+    """A loadable RAHF source for a name: :data:`DEMO_MODEL` becomes the demo model's folder; anything else (a
+    folder, a hub id, a preset name, ``ground-truth``) is returned unchanged for the loader to interpret."""
+    if source == DEMO_MODEL:
+        return str(ensure_synthetic_rahf())
+    return source

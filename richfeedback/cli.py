@@ -284,11 +284,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _rahf_source(name: str) -> str:
-    if name == "synthetic-default":
-        from rahf.zoo import ensure_synthetic_rahf
+    from rahf.zoo import resolve_model
 
-        return str(ensure_synthetic_rahf())
-    return name
+    return resolve_model(name)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
