@@ -366,6 +366,25 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from rahf.zoo import build_demo_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = build_demo_model(args.out, test_size=args.test, ship=args.ship, reuse_run=args.reuse_run)
+    seconds = report["summary"]["seconds"]
+    trained = f"trained in {seconds:.0f} s" if seconds is not None else f"packaged from {args.reuse_run}"
+    print(f"bundle: {report['bundle']} (recipe {report['recipe_hash']}, {trained})")
+    diff = report.get("vs_shipped")
+    if diff is not None:
+        print(f"largest difference from the shipped weights: {diff['max_abs_diff']:.3g} ({diff['tensor']})")
+        if "max_sample_score_diff" in diff:
+            print(f"largest difference in the bundled samples' scores: {diff['max_sample_score_diff']:.3g}")
+    return 0
+
+
 def cmd_save_preset(args: argparse.Namespace) -> int:
     from rahf.presets import build_rahf
 
@@ -631,6 +650,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.02)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_repair)
+
+    p = sub.add_parser(
+        "demo-model",
+        help="retrain the shipped demo model from scratch by its recipe; report the change from the shipped weights",
+    )
+    p.add_argument("--out", default="outputs/demo-model", help="work folder: data, training run, the new bundle")
+    p.add_argument("--test", type=int, default=300, help="test-split size for the bundle's evaluation tables")
+    p.add_argument("--ship", action="store_true", help="copy the new bundle over the shipped one (rahf/demo_model)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--reuse-run", default=None, help="package a finished training run of the same recipe instead of retraining"
+    )
+    p.set_defaults(func=cmd_demo_model)
 
     p = sub.add_parser("save-preset", help="build a RAHF preset and save it as a model folder")
     p.add_argument("preset", help="rahf-tiny | richhf-base")
