@@ -224,6 +224,9 @@ class RepairStageResult(StageResult):
             f"original, {len(self.no_mask)} had an empty mask, {len(self.failed)} failed, {self.skipped} decided "
             "before)"
         ]
+        if self.not_found:
+            first = ", ".join(self.not_found[:3])
+            lines.append(f"  - {len(self.not_found)} given ids have no generated record: {first}")
         if self.truth:
             lines.append(self.truth.to_markdown())
         return "\n".join(lines)

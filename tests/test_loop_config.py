@@ -127,10 +127,8 @@ def test_flows_take_the_config_not_loose_knobs():
     from flows import loop
 
     allowed = {"root", "prompts", "config", "ids", "lora", "lora_a", "lora_b", "generator_b", "dataset", "gpu_slots"}
-    for name in ("generate_and_score", "select_finetune_data", "finetune_generator", "repair_images"):
-        params = inspect.signature(getattr(loop, name).fn).parameters
-        assert set(params) <= allowed and params["config"].default is None, name
-    for name in ("compare_checkpoints", "feedback_loop"):
+    names = ("generate_and_score", "select_finetune_data", "finetune_generator", "repair_images")
+    for name in (*names, "compare_checkpoints", "feedback_loop"):
         params = inspect.signature(getattr(loop, name).fn).parameters
         assert set(params) <= allowed and params["config"].default is None, name
 
@@ -286,7 +284,8 @@ def test_repair_takes_only_the_given_ids_and_reports_ground_truth(tmp_path):
     assert json.loads((Path(root) / "repair.json").read_text()) == json.loads(json.dumps(result.to_dict()))
     again = stages.repair_images(root, ORACLE, ids=list(first.ids))
     assert again.skipped == 2 and again.truth == t  # decided before: the same ground truth
-    assert stages.repair_images(root, ORACLE, ids=["nope"]).not_found == ("nope",)
+    missing = stages.repair_images(root, ORACLE, ids=["nope"])
+    assert missing.not_found == ("nope",) and "1 given ids have no generated record: nope" in missing.to_markdown()
 
 
 def test_an_empty_mask_is_its_own_outcome_and_is_tried_again(tmp_path):
