@@ -150,51 +150,56 @@ def _prefect_home(out: str) -> None:
         guard_temporary_server()  # the temporary server exits with this process, even one killed with SIGKILL
 
 
+def _checked_folder(out: str, config) -> tuple[str, str] | None:
+    """The (generator, rahf) the run folder ``out`` will use (its run.json, else the config's or the defaults),
+    or None after an error message when the config asks for another one than the folder records."""
+    from flows.config import RunFolderMismatchError, claim_run_folder
+
+    try:
+        return claim_run_folder(out, config.generator, config.rahf, write=False)
+    except RunFolderMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
 def cmd_loop(args: argparse.Namespace) -> int:
+    """Exit 0: done; 1: planned images are missing; 2: nothing run (a refused prompts file, or a generator or RAHF
+    other than the run folder's)."""
     import os
 
+    from flows.config import LOOP_FLAGS, config_from_args
+
     prompts = _prompts(args)  # first: a refused prompts file costs nothing
+    config = config_from_args(args, LOOP_FLAGS)
+    sources = _checked_folder(args.out, config)
+    if sources is None:
+        return 2
     _prefect_home(args.out)
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    rahf = _rahf_source(args.rahf)
     from flows.loop import feedback_loop
 
-    finetune = {"steps": args.finetune_steps} if args.finetune_steps and args.generator != "synthetic" else {}
     print(
-        f"feedback loop: {len(prompts)} prompts x {args.per_prompt} images, generator {args.generator}, "
-        f"RAHF {rahf}, run folder {args.out}"
+        f"feedback loop: {len(prompts)} prompts x {config.per_prompt} images, generator {sources[0]}, "
+        f"RAHF {sources[1]}, run folder {args.out}"
     )
-    summary = feedback_loop(
-        root=args.out,
-        prompts=prompts,
-        generator=args.generator,
-        rahf=rahf,
-        per_prompt=args.per_prompt,
-        selection={"score": args.select_by, "thresholds": {"plausibility": args.threshold}},
-        finetune=finetune,
-        compare_per_prompt=args.compare_per_prompt,
-        repair={"margin": args.repair_margin, "mask": {"threshold": args.mask_threshold}},
-        repair_below=args.repair_below,
-        repair_limit=args.repair_limit,
-        device=args.device,
-    )
-    print(improvement_report(summary))
-    return _loop_exit(summary)
+    result = feedback_loop(root=args.out, prompts=prompts, config=config.to_dict())
+    print(result.to_markdown())
+    return _loop_exit(result)
 
 
-def _loop_exit(summary: dict) -> int:
+def _loop_exit(result) -> int:
     """The loop's exit code: 1 (and a message on stderr) when planned images have neither a valid record nor an
     error record; failed images (error records, in the manifest, retried by a rerun) and unreadable files skipped
     are counted on stdout."""
-    planned, failed = summary["generate"]["ids"], summary["generate"]["failed"]
-    manifest = summary["manifest"]
-    if manifest.get("bad_files"):
-        print(f"{len(manifest['bad_files'])} unreadable files skipped: {', '.join(manifest['bad_files'][:5])}")
+    planned, failed = len(result.generate.ids), len(result.generate.failed)
+    manifest = result.manifest
+    if manifest.bad_files:
+        print(f"{len(manifest.bad_files)} unreadable files skipped: {', '.join(manifest.bad_files[:5])}")
     if failed:
         print(
             f"{failed} of {planned} planned images failed: error records in errors/ and the manifest; a rerun retries"
         )
-    missing = manifest.get("missing") or []
+    missing = manifest.missing
     if missing:
         print(
             f"error: {len(missing)} of {planned} planned images have neither a valid record nor an error record "
@@ -205,64 +210,32 @@ def _loop_exit(summary: dict) -> int:
     return 0
 
 
-def improvement_report(summary: dict) -> str:
-    """What improved, in numbers: finetuning (RAHF and, for the synthetic world, true scores) and repair."""
-    from flows.stages import read_json_files
-    from flows.storage import RunStore
-
-    c, r = summary["compare"] or {"scores": {}}, summary["repair"]
-    lines = ["", f"results in {summary['root']}", ""]
-    if summary["compare"]:
-        lines.append("finetuning (same prompts and seeds, before -> after):")
-    else:
-        lines.append("finetuning: skipped, no image cleared the selection thresholds")
-    for name, s in c["scores"].items():
-        lines.append(
-            f"  RAHF {name:<13} {s['mean_a']:.3f} -> {s['mean_b']:.3f}  ({s['diff']:+.3f}, 95% CI "
-            f"{s['ci_low']:+.3f}..{s['ci_high']:+.3f}; {s['wins']} better / {s['losses']} worse)"
-        )
-    for name, s in (c.get("ground_truth") or {}).items():
-        lines.append(f"  true {name:<13} {s['mean_a']:.3f} -> {s['mean_b']:.3f}  ({s['diff']:+.3f})")
-    lines.append(
-        f"repair: {r['accepted']} of {r['considered']} images repaired "
-        f"({r['rejected']} kept their original, {r['failed']} failed, {r['skipped']} decided before)"
-    )
-    store = RunStore(summary["root"])
-    records = {r.id: r for r in store.records()}  # valid records only; unreadable files were reported
-    decisions, _ = read_json_files(store, "repairs")
-    done = [
-        (records[d["parent_id"]], records[d["repaired_id"]])
-        for d in decisions.values()
-        if isinstance(d, dict) and d.get("parent_id") in records and d.get("repaired_id") in records
-    ]
-    if done and all(a.truth and b.truth for a, b in done):
-        before = sum(a.truth["implausible_area"] for a, _ in done) / len(done)
-        after = sum(b.truth["implausible_area"] for _, b in done) / len(done)
-        lines.append(
-            f"  true implausible area of the repaired images: {before:.4f} -> {after:.4f} "
-            f"({(after - before) / max(before, 1e-12):+.0%})"
-        )
-    if c.get("report"):
-        lines.append(f"comparison report: {c['report']}")
-    lines.append(f"manifest: {summary['manifest']['manifest']} ({summary['manifest']['records']} records)")
-    return "\n".join(lines)
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
+    """Exit 2: no data, or a --generator other than the one the dataset records (its run.json or metadata)."""
     import dataclasses
 
+    from common.config_fields import read_json_object
     from finetune.lora import LoraTrainConfig, finetune
+    from flows.config import RunFolderMismatchError, resolve_dataset_generator
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(LoraTrainConfig) if hasattr(args, f.name)}
     if args.target_modules:
         flags["target_modules"] = tuple(args.target_modules.split(","))
+    from_file = read_json_object(args.config) if args.config else {}
+    data_dir = flags.get("data_dir") or from_file.get("data_dir")
+    if not data_dir or not (flags.get("out_dir") or from_file.get("out_dir")):
+        print("error: give --config FILE.json, or --data-dir and --out-dir", file=sys.stderr)
+        return 2
+    try:
+        flags["generator"] = resolve_dataset_generator(data_dir, flags.get("generator") or from_file.get("generator"))
+    except RunFolderMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.config:
         cfg = LoraTrainConfig.from_json(args.config, **flags)
     else:
-        if not args.data_dir or not args.out_dir:
-            print("error: give --config FILE.json, or --data-dir and --out-dir", file=sys.stderr)
-            return 2
         cfg = LoraTrainConfig(**{k: v for k, v in flags.items() if v is not None})
+    print(f"finetuning {cfg.generator} on {cfg.data_dir}", file=sys.stderr)
     summary = finetune(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
     return 0
@@ -290,32 +263,39 @@ def _rahf_source(name: str) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Exit 1: an image of either side has no score; 2: a generator or RAHF other than the run folder's."""
+    from flows.config import COMPARE_FLAGS, RunFolderMismatchError, config_from_args
+
     prompts = _prompts(args)
+    config = config_from_args(args, COMPARE_FLAGS)
+    if _checked_folder(args.out, config) is None:
+        return 2
     _prefect_home(args.out)
-    from flows.loop import compare_checkpoints, comparison_markdown
+    from flows.loop import compare_checkpoints
 
-    summary = compare_checkpoints(
-        root=args.out,
-        prompts=prompts,
-        generator=args.generator,
-        lora_a=args.lora_a,
-        lora_b=args.lora_b,
-        generator_b=args.generator_b,
-        rahf=_rahf_source(args.rahf),
-        per_prompt=args.per_prompt,
-        device=args.device,
-    )
-    print(comparison_markdown(summary))
-    return _compare_exit(summary)
+    try:
+        result = compare_checkpoints(
+            root=args.out,
+            prompts=prompts,
+            config=config.to_dict(),
+            lora_a=args.lora_a,
+            lora_b=args.lora_b,
+            generator_b=args.generator_b,
+        )
+    except RunFolderMismatchError as err:  # compare/b made before with another --generator-b
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.to_markdown())
+    return _compare_exit(result)
 
 
-def _compare_exit(summary: dict) -> int:
+def _compare_exit(result) -> int:
     """1 (and a message on stderr) when an image of either side is missing or failed, or no pair was scored."""
-    short = {side: summary.get("failed", {}).get(side, 0) + summary.get("missing", {}).get(side, 0) for side in "ab"}
-    if summary["pairs"] == 0 or any(short.values()):
+    short = {side: result.failed.get(side, 0) + result.missing.get(side, 0) for side in "ab"}
+    if result.pairs == 0 or any(short.values()):
         print(
-            f"error: {summary['pairs']} pairs compared; images without a score: A {short['a']}, B {short['b']} "
-            f"(of {summary.get('planned', '?')} each); see errors/ under compare/a and compare/b",
+            f"error: {result.pairs} pairs compared; images without a score: A {short['a']}, B {short['b']} "
+            f"(of {result.planned} each); see errors/ under compare/a and compare/b",
             file=sys.stderr,
         )
         return 1
@@ -342,24 +322,23 @@ def cmd_rating_score(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
+    """Exit 1: a repair failed; 2: unknown --ids, or a generator or RAHF other than the run folder's."""
+    from flows.config import REPAIR_FLAGS, config_from_args
+
+    config = config_from_args(args, REPAIR_FLAGS)
+    if _checked_folder(args.out, config) is None:
+        return 2
     _prefect_home(args.out)
     from flows.loop import repair_images
 
-    report = repair_images(
-        root=args.out,
-        ids=args.ids or None,
-        below=args.below,
-        generator=args.generator,
-        lora=args.lora,
-        rahf=_rahf_source(args.rahf),
-        options={"n": args.n, "margin": args.margin},
-        limit=args.limit,
-        device=args.device,
-    )
-    print(json.dumps(report, indent=1))
-    if report["failed"]:
+    result = repair_images(root=args.out, config=config.to_dict(), ids=args.ids or None, lora=args.lora)
+    print(result.to_markdown())
+    if result.not_found:
+        print(f"error: no generated record for ids {list(result.not_found[:5])}", file=sys.stderr)
+        return 2
+    if result.failed:
         print(
-            f"error: {len(report['failed'])} repairs failed (errors/repair-<id>.json); a rerun retries them",
+            f"error: {len(result.failed)} repairs failed (errors/repair-<id>.json); a rerun retries them",
             file=sys.stderr,
         )
         return 1
@@ -382,6 +361,19 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
         print(f"largest difference from the shipped weights: {diff['max_abs_diff']:.3g} ({diff['tensor']})")
         if "max_sample_score_diff" in diff:
             print(f"largest difference in the bundled samples' scores: {diff['max_sample_score_diff']:.3g}")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    """Best of N per prompt of a run folder -> its finetune-data/ folder (the scheduled selection, on demand)."""
+    from flows.config import SELECT_FLAGS, config_from_args
+
+    config = config_from_args(args, SELECT_FLAGS)
+    _prefect_home(args.out)
+    from flows.loop import select_finetune_data
+
+    result = select_finetune_data(root=args.out, config=config.to_dict(), ids=args.ids or None)
+    print(result.to_markdown())
     return 0
 
 
@@ -488,6 +480,7 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     import torch
 
     from compare.loop_gain import LoopGainConfig, RandomScorer, run_loop_gain
+    from flows.config import BENCH_REPAIR_FLAGS, config_from_args
     from generators.synthetic import GroundTruthScorer
 
     if args.threads:
@@ -506,13 +499,7 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
         size=args.size,
         select_by=args.select_by,
         repair_limit=args.repair_limit,
-        repair_n=args.repair_n,
-        repair_margin=args.repair_margin,
-        mask_threshold=args.mask_threshold,
-        mask_threshold_mode=args.mask_threshold_mode,
-        mask_floor=args.mask_floor,
-        mask_dilate_frac=args.mask_dilate_frac,
-        repair_heat_drop=args.repair_heat_drop,
+        repair=config_from_args(args, BENCH_REPAIR_FLAGS).repair,
         seed=args.seed,
         n_boot=args.n_boot,
     )
@@ -533,6 +520,65 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     print((out / "loop_gain.md").read_text())
     print(f"wrote {out / 'loop_gain.json'}, {out / 'loop_gain.md'} and {out / 'loop_gain.png'}")
     return 0
+
+
+#: ``richfeedback finetune`` flags: (LoraTrainConfig field, type, help); a test checks them against the fields and
+#: their defaults (kept out of this module: LoraTrainConfig imports torch)
+FINETUNE_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("data_dir", str, "image folder with metadata.jsonl (local path or URL)"),
+    ("out_dir", str, "checkpoints/, adapter/, log.jsonl"),
+    (
+        "generator",
+        str,
+        "preset, hub id or folder (default: the generator the dataset records in its run.json or metadata, "
+        "else amused-tiny; another one than the dataset's is refused)",
+    ),
+    ("rank", int, "LoRA rank r (default: 4)"),
+    ("alpha", float, "LoRA alpha, scale alpha / r (default: 4.0)"),
+    ("lr", float, "learning rate (default: 0.0001)"),
+    ("steps", int, "optimizer steps (default: 100)"),
+    ("batch_size", int, "images per step (default: 4)"),
+    ("grad_accum", int, "gradient accumulation steps (default: 1)"),
+    ("mixed_precision", str, "no | bf16 | fp16 (default: no)"),
+    ("seed", int, "(default: 0)"),
+    ("checkpoint_every", int, "steps between resumable checkpoints (default: 50)"),
+    ("log_every", int, "steps between log lines (default: 10)"),
+    ("device", str, "auto | cpu | cuda (default: auto)"),
+    ("prior_strength", float, "synthetic world only: pseudo-trials toward the current flaw rates (default: 2.0)"),
+)
+
+
+class _ConfigFlagsParser(argparse.ArgumentParser):
+    """A subcommand's parser whose flags from :class:`flows.config.LoopConfig` (``flows.config.*_FLAGS``) are added
+    on its first use: that module imports numpy and OpenCV, and ``richfeedback --help`` stays instant."""
+
+    pending: tuple[str, ...] = ()
+
+    def _add_pending(self) -> None:
+        if self.pending:
+            import flows.config
+
+            names, self.pending = self.pending, ()
+            for name in names:
+                flows.config.add_config_flags(self, getattr(flows.config, name))
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._add_pending()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._add_pending()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._add_pending()
+        return super().format_usage()
+
+
+def add_config_flags(p: argparse.ArgumentParser, flags: str) -> None:
+    """Give the subcommand parser ``p`` the flags ``flows.config.<flags>`` (defaults and help from LoopConfig)."""
+    p.__class__ = _ConfigFlagsParser
+    p.pending = (*p.pending, flags)  # type: ignore[attr-defined]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -559,72 +605,34 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--out", default="outputs/demo", help="run folder: a local path or s3://bucket/prefix")
-        p.add_argument("--generator", default="synthetic", help="synthetic | amused-tiny | sd-tiny | <id or folder>")
-        p.add_argument(
-            "--rahf",
-            default="synthetic-default",
-            help="RAHF folder or hub id; synthetic-default trains (once) and caches rahf-tiny",
-        )
         p.add_argument("--prompts", help="a text file, one prompt per line (default: prompts of the grammar)")
         p.add_argument("--strict", action="store_true", help="refuse a --prompts file with any bad line (exit 2)")
-        p.add_argument("--num-prompts", type=int, default=12)
-        p.add_argument("--per-prompt", type=int, default=8)
-        p.add_argument("--compare-per-prompt", type=int, default=4)
-        p.add_argument("--threshold", type=float, default=0.8, help="plausibility a selected image must reach")
-        p.add_argument("--select-by", default="overall", help="the score that picks the best image per prompt")
-        p.add_argument(
-            "--repair-below",
-            type=float,
-            default=1.0,
-            help="repair images whose predicted plausibility is below this (1.0: the least plausible)",
-        )
-        p.add_argument("--repair-limit", type=int, default=12, help="repair at most this many, worst first")
-        p.add_argument("--repair-margin", type=float, default=0.0, help="a repair must beat the original by this")
-        p.add_argument(
-            "--mask-threshold",
-            type=float,
-            default=0.25,
-            help="implausibility heat that enters the repair mask (the tiny model's heat peaks near 0.3)",
-        )
-        p.add_argument("--finetune-steps", type=int, default=None, help="LoRA steps (diffusers generators)")
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--num-prompts", type=int, default=12, help="prompts of the grammar without --prompts")
+        add_config_flags(p, "LOOP_FLAGS")
         p.set_defaults(func=cmd_loop)
+
+    p = sub.add_parser("select", help="best of N per prompt of a run folder -> its finetune-data/ image folder")
+    p.add_argument("--out", required=True, help="the run folder")
+    p.add_argument("--ids", nargs="*", help="candidate record ids (default: every generated record)")
+    add_config_flags(p, "SELECT_FLAGS")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("finetune", help="LoRA-finetune a generator on a selected image folder (resumable)")
     p.add_argument("--config", help="LoraTrainConfig as JSON; flags override it")
     p.add_argument("--target-modules", help="comma-separated module names (default: attention projections)")
-    for name, typ in (
-        ("data_dir", str),
-        ("out_dir", str),
-        ("generator", str),
-        ("rank", int),
-        ("alpha", float),
-        ("lr", float),
-        ("steps", int),
-        ("batch_size", int),
-        ("grad_accum", int),
-        ("mixed_precision", str),
-        ("seed", int),
-        ("checkpoint_every", int),
-        ("log_every", int),
-        ("device", str),
-        ("prior_strength", float),
-    ):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    for name, typ, text in FINETUNE_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("compare", help="compare two checkpoints on the same prompts and seeds (stats + report)")
     p.add_argument("--out", required=True, help="run folder: a local path or s3://bucket/prefix")
-    p.add_argument("--generator", default="synthetic", help="checkpoint A: preset, hub id or folder")
-    p.add_argument("--lora-a", help="adapter folder on top of A")
+    p.add_argument("--lora-a", help="adapter folder on top of A (the --generator)")
     p.add_argument("--generator-b", help="checkpoint B (default: the same base as A)")
     p.add_argument("--lora-b", help="adapter folder on top of B")
-    p.add_argument("--rahf", default="synthetic-default")
     p.add_argument("--prompts", help="a text file, one prompt per line")
     p.add_argument("--strict", action="store_true", help="refuse a --prompts file with any bad line (exit 2)")
-    p.add_argument("--num-prompts", type=int, default=12)
-    p.add_argument("--per-prompt", type=int, default=4)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-prompts", type=int, default=12, help="prompts of the grammar without --prompts")
+    add_config_flags(p, "COMPARE_FLAGS")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("rating-sheet", help="a blind A/B rating sheet (CSV) from a comparison run, with a key")
@@ -638,17 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True)
     p.set_defaults(func=cmd_rating_score)
 
-    p = sub.add_parser("repair", help="best-of-N repair of low-plausibility (or named) images of a run")
+    p = sub.add_parser("repair", help="best-of-N repair of the least plausible (or named) images of a run")
     p.add_argument("--out", required=True, help="the run folder")
-    p.add_argument("--ids", nargs="*", help="record ids to repair (default: all below --below)")
-    p.add_argument("--below", type=float, default=0.8)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--generator", default="synthetic")
-    p.add_argument("--lora")
-    p.add_argument("--rahf", default="synthetic-default")
-    p.add_argument("--n", type=int, default=4, help="inpainted candidates per image")
-    p.add_argument("--margin", type=float, default=0.02)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--ids", nargs="*", help="repair only among these record ids (default: every generated record)")
+    p.add_argument("--lora", help="adapter folder on top of the generator")
+    add_config_flags(p, "REPAIR_FLAGS")
     p.set_defaults(func=cmd_repair)
 
     p = sub.add_parser(
@@ -771,23 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="image side of the synthetic world")
     p.add_argument("--select-by", default="overall", help="the score that picks the best candidate per prompt")
     p.add_argument("--repair-limit", type=int, default=8, help="held-out images repaired per round, least plausible")
-    p.add_argument("--repair-n", type=int, default=4, help="inpainted candidates per repair")
-    p.add_argument("--repair-margin", type=float, default=0.0)
-    p.add_argument("--mask-threshold", type=float, default=0.4)
-    p.add_argument(
-        "--mask-threshold-mode",
-        choices=("absolute", "quantile", "relative"),
-        default="relative",
-        help="relative: heat above threshold x the map's own maximum",
-    )
-    p.add_argument("--mask-floor", type=float, default=0.1, help="heat every masked pixel must also exceed")
-    p.add_argument("--mask-dilate-frac", type=float, default=0.06, help="mask dilation, fraction of the image side")
-    p.add_argument(
-        "--repair-heat-drop",
-        type=float,
-        default=0.02,
-        help="a candidate must cut the mean predicted heat inside the mask by this fraction (0: off)",
-    )
+    add_config_flags(p, "BENCH_REPAIR_FLAGS")  # the feedback loop's repair settings, shared with the benchmark
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--device", default="cpu")
