@@ -80,18 +80,29 @@ def ensure_gpu_limit(slots: int = 1) -> None:
             client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=slots)
 
 
-def _progress(description: str):
-    """A progress artifact and a console bar, updated with (done, total)."""
+#: Seconds between two updates of a progress artifact (each is a call to the Prefect API); the last always goes.
+PROGRESS_EVERY_S = 2.0
+
+
+def _progress(description: str, every_s: float = PROGRESS_EVERY_S):
+    """A progress artifact and a console bar, updated with (done, total); the artifact at most every ``every_s``
+    seconds and at the end, so a run of many small batches does not pay an API call per batch."""
+    import time
+
     from tqdm.auto import tqdm
 
     artifact = create_progress_artifact(0.0, description=description)
     bar = tqdm(desc=description, unit="img", leave=False)
+    last = [time.monotonic()]
 
     def update(done: int, total: int) -> None:
         bar.total = total
         bar.n = done
         bar.refresh()
-        update_progress_artifact(artifact, 100.0 * done / max(1, total))
+        now = time.monotonic()
+        if done >= total or now - last[0] >= every_s:
+            update_progress_artifact(artifact, 100.0 * done / max(1, total))
+            last[0] = now
         if done >= total:
             bar.close()
 
