@@ -136,7 +136,7 @@ def _print_rows(rows: list[dict], out: Path, options: dict) -> None:
     if any("overlay" in r for r in rows):
         extra = f" and overlays in {out / 'overlays'}"
     elif options["scores_only"]:
-        extra = " (--scores-only: scores only, no heatmaps, overlays or keywords)"
+        extra = " (--scores-only: the four scores only, no heatmaps or keywords)"
     elif not options["overlays"]:
         extra = " (--no-overlays: no overlays)"
     else:

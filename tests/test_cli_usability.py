@@ -256,7 +256,7 @@ def test_score_messages_name_only_what_was_written(tmp_path, capsys, one_torch_t
     assert main([*base, "--out", str(tmp_path / "a"), "--scores-only"]) == 0
     out = capsys.readouterr().out
     assert "overlays in" not in out and "misaligned" not in out
-    assert out.splitlines()[-1].endswith("(--scores-only: scores only, no heatmaps, overlays or keywords)")
+    assert out.splitlines()[-1].endswith("(--scores-only: the four scores only, no heatmaps or keywords)")
     assert not (tmp_path / "a" / "overlays").exists()
 
     assert main([*base, "--out", str(tmp_path / "b"), "--no-overlays"]) == 0
