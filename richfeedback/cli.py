@@ -801,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ, helptext in (
         ("data_dir", str, "split folder with train and dev splits (<split>.tfrecord, <split>.jsonl, images)"),
         ("out_dir", str, "checkpoints, best/ (best dev model), log.jsonl; a rerun resumes from here"),
-        ("preset", str, "preset to train from random init (rahf-tiny, rahf-tiny-p4, ...) or a RAHF folder"),
+        ("preset", str, "preset to train from random init, or a RAHF folder (TrainConfig default: rahf-tiny)"),
         ("variant", str, "multi_head | augmented_prompt (presets only) (TrainConfig default: multi_head)"),
         ("steps", int, "optimizer steps (TrainConfig default: 300)"),
         ("batch_size", int, "examples per micro-batch (TrainConfig default: 16)"),
