@@ -37,7 +37,8 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from common.atomic import atomic_write_bytes
-from generators.base import SCORE_NAMES, ImageRecord
+from common.names import SCORE_NAMES
+from common.records import ImageRecord
 
 METADATA_FILE = "metadata.jsonl"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -207,6 +207,7 @@ def _loop_exit(summary: dict) -> int:
 
 def improvement_report(summary: dict) -> str:
     """What improved, in numbers: finetuning (RAHF and, for the synthetic world, true scores) and repair."""
+    from common.keys import REPAIRS
     from flows.stages import read_json_files
     from flows.storage import RunStore
 
@@ -229,7 +230,7 @@ def improvement_report(summary: dict) -> str:
     )
     store = RunStore(summary["root"])
     records = {r.id: r for r in store.records()}  # valid records only; unreadable files were reported
-    decisions, _ = read_json_files(store, "repairs")
+    decisions, _ = read_json_files(store, REPAIRS)
     done = [
         (records[d["parent_id"]], records[d["repaired_id"]])
         for d in decisions.values()
@@ -284,8 +285,12 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _rahf_source(name: str) -> str:
+    """The scorer source handed to the flows: a name the scorer registry does not know is refused here, before
+    any flow starts (UnknownNameError, listing the known names); the demo model's name becomes its folder."""
+    from generators.registry import SCORERS
     from rahf.zoo import resolve_model
 
+    SCORERS.resolve(name)
     return resolve_model(name)
 
 
@@ -323,11 +328,12 @@ def _compare_exit(summary: dict) -> int:
 
 
 def cmd_rating_sheet(args: argparse.Namespace) -> int:
+    from common.keys import compare_side_key
     from compare import export_rating_sheet, pair_records
     from flows.storage import RunStore
 
-    a = list(RunStore(str(Path(args.comparison) / "compare" / "a")).records())
-    b = list(RunStore(str(Path(args.comparison) / "compare" / "b")).records())
+    a = list(RunStore(str(Path(args.comparison) / compare_side_key("a"))).records())
+    b = list(RunStore(str(Path(args.comparison) / compare_side_key("b"))).records())
     sheet, key = export_rating_sheet(pair_records(a, b), args.out, seed=args.seed)
     print(f"rating sheet: {sheet} (give raters the folder {sheet.parent}); hidden key: {key}")
     return 0
@@ -469,7 +475,7 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     import torch
 
     from compare.loop_gain import LoopGainConfig, RandomScorer, run_loop_gain
-    from generators.synthetic import GroundTruthScorer
+    from generators.registry import GROUND_TRUTH, build_scorer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -502,12 +508,9 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
         if name == "random":
             scorers[name] = RandomScorer(seed=args.seed)
         elif name == "oracle":
-            scorers[name] = GroundTruthScorer()
+            scorers[name] = build_scorer(GROUND_TRUTH)
         else:
-            from rahf.scorer import RAHFScorer
-
-            source = _rahf_source(args.rahf)
-            scorers[name] = RAHFScorer.from_pretrained(source, device=args.device, batch_size=args.batch_size)
+            scorers[name] = build_scorer(args.rahf, device=args.device, batch_size=args.batch_size)
     print(f"loop-gain benchmark: scorers {', '.join(scorers)}; RAHF {args.rahf}; {config.rounds} round(s)")
     run_loop_gain(config, scorers, args.out, log=print)
     out = Path(args.out)
@@ -774,11 +777,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from common.lines import BadLinesError
+    from common.registry import UnknownNameError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except BadLinesError as err:  # an input file refused under --strict (or with nothing usable in it)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except UnknownNameError as err:  # a generator or scorer name no registry knows
         print(f"error: {err}", file=sys.stderr)
         return 2
 
