@@ -7,6 +7,8 @@ Layout under the root (keys are POSIX paths relative to it)::
     records/<id>.json            one ImageRecord per image: finished work, found again by a rerun
     manifest.jsonl               every record, one JSON line each, sorted by id
 
+(each key built by one function of :mod:`common.keys`, which lists the other kinds: errors, repairs, ...).
+
 Every write is whole or absent: locally a temporary file in the same folder, then ``os.replace``; on object stores
 one ``pipe_file`` (a single PUT, or a multipart upload that only appears when completed). A rerun skips an id whose
 record is valid (parses, and names the id of its key); an unreadable record counts as unfinished work. Remote calls
