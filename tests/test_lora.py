@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.records import ImageRecord
 from finetune.dataset import export_dataset
 from finetune.lora import LoraTrainConfig, finetune
-from generators.base import ImageRecord, encode_png
+from generators.base import encode_png
 from generators.synthetic import SyntheticGenerator
 from rahf.data.synthetic import FlawModel
 
