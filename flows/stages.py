@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from common.atomic import sweep_stale_temps
+from flows.claims import Claims
 from flows.config import RUN_FILE, LoopConfig, claim_run_folder, resolve_dataset_generator
 from flows.results import (
     CompareResult,
@@ -42,6 +44,7 @@ from generators.base import Generator, ImageRecord, decode_png, encode_png
 log = logging.getLogger(__name__)
 
 HEATMAPS = ("implausibility", "misalignment")
+CLAIM_POLL_S = 0.5  # how often a run waits for images another process has claimed
 Progress = Callable[[int, int], None]  # (done, total)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,14 +149,36 @@ def generate_and_score(
     done = len(ids) - len(todo)
     if progress:
         progress(done, len(ids))
-    for start in range(0, len(todo), config.batch_size):
-        batch = todo[start : start + config.batch_size]
-        items = _images_for(store, gen, batch, images_there, report)
-        _score_and_record(store, scorer, gen, items, report)
-        done += len(batch)
-        if progress:
-            progress(done, len(ids))
-    accounted = finished | set(report["scored"]) | set(report["failed"])
+    claims = Claims(store, config.claim_ttl_s)
+    by_others: set[str] = set()  # finished by another process while this one ran
+    pending = list(dict.fromkeys(todo))  # a repeated prompt plans the same id twice: do it once
+    while pending:
+        waiting: list[tuple[tuple[str, int], str]] = []
+        for start in range(0, len(pending), config.batch_size):
+            batch = pending[start : start + config.batch_size]
+            mine, busy = claims.acquire(i for _, i in batch)
+            try:
+                meanwhile = store.has_records(mine)  # finished between the listing and the claim
+                by_others |= meanwhile
+                work = [(j, i) for j, i in batch if i in set(mine) - meanwhile]
+                items = _images_for(store, gen, work, images_there, report)
+                _score_and_record(store, scorer, gen, items, report)
+            finally:
+                claims.release(mine)
+            waiting += [(j, i) for j, i in batch if i in set(busy)]
+            done += len(batch) - len(busy)
+            if progress:
+                progress(done, len(ids))
+        if waiting:  # claimed by another live process: wait for its records, take over what it abandons
+            time.sleep(CLAIM_POLL_S)
+            now_done = store.has_records(i for _, i in waiting)
+            by_others |= now_done
+            done += len(now_done)
+            images_there = {k.removeprefix("images/").removesuffix(".png") for k in store.list("images")}
+        pending = [(j, i) for j, i in waiting if i not in by_others]
+    if claims.taken_over:
+        log.info("took over %d abandoned claims", len(claims.taken_over))
+    accounted = finished | by_others | set(report["scored"]) | set(report["failed"])
     missing = [i for i in ids if i not in accounted]
     if missing:
         log.error("%d of %d planned images have neither a record nor an error record", len(missing), len(ids))
@@ -161,7 +186,7 @@ def generate_and_score(
         ids=tuple(ids),
         generated=tuple(report["generated"]),
         scored=tuple(report["scored"]),
-        skipped=len(ids) - len(todo),
+        skipped=len(ids) - len(todo) + len(by_others),
         failed=tuple(report["failed"]),
         missing=tuple(missing),
         generator=generator,
