@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -52,6 +53,9 @@ Progress = Callable[[int, int], None]  # (done, total)
 # ---------------------------------------------------------------------------------------------------------
 
 _MODELS: dict[tuple, Any] = {}
+# Concurrent tasks of one process (the thread-pool task runner's chunks) must build a model once: two threads
+# building a seeded random-init preset at once interleave the global RNG and get different weights.
+_MODELS_LOCK = threading.RLock()
 
 
 def load_generator(name: str, lora: str | None = None, device: str = "cpu") -> Generator:
@@ -60,27 +64,29 @@ def load_generator(name: str, lora: str | None = None, device: str = "cpu") -> G
     from generators import build_generator
 
     key = ("generator", name, lora, device)
-    if key not in _MODELS:
-        local = _local_folder(lora) if lora else None
-        kwargs = {} if name == "synthetic" else {"device": device}
-        _MODELS[key] = build_generator(name, lora=local, **kwargs)
-    return _MODELS[key]
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            local = _local_folder(lora) if lora else None
+            kwargs = {} if name == "synthetic" else {"device": device}
+            _MODELS[key] = build_generator(name, lora=local, **kwargs)
+        return _MODELS[key]
 
 
 def load_scorer(source: str, device: str = "cpu", batch_size: int = 16) -> Any:
     """RAHF from a folder, hub id or preset, or ``ground-truth`` (the synthetic world's oracle); cached."""
     key = ("scorer", source, device, batch_size)
-    if key not in _MODELS:
-        if source == "ground-truth":
-            from generators.synthetic import GroundTruthScorer
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            if source == "ground-truth":
+                from generators.synthetic import GroundTruthScorer
 
-            _MODELS[key] = GroundTruthScorer()
-        else:
-            from rahf.scorer import RAHFScorer
-            from rahf.zoo import resolve_model
+                _MODELS[key] = GroundTruthScorer()
+            else:
+                from rahf.scorer import RAHFScorer
+                from rahf.zoo import resolve_model
 
-            _MODELS[key] = RAHFScorer.from_pretrained(resolve_model(source), device=device, batch_size=batch_size)
-    return _MODELS[key]
+                _MODELS[key] = RAHFScorer.from_pretrained(resolve_model(source), device=device, batch_size=batch_size)
+        return _MODELS[key]
 
 
 def _local_folder(uri: str) -> str:
