@@ -35,20 +35,10 @@ DEPLOYMENT = "generate-and-score/generate-and-score"
 
 
 def prompt_list(n: int) -> list[str]:
-    counts = ["one", "two", "three", "four"]
-    colours = ["red", "blue", "green", "yellow"]
-    shapes = ["circle", "square", "triangle", "diamond"]
-    places = ["at the left", "at the right", "at the top", "at the bottom", "in the middle"]
-    out = [
-        f"{c} {col} {s}{'' if c == 'one' else 's'} {p}"
-        for c in counts
-        for col in colours
-        for s in shapes
-        for p in places
-    ]
-    if n > len(out):
-        raise ValueError(f"at most {len(out)} prompts, got {n}")
-    return out[:n]
+    """``n`` distinct prompts of the synthetic world's grammar."""
+    from rahf.data.synthetic import sample_prompts
+
+    return sample_prompts(n, seed=0)
 
 
 def config() -> dict:
