@@ -57,6 +57,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes], *
     return path
 
 
+def atomic_create_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> bool:
+    """Write ``data`` at ``path`` only if nothing is there (write-once); True when this call created it.
+
+    The bytes go to a temporary file first, which is hard-linked to ``path`` (``os.link`` refuses an existing
+    target atomically), so a reader sees no file or the whole one, and of several concurrent creators exactly one
+    wins. Creates the folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        atomic_write_bytes(tmp, data, fsync=fsync)
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return True
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
     """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)

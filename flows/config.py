@@ -57,6 +57,10 @@ class LoopConfig:
     per_prompt: int = 8  # candidates per prompt
     batch_size: int = 16  # images generated and scored at a time
     chunk_prompts: int = 8  # prompts per generate task (the unit a parallel task runner fans out)
+    #: tasks tagged ``gpu`` running at once across all workers (a Prefect tag concurrency limit); None: no limit
+    gpu_slots: int | None = None
+    #: seconds after which another host's claim on an image (claims/<id>.json) counts as abandoned
+    claim_ttl_s: float = 600.0
     #: which images become finetuning data: best by predicted overall, plausibility >= 0.8
     selection: SelectionConfig = field(default_factory=_loop_selection)
     #: LoraTrainConfig fields (steps, lr, rank, ...); data_dir, out_dir and generator come from the loop
@@ -84,6 +88,10 @@ class LoopConfig:
             v = check_value(getattr(self.compare, name), int, f"compare.{name}")
             if v < (0 if name == "seed_offset" else 1):
                 raise ValueError(f"field compare.{name}: expected an int >= {0 if name == 'seed_offset' else 1}")
+        if self.gpu_slots is not None and self.gpu_slots < 1:
+            raise ValueError(f"field gpu_slots: expected an int >= 1 or null, got {self.gpu_slots}")
+        if not self.claim_ttl_s > 0:
+            raise ValueError(f"field claim_ttl_s: expected a float > 0, got {self.claim_ttl_s}")
         if not 0.0 <= self.repair_below <= 1.0:
             raise ValueError(f"field repair_below: expected a float in [0, 1], got {self.repair_below}")
         if self.repair_limit is not None and self.repair_limit < 0:
@@ -180,6 +188,10 @@ FLAG_HELP: dict[str, str] = {
     "device": "cpu, cuda, cuda:1, ...",
     "per_prompt": "candidates generated per prompt",
     "batch_size": "images generated and scored at a time",
+    "chunk_prompts": "prompts per generate task (the unit that parallel workers share)",
+    "gpu_slots": "tasks tagged gpu running at once across all workers (Prefect tag concurrency limit; "
+    "default: no limit)",
+    "claim_ttl_s": "seconds after which another host's claim on an image counts as abandoned",
     "selection.score": "the score that picks the best image per prompt",
     "selection.thresholds.plausibility": "plausibility a selected image must reach",
     "selection.top_k": "images kept per prompt at most",
@@ -224,6 +236,7 @@ SELECT_FLAGS = _flags(
 LOOP_FLAGS = (
     SOURCE_FLAGS
     + _flags([("--per-prompt", "per_prompt"), ("--batch-size", "batch_size")])
+    + _flags([("--chunk-prompts", "chunk_prompts"), ("--gpu-slots", "gpu_slots"), ("--claim-ttl", "claim_ttl_s")])
     + SELECT_FLAGS
     + _flags([("--compare-per-prompt", "compare.per_prompt")])
     + _flags(
@@ -301,7 +314,14 @@ def add_config_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], bas
         )
 
 
-_METAVARS = {"generator": "NAME", "rahf": "SOURCE", "selection.score": "SCORE", "finetune.steps": "STEPS"}
+_METAVARS = {
+    "gpu_slots": "N",
+    "claim_ttl_s": "SECONDS",
+    "generator": "NAME",
+    "rahf": "SOURCE",
+    "selection.score": "SCORE",
+    "finetune.steps": "STEPS",
+}
 
 
 def _dest(flag: Flag) -> str:

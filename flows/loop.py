@@ -12,7 +12,7 @@ Every flow takes ``config``: the dict form of :class:`flows.config.LoopConfig` (
 unknown keys refused), so the command line, the flows and ``prefect.yaml`` share one set of defaults. Every flow
 returns the typed result of :mod:`flows.results` and publishes its ``to_markdown()`` as an artifact.
 
-GPU work carries the ``gpu`` tag; :func:`ensure_gpu_limit` (``feedback_loop(gpu_slots=N)``) creates the tag's
+GPU work carries the ``gpu`` tag; :func:`ensure_gpu_limit` (``config["gpu_slots"]``) creates the tag's
 concurrency limit (a limit that does not exist limits nothing; acquiring a slot costs about 2 s per task).
 Transient I/O is retried inside the run store; tasks add a retry on top, for transient errors only
 (:func:`retry_transient`): a refused permission, a missing path or a bad input fails the task at once. Every flow
@@ -194,9 +194,13 @@ def generate_and_score(
     root: str, prompts: list[str], config: dict[str, Any] | None = None, lora: str | None = None
 ) -> GenerateResult:
     """Generate ``config["per_prompt"]`` images per prompt and score them with RAHF; prompts go out in chunks of
-    ``config["chunk_prompts"]`` as separate tasks, so a Dask (or any parallel) task runner fans them out."""
+    ``config["chunk_prompts"]`` as separate tasks, so a Dask (or any parallel) task runner fans them out, and
+    merges their results by id. Each image is claimed before it is made (:mod:`flows.claims`), so concurrent runs
+    on one root, on any workers, do no image twice. ``config["gpu_slots"]`` creates the ``gpu`` tag's limit."""
     swept = stages.sweep_temps(root)
     cfg = _claimed(root, config)
+    if cfg.gpu_slots:
+        ensure_gpu_limit(cfg.gpu_slots)
     chunks = [prompts[i : i + cfg.chunk_prompts] for i in range(0, len(prompts), cfg.chunk_prompts)]
     parts = [f.result() for f in [generate_and_score_task.submit(root, chunk, cfg, lora) for chunk in chunks]]
     ids = [x for p in parts for x in p.ids]
@@ -280,8 +284,8 @@ def feedback_loop(
     logger = get_run_logger()
     swept = stages.sweep_temps(root)
     cfg = _claimed(root, config)
-    if gpu_slots:
-        ensure_gpu_limit(gpu_slots)
+    if gpu_slots or cfg.gpu_slots:
+        ensure_gpu_limit(gpu_slots or cfg.gpu_slots)
     generated = generate_and_score_task(root, prompts, cfg)
     logger.info(
         "generated %d, scored %d, skipped %d finished, %d failed",

@@ -16,6 +16,8 @@ import io
 import json
 import logging
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -48,6 +50,7 @@ from common.keys import (
 )
 from common.names import HEATMAP_NAMES, SCORE_NAMES
 from common.records import ImageRecord, Scorer, ScoringFailure
+from flows.claims import Claims
 from flows.config import RUN_FILE, LoopConfig, claim_run_folder, resolve_dataset_generator
 from flows.results import (
     CompareResult,
@@ -65,6 +68,7 @@ from generators.base import Generator, decode_png, encode_png
 log = logging.getLogger(__name__)
 
 HEATMAPS = HEATMAP_NAMES
+CLAIM_POLL_S = 0.5  # how often a run waits for images another process has claimed
 Progress = Callable[[int, int], None]  # (done, total)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,6 +76,9 @@ Progress = Callable[[int, int], None]  # (done, total)
 # ---------------------------------------------------------------------------------------------------------
 
 _MODELS: dict[tuple, Any] = {}
+# Concurrent tasks of one process (the thread-pool task runner's chunks) must build a model once: two threads
+# building a seeded random-init preset at once interleave the global RNG and get different weights.
+_MODELS_LOCK = threading.RLock()
 
 
 def load_generator(name: str, lora: str | None = None, device: str = "cpu") -> Generator:
@@ -80,10 +87,11 @@ def load_generator(name: str, lora: str | None = None, device: str = "cpu") -> G
     from generators.registry import build_generator
 
     key = ("generator", name, lora, device)
-    if key not in _MODELS:
-        local = _local_folder(lora) if lora else None
-        _MODELS[key] = build_generator(name, lora=local, device=device)
-    return _MODELS[key]
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            local = _local_folder(lora) if lora else None
+            _MODELS[key] = build_generator(name, lora=local, device=device)
+        return _MODELS[key]
 
 
 def load_scorer(source: str, device: str = "cpu", batch_size: int = 16) -> Scorer:
@@ -92,9 +100,10 @@ def load_scorer(source: str, device: str = "cpu", batch_size: int = 16) -> Score
     from generators.registry import build_scorer
 
     key = ("scorer", source, device, batch_size)
-    if key not in _MODELS:
-        _MODELS[key] = build_scorer(source, device=device, batch_size=batch_size)
-    return _MODELS[key]
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = build_scorer(source, device=device, batch_size=batch_size)
+        return _MODELS[key]
 
 
 def _local_folder(uri: str) -> str:
@@ -163,14 +172,36 @@ def generate_and_score(
     done = len(ids) - len(todo)
     if progress:
         progress(done, len(ids))
-    for start in range(0, len(todo), config.batch_size):
-        batch = todo[start : start + config.batch_size]
-        items = _images_for(store, gen, batch, images_there, report)
-        _score_and_record(store, scorer, gen, items, report)
-        done += len(batch)
-        if progress:
-            progress(done, len(ids))
-    accounted = finished | set(report["scored"]) | set(report["failed"])
+    claims = Claims(store, config.claim_ttl_s)
+    by_others: set[str] = set()  # finished by another process while this one ran
+    pending = list(dict.fromkeys(todo))  # a repeated prompt plans the same id twice: do it once
+    while pending:
+        waiting: list[tuple[tuple[str, int], str]] = []
+        for start in range(0, len(pending), config.batch_size):
+            batch = pending[start : start + config.batch_size]
+            mine, busy = claims.acquire(i for _, i in batch)
+            try:
+                meanwhile = store.has_records(mine)  # finished between the listing and the claim
+                by_others |= meanwhile
+                work = [(j, i) for j, i in batch if i in set(mine) - meanwhile]
+                items = _images_for(store, gen, work, images_there, report)
+                _score_and_record(store, scorer, gen, items, report)
+            finally:
+                claims.release(mine)
+            waiting += [(j, i) for j, i in batch if i in set(busy)]
+            done += len(batch) - len(busy)
+            if progress:
+                progress(done, len(ids))
+        if waiting:  # claimed by another live process: wait for its records, take over what it abandons
+            time.sleep(CLAIM_POLL_S)
+            now_done = store.has_records(i for _, i in waiting)
+            by_others |= now_done
+            done += len(now_done)
+            images_there = {k.removeprefix("images/").removesuffix(".png") for k in store.list("images")}
+        pending = [(j, i) for j, i in waiting if i not in by_others]
+    if claims.taken_over:
+        log.info("took over %d abandoned claims", len(claims.taken_over))
+    accounted = finished | by_others | set(report["scored"]) | set(report["failed"])
     missing = [i for i in ids if i not in accounted]
     if missing:
         log.error("%d of %d planned images have neither a record nor an error record", len(missing), len(ids))
@@ -178,7 +209,7 @@ def generate_and_score(
         ids=tuple(ids),
         generated=tuple(report["generated"]),
         scored=tuple(report["scored"]),
-        skipped=len(ids) - len(todo),
+        skipped=len(ids) - len(todo) + len(by_others),
         failed=tuple(report["failed"]),
         missing=tuple(missing),
         generator=generator,

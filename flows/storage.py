@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import posixpath
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from common.atomic import atomic_write_bytes, is_temp_name
+from common.atomic import atomic_create_bytes, atomic_write_bytes, is_temp_name
 from common.keys import RECORDS, id_of_record_key, manifest_key, record_key
 from common.keys import check_id as _check_id
 from common.keys import heatmap_key as heatmap_key  # re-exported: older callers import the key builders here
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MANIFEST = manifest_key()
 
+WRITE_LOG_ENV = "RICHFEEDBACK_WRITE_LOG"  # a file: every completed write appends "<uri>\t<pid>\n" (audits, tests)
 RETRY_TRIES = 6  # attempts in all
 RETRY_FIRST_DELAY_S = 0.2  # doubles after every failure ...
 RETRY_MAX_DELAY_S = 3.0  # ... up to this: 0.2 + 0.4 + 0.8 + 1.6 + 3.0 = 6 s of waiting over 6 attempts
@@ -133,6 +135,18 @@ def with_retries(
             time.sleep(delay)
             delay = min(2 * delay, max_delay)
     raise AssertionError("unreachable")
+
+
+def _log_write(uri: str) -> None:
+    """Append ``uri`` and this process's id to the file named by ``$RICHFEEDBACK_WRITE_LOG`` (when set): one
+    ``O_APPEND`` write per line, so concurrent processes never interleave within a line."""
+    target = os.environ.get(WRITE_LOG_ENV)
+    if target:
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{uri}\t{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
 
 
 def _check_key(key: str) -> str:
@@ -235,7 +249,29 @@ class RunStore:
             if e.filename is None:  # name the place: a remote refusal often does not
                 raise type(e)(e.errno, e.strerror or str(e), self.uri(key)) from e
             raise
+        _log_write(self.uri(key))
         return self.uri(key)
+
+    def create_once(self, key: str, data: bytes) -> bool:
+        """Write ``data`` at ``key`` only if the key does not exist (write-once); True when this call created it.
+
+        Locally a hard link of a finished temporary file (exactly one of concurrent creators wins); on S3 a PUT
+        with ``If-None-Match: *`` (AWS S3 and moto honour it; an S3-compatible store that ignores the header
+        makes this an ordinary overwrite, see docs/storage.md). A retried PUT whose first attempt did land reads as
+        "existed": callers that must know put a token of their own in ``data`` and read it back.
+        """
+        full = self._full(key)
+        if self.local:
+            created = atomic_create_bytes(full, bytes(data), fsync=True)
+        else:
+            try:
+                with_retries(self.fs.pipe_file, full, bytes(data), mode="create", what=f"create {key} ({self.root})")
+                created = True
+            except FileExistsError:
+                created = False
+        if created:
+            _log_write(self.uri(key))
+        return created
 
     def read_json(self, key: str) -> Any:
         """The JSON value stored at ``key``."""

@@ -152,21 +152,31 @@ def test_loop_on_s3_matches_the_local_run_and_survives_an_outage(prefect_harness
     assert RunStore(s3_server.root).exists("finetune/adapter/flaws.json")
 
 
-def test_dask_runner_gives_the_same_manifest(prefect_harness, tmp_path):
+@pytest.mark.slow
+def test_dask_worker_processes_give_the_same_manifest(prefect_harness, tmp_path, monkeypatch):
     pytest.importorskip("prefect_dask")
     from prefect_dask import DaskTaskRunner
 
     from flows.loop import generate_and_score
+    from flows.storage import WRITE_LOG_ENV
 
     default = str(tmp_path / "default")
     dask = str(tmp_path / "dask")
+    log = tmp_path / "writes.log"
+    monkeypatch.setenv(WRITE_LOG_ENV, str(log))  # inherited by the Dask worker processes
     options = dict(prompts=PROMPTS, config={**TINY, "per_prompt": 2, "chunk_prompts": 1})
     generate_and_score(root=default, **options)
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False})
-    generate_and_score.with_options(task_runner=runner)(root=dask, **options)
-    strip = [{k: v for k, v in r.items() if k not in ("image_uri", "heatmap_uris")} for r in manifest_lines(default)]
-    other = [{k: v for k, v in r.items() if k not in ("image_uri", "heatmap_uris")} for r in manifest_lines(dask)]
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+    merged = generate_and_score.with_options(task_runner=runner)(root=dask, **options)
+    writers = {line.split("\t")[1] for line in log.read_text().splitlines() if f"{dask}/records/" in line}
+    assert len(writers) == 2 and str(os.getpid()) not in writers  # the chunks ran in two worker processes
+    assert len(merged.ids) == len(set(merged.ids)) == 6 and sorted(merged.scored) == sorted(merged.ids)
+    skip = ("image_uri", "heatmap_uris", "scores")  # scores: equal to float precision (torch thread counts differ)
+    strip = [{k: v for k, v in r.items() if k not in skip} for r in manifest_lines(default)]
+    other = [{k: v for k, v in r.items() if k not in skip} for r in manifest_lines(dask)]
     assert strip == other and len(strip) == 6
+    for a, b in zip(manifest_lines(default), manifest_lines(dask)):
+        assert b["scores"] == pytest.approx(a["scores"], abs=1e-5)
 
 
 def test_prefect_yaml_deploys_against_the_temporary_server(prefect_harness, tmp_path):

@@ -108,6 +108,11 @@ def test_cli_flags_set_the_nested_fields():
     assert (c.repair.n, c.repair_limit, c.repair.mask.threshold_mode) == (2, 3, "absolute")
     c = config_from_args(_parsed(["loop", "--finetune-steps", "7"]), LOOP_FLAGS)
     assert c.finetune == {"steps": 7}
+    c = config_from_args(_parsed(["loop", "--gpu-slots", "2", "--chunk-prompts", "3", "--claim-ttl", "30"]), LOOP_FLAGS)
+    assert (c.gpu_slots, c.chunk_prompts, c.claim_ttl_s, LoopConfig().gpu_slots) == (2, 3, 30.0, None)
+    for bad in ({"gpu_slots": 0}, {"claim_ttl_s": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LoopConfig.from_dict(bad)
 
 
 def test_finetune_flags_are_the_lora_config_fields_with_their_defaults():
