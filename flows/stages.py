@@ -267,6 +267,7 @@ def finetune_generator(
     is written after the adapter (adapter files without it are the remains of a killed run and are trained again).
     """
     from finetune.lora import ADAPTER_DIR, LoraTrainConfig, finetune
+    from finetune.synthetic import SyntheticFitConfig, fit_synthetic
 
     store = RunStore(root)
     prefix = f"finetune/{ADAPTER_DIR}"
@@ -275,8 +276,12 @@ def finetune_generator(
         return {"adapter": store.uri(prefix), "reused": True, "files": len(existing)}
     local = store.local
     work = Path(store.uri("finetune")) if local else Path(tempfile.mkdtemp(prefix="richfeedback-ft-"))
-    cfg = LoraTrainConfig(dataset, str(work), generator=generator, **(options or {}))
-    summary = finetune(cfg)
+    if generator == "synthetic":  # the synthetic world's fit has its own stage config (no LoRA)
+        cfg: LoraTrainConfig | SyntheticFitConfig = SyntheticFitConfig(dataset, str(work), **(options or {}))
+        summary = fit_synthetic(cfg)
+    else:
+        cfg = LoraTrainConfig(dataset, str(work), generator=generator, **(options or {}))
+        summary = finetune(cfg)
     if not local:  # resumable checkpoints stay local; the finished adapter goes to the store
         for f in sorted((work / ADAPTER_DIR).rglob("*")):
             if f.is_file():
