@@ -62,6 +62,7 @@ RECORDED = {
 }
 
 
+@pytest.mark.slow
 def test_loss_log_matches_the_run_recorded_before_the_harness(tmp_path_factory, tmp_path):
     data = synthetic_split_folder(tmp_path_factory, "synth23", {"train": 23, "dev": 6}, seed=0)
     train(config(data, tmp_path / "run", steps=4, batch_size=5, grad_accum=2))
@@ -71,6 +72,7 @@ def test_loss_log_matches_the_run_recorded_before_the_harness(tmp_path_factory, 
         assert [r[key] for r in rows if key in r] == pytest.approx(want, rel=1e-5, abs=0), key
 
 
+@pytest.mark.slow
 def test_config_dump_and_progress_bar(data_dir, tmp_path, monkeypatch):
     class Tty(io.StringIO):
         def isatty(self) -> bool:
