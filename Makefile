@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test lint format bench bench-gpu bench-loop clean venv
+.PHONY: demo demo-model test lint format bench bench-gpu bench-loop clean venv
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m richfeedback demo --out outputs/demo
+
+# Retrain the shipped demo model (rahf/demo_model) from its recipe; DEMO_MODEL_ARGS=--ship replaces it.
+demo-model: $(STAMP)
+	$(PY) -m richfeedback demo-model --out outputs/demo-model $(DEMO_MODEL_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

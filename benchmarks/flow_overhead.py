@@ -54,17 +54,20 @@ def peak_rss_mib() -> float:
 def loop_direct(root: str, prompts: list[str], device: str) -> None:
     """The stages of ``feedback_loop`` in its order, with the arguments it passes (its defaults included)."""
     from flows import stages
+    from flows.config import LoopConfig
 
-    generated = stages.generate_and_score(
-        root, prompts, generator="synthetic", rahf=RAHF, per_prompt=PER_PROMPT, device=device
-    )
-    selected = stages.select_finetune_data(root, selection=SELECTION, ids=generated["ids"])
-    tuned = stages.finetune_generator(root, selected["dataset"], generator="synthetic", options={})
-    stages.compare_checkpoints(
-        root, prompts, generator="synthetic", lora_b=tuned["adapter"], rahf=RAHF, per_prompt=4, device=device
-    )
-    stages.repair_images(root, below=0.8, generator="synthetic", rahf=RAHF, options=None, limit=16, device=device)
-    stages.write_manifest(root)
+    config = LoopConfig.from_dict(_config(device))
+    generated = stages.generate_and_score(root, prompts, config)
+    selected = stages.select_finetune_data(root, config, ids=generated.ids)
+    tuned = stages.finetune_generator(root, selected.dataset, config)
+    stages.compare_checkpoints(root, prompts, config, lora_b=tuned.adapter)
+    stages.repair_images(root, config, ids=generated.ids)
+    stages.write_manifest(root, generated.ids)
+
+
+def _config(device: str) -> dict:
+    """The loop's config (the dict form the flow takes): the defaults, this benchmark's model and sizes."""
+    return {"generator": "synthetic", "rahf": RAHF, "per_prompt": PER_PROMPT, "selection": SELECTION, "device": device}
 
 
 def child_loop(spec: dict) -> dict:
@@ -93,20 +96,13 @@ def child_loop(spec: dict) -> dict:
     trivial()  # an empty flow with the server up: the fixed cost of one flow run
     empty = time.perf_counter() - t
     t = time.perf_counter()
-    feedback_loop(
-        root,
-        prompts,
-        generator="synthetic",
-        rahf=RAHF,
-        per_prompt=PER_PROMPT,
-        selection=SELECTION,
-        device=spec["device"],
-    )
+    feedback_loop(root, prompts, config=_config(spec["device"]))
     return {**spec, "seconds": time.perf_counter() - t, "startup_s": startup, "empty_flow_s": empty}
 
 
 def child_scale(spec: dict) -> dict:
     from flows import stages
+    from flows.config import LoopConfig
     from rahf.data.synthetic import sample_prompts
 
     prompts = sample_prompts(spec["images"] // PER_PROMPT, seed=0)
@@ -114,21 +110,16 @@ def child_scale(spec: dict) -> dict:
     stages.load_scorer(RAHF, spec["device"], BATCH)
     loaded = peak_rss_mib()
     t = time.perf_counter()
-    report = stages.generate_and_score(
-        spec["root"],
-        prompts,
-        generator="synthetic",
-        rahf=RAHF,
-        per_prompt=PER_PROMPT,
-        batch_size=BATCH,
-        device=spec["device"],
+    config = LoopConfig(
+        generator="synthetic", rahf=RAHF, per_prompt=PER_PROMPT, batch_size=BATCH, device=spec["device"]
     )
+    report = stages.generate_and_score(spec["root"], prompts, config)
     seconds = time.perf_counter() - t
     return {
         **spec,
         "seconds": seconds,
-        "scored": len(report["scored"]),
-        "failed": len(report["failed"]),
+        "scored": len(report.scored),
+        "failed": len(report.failed),
         "loaded_mib": loaded,
         "peak_mib": peak_rss_mib(),
     }

@@ -3,7 +3,7 @@ scores (:mod:`compare.stats`), a self-contained HTML report (:mod:`compare.repor
 sheets (:mod:`compare.rating`). See docs/compare.md."""
 
 from compare.rating import export_rating_sheet, score_rating_sheets
-from compare.report import write_report
+from compare.report import describe_sides, is_tie, report_markdown, write_report
 from compare.stats import (
     BIN_SYMBOLS,
     BINS,
@@ -27,8 +27,11 @@ __all__ = [
     "PromptStats",
     "ScoreStats",
     "compare_scores",
+    "describe_sides",
     "export_rating_sheet",
+    "is_tie",
     "pair_records",
+    "report_markdown",
     "score_rating_sheets",
     "write_report",
 ]

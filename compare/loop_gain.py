@@ -42,7 +42,7 @@ import io
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,7 @@ from compare.stats import bootstrap_means, compare_scores, pair_records
 from finetune.select import SelectionConfig, select_best
 from generators.base import SCORE_NAMES, GeneratedImage, ImageRecord
 from generators.synthetic import SyntheticGenerator
-from inpainting.masks import MaskConfig
-from inpainting.repair import IMPROVED, NOTHING_TO_REPAIR, RepairConfig, repair
+from inpainting.repair import IMPROVED, NOTHING_TO_REPAIR, RepairConfig, loop_repair_config, repair
 from rahf.data.synthetic import parse_prompt, sample_prompts
 from rahf.evaluate import within_prompt_markdown, within_prompt_metrics
 
@@ -77,18 +76,14 @@ class LoopGainConfig:
     select_by: str = "overall"  # the score that picks the best candidate per prompt
     prior_strength: float = 2.0  # pseudo-trials pulling each fitted flaw rate toward the previous world's
     repair_limit: int = 8  # held-out images repaired per round, least plausible (by the scorer) first
-    repair_n: int = 4  # inpainted candidates per repair
-    repair_margin: float = 0.0  # a candidate is accepted when its predicted plausibility beats the original's by more
-    mask_threshold: float = 0.4  # implausibility heat that enters the repair mask (see mask_threshold_mode)
-    mask_threshold_mode: str = "relative"  # absolute | quantile | relative (x the map's max), as MaskConfig
-    mask_floor: float = 0.1  # heat every masked pixel must also exceed, whatever the mode
-    mask_dilate_frac: float = 0.06  # mask dilation radius as a fraction of the image side
-    repair_heat_drop: float = 0.02  # a candidate must cut the mean predicted heat inside the mask by this fraction
+    #: mask and candidate settings of the repair step (its seed is replaced by ``seed``); the defaults are the
+    #: supported ones of :func:`inpainting.repair.loop_repair_config`, shared with the feedback loop
+    repair: RepairConfig = field(default_factory=loop_repair_config)
     seed: int = 0  # the prompts' seed; repair candidate k gets seed + k
     n_boot: int = 2000  # bootstrap resamples of every interval
 
     def __post_init__(self) -> None:
-        for name in ("prompts", "per_prompt", "heldout_prompts", "heldout_per_prompt", "rounds", "repair_n", "n_boot"):
+        for name in ("prompts", "per_prompt", "heldout_prompts", "heldout_per_prompt", "rounds", "n_boot"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -100,24 +95,12 @@ class LoopGainConfig:
             raise ValueError(f"select_by must be one of {SCORE_NAMES}, got {self.select_by!r}")
         if self.prior_strength < 0:
             raise ValueError(f"prior_strength must be >= 0, got {self.prior_strength}")
-        self.repair_config()  # the mask and repair settings are checked where they are defined
+        if not isinstance(self.repair, RepairConfig):
+            raise ValueError(f"repair must be a RepairConfig, got {type(self.repair).__name__}")
 
     def repair_config(self) -> RepairConfig:
-        """The :class:`~inpainting.repair.RepairConfig` of the repair step (picked by predicted plausibility)."""
-        mask = MaskConfig(
-            threshold=self.mask_threshold,
-            threshold_mode=self.mask_threshold_mode,  # type: ignore[arg-type]
-            floor=self.mask_floor,
-            dilate_frac=self.mask_dilate_frac,
-        )
-        return RepairConfig(
-            mask=mask,
-            n=self.repair_n,
-            seed=self.seed,
-            score="plausibility",
-            margin=self.repair_margin,
-            heat_drop=self.repair_heat_drop,
-        )
+        """The :class:`~inpainting.repair.RepairConfig` of the repair step: ``repair`` with the benchmark's seed."""
+        return replace(self.repair, seed=self.seed)
 
 
 class RandomScorer:
@@ -440,13 +423,13 @@ def markdown(result: dict[str, Any]) -> str:
     """The benchmark's tables: (a) selection, (b) generator before/after, (c) repair, within-prompt ranking."""
     c = result["config"]
     by = c["select_by"]
+    r, m = c["repair"], c["repair"]["mask"]
     out = [
         f"Synthetic world at {c['size']} px; {c['prompts']} training prompts × {c['per_prompt']} candidates, "
         f"selection by {by}; {c['heldout_prompts']} held-out prompts × {c['heldout_per_prompt']} seeds; "
         f"{c['rounds']} round(s); repair of the {c['repair_limit']} least plausible held-out images "
-        f"({c['repair_n']} candidates, margin {c['repair_margin']}, heat drop {c.get('repair_heat_drop', 0.0)}, "
-        f"mask threshold {c['mask_threshold']} {c.get('mask_threshold_mode', 'absolute')} "
-        f"floor {c.get('mask_floor', 0.0)}, dilation {c.get('mask_dilate_frac', 0.03)}); "
+        f"({r['n']} candidates, margin {r['margin']}, heat drop {r['heat_drop']}, "
+        f"mask threshold {m['threshold']} {m['threshold_mode']} floor {m['floor']}, dilation {m['dilate_frac']}); "
         f"bootstrap 95 % intervals ({c['n_boot']} resamples). Scorers: "
         + "; ".join(f"{s} = {i.get('source', '?')}" for s, i in result["scorers"].items())
         + ".",

@@ -10,6 +10,11 @@ implausibility (and misalignment) heatmap overlays when the records have them, a
 
 Heatmaps: a ``.png`` is shown as it is (already an overlay); a ``.npy`` (or single-array ``.npz``) map of shape
 (H, W), float in [0, 1], is resized to the image and blended onto it in red (misalignment in blue).
+
+The top of the page (and of ``report.md``, the same summary in markdown) names A and B: the generator identity
+the records carry (backend, model, revision) and the LoRA adapter (its content hash from the records, and its
+path when the caller passes ``sides``). A mean difference whose 95 % interval includes 0, or that rounds to
+0.000, is shown as a tie (neutral colour, "tie"), never as a signed win or loss.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import html
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -48,6 +54,7 @@ table{border-collapse:collapse;margin:8px 0 16px}
 th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:right}th{background:#f6f8fa}
 td.name,th.name{text-align:left}
 .pos{color:#1a7f37;font-weight:600}.neg{color:#c0392b;font-weight:600}.zero{color:#57606a}
+table.sides td{text-align:left}
 .bars{margin:8px 0 24px;max-width:900px}
 .barrow{display:flex;align-items:center;margin:4px 0}
 .barlabel{width:120px;flex:none}
@@ -76,9 +83,120 @@ def _e(x: object) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _rounds_to_zero(x: float) -> bool:
+    return abs(x) < 0.0005  # shown as 0.000 at three decimals
+
+
 def _signed(x: float, tie: float = 0.0) -> str:
+    """A difference, green / red beyond ``tie``; one that rounds to 0.000 is shown unsigned and neutral."""
+    if _rounds_to_zero(x):
+        return '<span class="zero">0.000</span>'
     cls = "pos" if x > tie else "neg" if x < -tie else "zero"
     return f'<span class="{cls}">{x:+.3f}</span>'
+
+
+def is_tie(diff: float, ci_low: float, ci_high: float) -> bool:
+    """A mean difference the data cannot sign: its 95 % interval includes 0, or it rounds to 0.000."""
+    return ci_low <= 0.0 <= ci_high or _rounds_to_zero(diff)
+
+
+def _num(x: float) -> str:
+    """``+0.123`` / ``-0.123``; ``0.000`` for a value that rounds to zero (never ``-0.000``)."""
+    return "0.000" if _rounds_to_zero(x) else f"{x:+.3f}"
+
+
+def _mean_diff(diff: float, ci_low: float, ci_high: float) -> str:
+    if is_tie(diff, ci_low, ci_high):
+        why = "95 % interval includes 0" if ci_low <= 0.0 <= ci_high else "rounds to 0.000"
+        return f'<span class="zero tie" title="{why}">{_num(diff)} · tie</span>'
+    return _signed(diff)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which checkpoints A and B are
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _identity_name(g: Mapping[str, Any]) -> str:
+    """``backend:model@revision`` of a record's generator identity dict (missing parts left out)."""
+    name = ":".join(str(g[k]) for k in ("backend", "model") if g.get(k))
+    return name + (f"@{g['revision']}" if g.get("revision") else "") or "unknown"
+
+
+def describe_sides(
+    pairs: Sequence[tuple[ImageRecord, ImageRecord]],
+    sides: Mapping[str, Mapping[str, Any]] | None = None,
+    labels: tuple[str, str] = ("A", "B"),
+) -> dict[str, dict[str, Any]]:
+    """What A and B are: {"a": {...}, "b": {...}} with ``label``, ``generator`` (the identities the records carry,
+    e.g. ``["amused:amused/amused-256"]``), ``adapter_hashes`` (their LoRA content hashes; empty: no adapter),
+    and, from ``sides`` (e.g. ``{"a": {"generator": "amused-tiny", "lora": None}, "b": {...}}``), ``requested``
+    (the generator name asked for) and ``adapter_path``."""
+    out: dict[str, dict[str, Any]] = {}
+    for i, side in enumerate("ab"):
+        records = [pair[i] for pair in pairs]
+        given = (sides or {}).get(side) or {}
+        out[side] = {
+            "label": labels[i],
+            "generator": sorted({_identity_name(r.generator) for r in records}),
+            "adapter_hashes": sorted(
+                {str(r.generator["adapter_hash"]) for r in records if r.generator.get("adapter_hash")}
+            ),
+            "requested": given.get("generator"),
+            "adapter_path": given.get("lora"),
+        }
+    return out
+
+
+def _adapter_text(d: Mapping[str, Any]) -> str:
+    parts = []
+    if d["adapter_path"]:
+        parts.append(str(d["adapter_path"]))
+    if d["adapter_hashes"]:
+        parts.append("hash " + ", ".join(d["adapter_hashes"]))
+    return " · ".join(parts) or "none"
+
+
+def _generator_text(d: Mapping[str, Any]) -> str:
+    found = ", ".join(d["generator"]) or "no records"
+    asked = d["requested"]
+    return f"{asked} ({found})" if asked and asked not in d["generator"] else found
+
+
+def _sides_table(described: Mapping[str, Mapping[str, Any]]) -> str:
+    rows = "".join(
+        f'<tr data-side="{side}"><th>{side.upper()}</th><td>{_e(d["label"])}</td><td class="generator">'
+        f'{_e(_generator_text(d))}</td><td class="adapter">{_e(_adapter_text(d))}</td></tr>'
+        for side, d in described.items()
+    )
+    head = "<tr><th>side</th><th>name</th><th>generator</th><th>LoRA adapter</th></tr>"
+    return f'<table class="sides">{head}{rows}</table>'
+
+
+def report_markdown(
+    stats: ComparisonStats, described: Mapping[str, Mapping[str, Any]], title: str = "Checkpoint comparison"
+) -> str:
+    """The report's top in markdown: A and B named, then per score mean A, mean B, d with its 95 % interval (a
+    tie when the interval includes 0 or d rounds to 0.000) and win / tie / loss."""
+    lines = [f"# {title}", "", "| side | name | generator | LoRA adapter |", "|---|---|---|---|"]
+    lines += [
+        f"| {side.upper()} | {d['label']} | {_generator_text(d)} | {_adapter_text(d)} |"
+        for side, d in described.items()
+    ]
+    lines += [
+        "",
+        f"{stats.n_pairs} pairs, {len(stats.prompts)} prompts; paired bootstrap, {stats.n_boot} resamples.",
+        "",
+        "| score | mean A | mean B | d = B − A | 95 % interval | win / tie / loss |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in stats.scores.values():
+        d = _num(s.diff) + (" (tie)" if is_tie(s.diff, s.ci_low, s.ci_high) else "")
+        lines.append(
+            f"| {s.name} | {s.mean_a:.3f} | {s.mean_b:.3f} | {d} | [{_num(s.ci_low)}, {_num(s.ci_high)}] | "
+            f"{s.wins} / {s.ties} / {s.losses} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,7 +289,8 @@ def _summary_table(stats: ComparisonStats) -> str:
     )
     rows = [
         f'<tr data-score="{_e(s.name)}"><td class="name">{_e(s.name)}</td><td>{s.mean_a:.3f}</td>'
-        f"<td>{s.mean_b:.3f}</td><td>{_signed(s.diff)}</td><td>[{s.ci_low:+.3f}, {s.ci_high:+.3f}]</td>"
+        f"<td>{s.mean_b:.3f}</td><td>{_mean_diff(s.diff, s.ci_low, s.ci_high)}</td>"
+        f"<td>[{_num(s.ci_low)}, {_num(s.ci_high)}]</td>"
         f"<td>{s.wins}</td><td>{s.ties}</td><td>{s.losses}</td></tr>"
         for s in stats.scores.values()
     ]
@@ -285,14 +404,18 @@ def write_report(
     title: str = "Checkpoint comparison",
     label_a: str = "A",
     label_b: str = "B",
+    sides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Write the report folder (``index.html``, ``comparison.json``, ``images/``); returns the path of index.html.
+    """Write the report folder (``index.html``, ``report.md``, ``comparison.json``, ``images/``); returns the path
+    of index.html.
 
     Args:
         pairs: the ``(a_record, b_record)`` pairs ``stats`` was computed from.
         stats: :func:`compare.stats.compare_scores` of ``pairs``.
         out_dir: the folder to write (created; files of the same name are overwritten, nothing else is removed).
-        title, label_a, label_b: page title and checkpoint names (e.g. generator identity labels).
+        title, label_a, label_b: page title and checkpoint names (e.g. "before", "after").
+        sides: what was asked for, per side: ``{"a": {"generator": name, "lora": adapter path or None}, "b": ...}``
+            (a comparison summary's ``a`` and ``b``); shown beside the identities the records carry.
     """
     by_prompt: dict[str, list[tuple[int, tuple[ImageRecord, ImageRecord]]]] = {}
     for i, pair in enumerate(pairs):
@@ -304,6 +427,8 @@ def write_report(
     images.mkdir(parents=True, exist_ok=True)
     stats.write_json(out / "comparison.json")
 
+    described = describe_sides(pairs, sides, (label_a, label_b))
+    atomic_write_text(out / "report.md", report_markdown(stats, described, title))
     key = "overall" if "overall" in stats.scores else next(iter(stats.scores))
     th = stats.thresholds
     sections = "".join(
@@ -318,6 +443,7 @@ def write_report(
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
         f'<style>{_CSS}</style></head><body><h1>{_e(title)}</h1><p class="meta">{meta}</p>'
+        f"<h2>A and B</h2>{_sides_table(described)}"
         f"{_pairing_box(stats.pairing)}<h2>Summary</h2>{_summary_table(stats)}"
         f"<h2>Five-bin preference (per pair, B vs A)</h2>{_bin_bars(stats)}"
         f"<h2>Prompts, best improvement of {_e(key)} first</h2>{sections}</body></html>\n"

@@ -73,16 +73,12 @@ class LoraTrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
     prior_strength: float = 2.0  # generator "synthetic" only: passed on to finetune.synthetic.SyntheticFitConfig
-    keep_checkpoints: int | None = None  # step checkpoints to keep (the newest; None: all)
-    progress: bool = True  # a progress bar on stderr when it is a terminal
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
         for name in ("rank", "steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.keep_checkpoints is not None and int(self.keep_checkpoints) < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1 or None, got {self.keep_checkpoints}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
 
@@ -261,8 +257,16 @@ def save_adapter(gen, model: torch.nn.Module, folder: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def finetune(cfg: LoraTrainConfig, stop_after: int | None = None) -> dict[str, Any]:
+def finetune(
+    cfg: LoraTrainConfig,
+    stop_after: int | None = None,
+    *,
+    keep_checkpoints: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) a finetuning; ``stop_after`` ends early after that many optimizer steps (tests of resume).
+    ``keep_checkpoints`` keeps the newest k step checkpoints (None: all); ``progress=False`` hides the progress bar
+    (shown only on a terminal anyway). Neither changes the result, so neither is part of the config.
 
     Returns a summary: step, the loss of every step run now, the fixed-seed loss before and after, seconds,
     examples, and the adapter folder (None until the last step). ``generator="synthetic"`` runs the synthetic
@@ -279,8 +283,8 @@ def finetune(cfg: LoraTrainConfig, stop_after: int | None = None) -> dict[str, A
         cfg.out_dir,
         cfg,
         config_file="finetune_config.json",
-        keep_last=cfg.keep_checkpoints,
-        progress=cfg.progress,
+        keep_last=keep_checkpoints,
+        progress=progress,
         desc="finetune",
     )
     run.start()

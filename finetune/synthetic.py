@@ -9,6 +9,7 @@ pseudo-trials, and saves the fitted world as an adapter folder (``<out_dir>/adap
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,20 @@ class SyntheticFitConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+    @classmethod
+    def from_options(cls, data_dir: str, out_dir: str, options: dict[str, Any]) -> SyntheticFitConfig:
+        """The fit's config from a loop's finetuning options (``LoraTrainConfig`` fields): ``prior_strength`` is
+        taken; the LoRA-only fields (steps, lr, rank, ...) do not apply to this world and are left out; any other
+        key raises ``ValueError``."""
+        from finetune.lora import LoraTrainConfig
+
+        lora_fields = {f.name for f in dataclasses.fields(LoraTrainConfig)}
+        unknown = sorted(set(options) - lora_fields)
+        if unknown:
+            raise ValueError(f"unknown finetuning options {unknown}")
+        own = {f.name for f in dataclasses.fields(cls)} - {"data_dir", "out_dir"}
+        return cls(data_dir, out_dir, **{k: v for k, v in options.items() if k in own})
 
 
 def fit_synthetic(cfg: SyntheticFitConfig) -> dict[str, Any]:

@@ -8,6 +8,10 @@ around a plain stage function of :mod:`flows.stages`. Tasks pass names, ids and 
 * ``compare_checkpoints`` — same prompts and seeds through A and B, paired statistics and the HTML report.
 * ``feedback_loop`` — generate -> score -> select -> finetune -> compare -> repair the worst (the main job).
 
+Every flow takes ``config``: the dict form of :class:`flows.config.LoopConfig` (only the fields to change; checked,
+unknown keys refused), so the command line, the flows and ``prefect.yaml`` share one set of defaults. Every flow
+returns the typed result of :mod:`flows.results` and publishes its ``to_markdown()`` as an artifact.
+
 GPU work carries the ``gpu`` tag; :func:`ensure_gpu_limit` (``feedback_loop(gpu_slots=N)``) creates the tag's
 concurrency limit (a limit that does not exist limits nothing; acquiring a slot costs about 2 s per task).
 Transient I/O is retried inside the run store; tasks add a retry on top, for transient errors only
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -30,6 +35,16 @@ from prefect.artifacts import (
 )
 
 from flows import stages
+from flows.config import LoopConfig, claim_run_folder
+from flows.results import (
+    CompareResult,
+    FinetuneResult,
+    GenerateResult,
+    LoopResult,
+    ManifestResult,
+    RepairStageResult,
+    SelectResult,
+)
 from flows.storage import is_transient
 
 GPU_TAG = "gpu"
@@ -65,18 +80,29 @@ def ensure_gpu_limit(slots: int = 1) -> None:
             client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=slots)
 
 
-def _progress(description: str):
-    """A progress artifact and a console bar, updated with (done, total)."""
+#: Seconds between two updates of a progress artifact (each is a call to the Prefect API); the last always goes.
+PROGRESS_EVERY_S = 2.0
+
+
+def _progress(description: str, every_s: float = PROGRESS_EVERY_S):
+    """A progress artifact and a console bar, updated with (done, total); the artifact at most every ``every_s``
+    seconds and at the end, so a run of many small batches does not pay an API call per batch."""
+    import time
+
     from tqdm.auto import tqdm
 
     artifact = create_progress_artifact(0.0, description=description)
     bar = tqdm(desc=description, unit="img", leave=False)
+    last = [time.monotonic()]
 
     def update(done: int, total: int) -> None:
         bar.total = total
         bar.n = done
         bar.refresh()
-        update_progress_artifact(artifact, 100.0 * done / max(1, total))
+        now = time.monotonic()
+        if done >= total or now - last[0] >= every_s:
+            update_progress_artifact(artifact, 100.0 * done / max(1, total))
+            last[0] = now
         if done >= total:
             bar.close()
 
@@ -89,37 +115,50 @@ def _progress(description: str):
 
 
 @task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def generate_and_score_task(root: str, prompts: list[str], options: dict[str, Any]) -> dict[str, Any]:
+def generate_and_score_task(
+    root: str, prompts: list[str], config: LoopConfig, lora: str | None = None
+) -> GenerateResult:
     """Generate and score; returns ids and counts."""
-    return stages.generate_and_score(root, prompts, progress=_progress("generate and score"), **options)
+    return stages.generate_and_score(root, prompts, config, lora=lora, progress=_progress("generate and score"))
 
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
-def select_task(root: str, selection: dict[str, Any], ids: list[str] | None) -> dict[str, Any]:
+def select_task(root: str, config: LoopConfig, ids: list[str] | None) -> SelectResult:
     """Select the finetuning set; returns the dataset URI and the selected ids."""
-    return stages.select_finetune_data(root, selection=selection, ids=ids)
+    return stages.select_finetune_data(root, config, ids=ids)
 
 
 @task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def finetune_task(root: str, dataset: str, generator: str, options: dict[str, Any]) -> dict[str, Any]:
+def finetune_task(root: str, dataset: str, config: LoopConfig) -> FinetuneResult:
     """Finetune; returns the adapter URI."""
-    return stages.finetune_generator(root, dataset, generator=generator, options=options)
+    return stages.finetune_generator(root, dataset, config)
 
 
 @task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def repair_task(root: str, options: dict[str, Any]) -> dict[str, Any]:
+def repair_task(
+    root: str, config: LoopConfig, ids: list[str] | None = None, lora: str | None = None
+) -> RepairStageResult:
     """Repair; returns the decisions."""
-    return stages.repair_images(root, **options)
+    return stages.repair_images(root, config, ids=ids, lora=lora, progress=_progress("repair"))
 
 
 @task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def compare_task(root: str, prompts: list[str], options: dict[str, Any]) -> dict[str, Any]:
+def compare_task(
+    root: str,
+    prompts: list[str],
+    config: LoopConfig,
+    lora_a: str | None = None,
+    lora_b: str | None = None,
+    generator_b: str | None = None,
+) -> CompareResult:
     """Compare two checkpoints; returns the statistics summary."""
-    return stages.compare_checkpoints(root, prompts, progress=_progress("compare"), **options)
+    return stages.compare_checkpoints(
+        root, prompts, config, lora_a=lora_a, lora_b=lora_b, generator_b=generator_b, progress=_progress("compare")
+    )
 
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
-def manifest_task(root: str, ids: list[str] | None = None) -> dict[str, Any]:
+def manifest_task(root: str, ids: list[str] | None = None) -> ManifestResult:
     """Write manifest.jsonl; reports the planned ``ids`` with neither a valid record nor an error record."""
     return stages.write_manifest(root, ids)
 
@@ -142,215 +181,141 @@ def _best_table(root: str, ids: Sequence[str]) -> list[dict[str, Any]]:
     return [best[p] for p in sorted(best)]
 
 
+def _claimed(root: str, config: dict[str, Any] | None) -> LoopConfig:
+    """The flow's LoopConfig (``config`` over the defaults), its generator and RAHF those of the run folder
+    (recorded there now if it records none; a different one raises :class:`flows.config.RunFolderMismatchError`)."""
+    cfg = LoopConfig.from_dict(config)
+    generator, rahf = claim_run_folder(root, cfg.generator, cfg.rahf)
+    return replace(cfg, generator=generator, rahf=rahf)
+
+
 @flow(name="generate-and-score")
 def generate_and_score(
-    root: str,
-    prompts: list[str],
-    generator: str = "synthetic",
-    lora: str | None = None,
-    rahf: str = "rahf-tiny",
-    per_prompt: int = 8,
-    batch_size: int = 16,
-    device: str = "cpu",
-    chunk_prompts: int = 8,
-) -> dict[str, Any]:
-    """Generate ``per_prompt`` images per prompt and score them with RAHF; prompts go out in chunks of
-    ``chunk_prompts`` as separate tasks, so a Dask (or any parallel) task runner fans them out."""
+    root: str, prompts: list[str], config: dict[str, Any] | None = None, lora: str | None = None
+) -> GenerateResult:
+    """Generate ``config["per_prompt"]`` images per prompt and score them with RAHF; prompts go out in chunks of
+    ``config["chunk_prompts"]`` as separate tasks, so a Dask (or any parallel) task runner fans them out."""
     swept = stages.sweep_temps(root)
-    options = dict(generator=generator, lora=lora, rahf=rahf, per_prompt=per_prompt, batch_size=batch_size)
-    chunks = [prompts[i : i + chunk_prompts] for i in range(0, len(prompts), chunk_prompts)]
-    futures = [generate_and_score_task.submit(root, chunk, {**options, "device": device}) for chunk in chunks]
-    parts = [f.result() for f in futures]
-    report = {k: [x for p in parts for x in p[k]] for k in ("ids", "generated", "scored", "failed", "missing")}
-    report["skipped"] = sum(p["skipped"] for p in parts)
-    report["swept"] = swept
-    create_table_artifact(_best_table(root, report["ids"]), key="best-per-prompt", description="best image per prompt")
-    report["manifest"] = manifest_task(root, report["ids"])
-    return report
+    cfg = _claimed(root, config)
+    chunks = [prompts[i : i + cfg.chunk_prompts] for i in range(0, len(prompts), cfg.chunk_prompts)]
+    parts = [f.result() for f in [generate_and_score_task.submit(root, chunk, cfg, lora) for chunk in chunks]]
+    ids = [x for p in parts for x in p.ids]
+    create_table_artifact(_best_table(root, ids), key="best-per-prompt", description="best image per prompt")
+    result = GenerateResult(
+        ids=tuple(ids),
+        **{k: tuple(x for p in parts for x in getattr(p, k)) for k in ("generated", "scored", "failed", "missing")},
+        skipped=sum(p.skipped for p in parts),
+        generator=cfg.generator or "",
+        rahf=cfg.rahf or "",
+        swept=swept,
+        manifest=manifest_task(root, ids),
+    )
+    create_markdown_artifact(result.to_markdown(), key="generate-and-score")
+    return result
 
 
 @flow(name="select-finetune-data")
-def select_finetune_data(root: str, selection: dict[str, Any] | None = None) -> dict[str, Any]:
+def select_finetune_data(root: str, config: dict[str, Any] | None = None, ids: list[str] | None = None) -> SelectResult:
     """Best of N per prompt above the thresholds -> an image folder for finetuning (runs on a schedule)."""
-    summary = select_task(root, selection or {}, None)
-    s = summary["selection"]
-    create_markdown_artifact(
-        f"Selected **{len(summary['selected'])}** images from {summary['candidates']} candidates "
-        f"({s.get('prompts_without_selection', 0)} prompts without a selection) -> `{summary['dataset']}`",
-        key="selection",
-    )
-    return summary
+    result = select_task(root, LoopConfig.from_dict(config), ids)
+    create_markdown_artifact(result.to_markdown(), key="selection")
+    return result
 
 
 @flow(name="finetune-generator")
-def finetune_generator(
-    root: str, dataset: str, generator: str = "synthetic", options: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """LoRA-finetune the generator on a selected folder."""
-    return finetune_task(root, dataset, generator, options or {})
+def finetune_generator(root: str, dataset: str, config: dict[str, Any] | None = None) -> FinetuneResult:
+    """LoRA-finetune the generator on a selected folder (the generator the dataset records, by default)."""
+    result = finetune_task(root, dataset, LoopConfig.from_dict(config))
+    create_markdown_artifact(result.to_markdown(), key="finetune")
+    return result
 
 
 @flow(name="repair-images")
 def repair_images(
-    root: str,
-    ids: list[str] | None = None,
-    below: float = 0.8,
-    generator: str = "synthetic",
-    lora: str | None = None,
-    rahf: str = "rahf-tiny",
-    options: dict[str, Any] | None = None,
-    limit: int | None = None,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Repair named images, or those below a plausibility threshold (on demand)."""
+    root: str, config: dict[str, Any] | None = None, ids: list[str] | None = None, lora: str | None = None
+) -> RepairStageResult:
+    """Repair the images below ``config["repair_below"]`` (worst first, at most ``config["repair_limit"]``) among
+    ``ids``, or among every generated record of the folder (on demand)."""
     stages.sweep_temps(root)
-    report = repair_task(
-        root,
-        dict(
-            ids=ids, below=below, generator=generator, lora=lora, rahf=rahf, options=options, limit=limit, device=device
-        ),
-    )
+    result = repair_task(root, _claimed(root, config), ids, lora)
     manifest_task(root)
-    return report
+    create_markdown_artifact(result.to_markdown(), key="repair")
+    return result
 
 
 @flow(name="compare-checkpoints")
 def compare_checkpoints(
     root: str,
     prompts: list[str],
-    generator: str = "synthetic",
+    config: dict[str, Any] | None = None,
     lora_a: str | None = None,
     lora_b: str | None = None,
     generator_b: str | None = None,
-    rahf: str = "rahf-tiny",
-    per_prompt: int = 4,
-    device: str = "cpu",
-) -> dict[str, Any]:
+) -> CompareResult:
     """Same prompts and seeds through checkpoints A and B; paired statistics and the report."""
     stages.sweep_temps(root)
-    options = dict(
-        generator=generator,
-        lora_a=lora_a,
-        lora_b=lora_b,
-        generator_b=generator_b,
-        rahf=rahf,
-        per_prompt=per_prompt,
-        device=device,
-    )
-    summary = compare_task(root, prompts, options)
-    create_markdown_artifact(comparison_markdown(summary), key="comparison")
-    return summary
+    result = compare_task(root, prompts, _claimed(root, config), lora_a, lora_b, generator_b)
+    create_markdown_artifact(result.to_markdown(), key="comparison")
+    return result
 
 
-def comparison_markdown(summary: dict[str, Any]) -> str:
-    """The comparison summary as a markdown table (RAHF scores, and the ground truth when known)."""
-    lines = ["| score | A | B | B − A (95 % CI) | win / tie / loss |", "|---|---:|---:|---:|---:|"]
-    for name, s in summary["scores"].items():
-        lines.append(
-            f"| {name} | {s['mean_a']:.4f} | {s['mean_b']:.4f} | {s['diff']:+.4f} ({s['ci_low']:+.4f}, "
-            f"{s['ci_high']:+.4f}) | {s['wins']} / {s['ties']} / {s['losses']} |"
-        )
-    if summary.get("ground_truth"):
-        lines += ["", "Ground truth (synthetic world):", "", "| measure | A | B | B − A |", "|---|---:|---:|---:|"]
-        for name, s in summary["ground_truth"].items():
-            lines.append(f"| {name} | {s['mean_a']:.4f} | {s['mean_b']:.4f} | {s['diff']:+.4f} |")
-    if summary.get("report"):
-        lines += ["", f"Report: `{summary['report']}`"]
-    return "\n".join(lines)
+NOTHING_SELECTED_SKIPS = {"finetune": NOTHING_SELECTED, "compare": NOTHING_SELECTED}
 
 
 @flow(name="feedback-loop")
 def feedback_loop(
-    root: str,
-    prompts: list[str],
-    generator: str = "synthetic",
-    rahf: str = "rahf-tiny",
-    per_prompt: int = 8,
-    selection: dict[str, Any] | None = None,
-    finetune: dict[str, Any] | None = None,
-    repair: dict[str, Any] | None = None,
-    compare_per_prompt: int = 4,
-    repair_below: float = 0.8,
-    repair_limit: int | None = 16,
-    device: str = "cpu",
-    gpu_slots: int | None = None,
-) -> dict[str, Any]:
-    """generate -> score -> select -> finetune -> compare (base vs finetuned) -> repair the worst.
+    root: str, prompts: list[str], config: dict[str, Any] | None = None, gpu_slots: int | None = None
+) -> LoopResult:
+    """generate -> score -> select -> finetune -> compare (base vs finetuned) -> repair the worst of this run.
 
-    When no image clears the selection thresholds, finetuning and the comparison are skipped (``summary["skipped"]``
+    When no image clears the selection thresholds, finetuning and the comparison are skipped (``result.skipped``
     says why; ``finetune`` and ``compare`` are None) and the loop still repairs and writes the manifest.
-    ``summary["generate"]`` counts the planned images (``ids``), the ``failed`` ones (error records) and the
-    ``missing`` ones (neither a valid record nor an error record; see ``summary["manifest"]["missing"]``).
+    ``result.generate`` holds the planned images (``ids``), the ``failed`` ones (error records) and the
+    ``missing`` ones (neither a valid record nor an error record; see ``result.manifest.missing``). The result
+    is also written to ``loop.json``.
 
     ``gpu_slots`` creates the ``gpu`` tag's concurrency limit when it is missing (for workers that share GPUs);
     a tagged task then pays about 2 s to acquire its slot, so single-machine runs leave it unset.
     """
     logger = get_run_logger()
     swept = stages.sweep_temps(root)
+    cfg = _claimed(root, config)
     if gpu_slots:
         ensure_gpu_limit(gpu_slots)
-    gen_report = generate_and_score_task(
-        root, prompts, dict(generator=generator, rahf=rahf, per_prompt=per_prompt, device=device)
-    )
+    generated = generate_and_score_task(root, prompts, cfg)
     logger.info(
         "generated %d, scored %d, skipped %d finished, %d failed",
-        len(gen_report["generated"]),
-        len(gen_report["scored"]),
-        gen_report["skipped"],
-        len(gen_report["failed"]),
+        len(generated.generated),
+        len(generated.scored),
+        generated.skipped,
+        len(generated.failed),
     )
-    create_table_artifact(_best_table(root, gen_report["ids"]), key="best-per-prompt")
-    selected = select_task(root, selection or {}, gen_report["ids"])
+    create_table_artifact(_best_table(root, generated.ids), key="best-per-prompt")
+    ids = list(generated.ids)
+    selected = select_task(root, cfg, ids)
     tuned = comparison = None
     skipped: dict[str, str] = {}
-    if selected["selected"]:
-        tuned = finetune_task(root, selected["dataset"], generator, finetune or {})
-        comparison = compare_task(
-            root,
-            prompts,
-            dict(generator=generator, lora_b=tuned["adapter"], rahf=rahf, per_prompt=compare_per_prompt, device=device),
-        )
+    if selected.selected:
+        tuned = finetune_task(root, selected.dataset, cfg)
+        comparison = compare_task(root, prompts, cfg, None, tuned.adapter, None)
     else:
         logger.warning("no image cleared the selection thresholds: finetuning and the comparison are skipped")
-        skipped = {"finetune": NOTHING_SELECTED, "compare": NOTHING_SELECTED}
-    repaired = repair_task(
-        root,
-        dict(below=repair_below, generator=generator, rahf=rahf, options=repair, limit=repair_limit, device=device),
+        skipped = dict(NOTHING_SELECTED_SKIPS)
+    repaired = repair_task(root, cfg, ids)
+    manifest = manifest_task(root, ids)
+    result = LoopResult(
+        root=root,
+        generate=generated,
+        selection=selected,
+        repair=repaired,
+        manifest=manifest,
+        finetune=tuned,
+        compare=comparison,
+        skipped=skipped,
+        swept=swept,
     )
-    manifest = manifest_task(root, gen_report["ids"])
-    summary = {
-        "root": root,
-        "swept": swept,
-        "generate": {k: (len(v) if isinstance(v, list) else v) for k, v in gen_report.items()},
-        "selection": {"selected": len(selected["selected"]), "dataset": selected["dataset"]},
-        "finetune": {k: v for k, v in tuned.items() if k in ("adapter", "reused", "seconds", "flaws")}
-        if tuned
-        else None,
-        "compare": comparison,
-        "repair": {k: (len(v) if isinstance(v, list) else v) for k, v in repaired.items()},
-        "manifest": manifest,
-        "skipped": skipped,
-    }
-    create_markdown_artifact(loop_markdown(summary), key="feedback-loop")
-    return summary
+    from flows.storage import RunStore
 
-
-def loop_markdown(summary: dict[str, Any]) -> str:
-    g, s, r = summary["generate"], summary["selection"], summary["repair"]
-    lines = [
-        f"# Feedback loop — `{summary['root']}`",
-        f"- generated {g['generated']}, scored {g['scored']}, reused {g['skipped']} finished images, "
-        f"{g['failed']} failed, {g.get('missing', 0)} missing",
-        f"- selected {s['selected']} images -> `{s['dataset']}`",
-    ]
-    if summary["finetune"]:
-        lines.append(f"- adapter `{summary['finetune'].get('adapter')}`")
-    for stage, why in (summary.get("skipped") or {}).items():
-        lines.append(f"- {stage}: skipped, {why}")
-    lines.append(
-        f"- repair: {r['accepted']} accepted, {r['rejected']} kept the original, {r['failed']} failed, "
-        f"{r['skipped']} already decided"
-    )
-    if summary["compare"]:
-        lines += ["", comparison_markdown(summary["compare"])]
-    return "\n".join(lines)
+    RunStore(root).write_json("loop.json", result.to_dict())
+    create_markdown_artifact(result.to_markdown(), key="feedback-loop")
+    return result

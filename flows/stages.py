@@ -1,5 +1,7 @@
 """The feedback loop's stages as plain functions over a run store; ``flows.loop`` wraps each in a
-Prefect task. They take names, ids and URIs and return JSON-able reports; models are loaded once per process.
+Prefect task. They take a :class:`flows.config.LoopConfig`, names, ids and URIs and return the typed results of
+:mod:`flows.results`; models are loaded once per process. The first stage that writes a run folder records its
+generator and RAHF in ``run.json`` (:func:`flows.config.claim_run_folder`); later ones use those and refuse others.
 
 Resume: an id whose record is valid is finished and never regenerated or rescored; an unreadable record counts as
 unfinished and is redone. An image written before a kill but not yet scored is scored from its stored file, not
@@ -15,7 +17,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,17 @@ import numpy as np
 from PIL import Image
 
 from common.atomic import sweep_stale_temps
+from flows.config import RUN_FILE, LoopConfig, claim_run_folder, resolve_dataset_generator
+from flows.results import (
+    CompareResult,
+    FinetuneResult,
+    GenerateResult,
+    ManifestResult,
+    RepairPair,
+    RepairStageResult,
+    RepairTruth,
+    SelectResult,
+)
 from flows.storage import RunStore, heatmap_key, image_key
 from generators.base import Generator, ImageRecord, decode_png, encode_png
 
@@ -108,46 +121,52 @@ def jobs_of(prompts: Sequence[str], per_prompt: int, seed_offset: int = 0) -> li
 def generate_and_score(
     root: str,
     prompts: Sequence[str],
+    config: LoopConfig | None = None,
     *,
-    generator: str = "synthetic",
     lora: str | None = None,
-    rahf: str = "rahf-tiny",
-    per_prompt: int = 8,
     seed_offset: int = 0,
-    batch_size: int = 16,
-    device: str = "cpu",
     progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Generate ``per_prompt`` images per prompt, score them, write images, heatmaps and records.
+) -> GenerateResult:
+    """Generate ``config.per_prompt`` images per prompt, score them, write images, heatmaps and records.
 
-    Returns ``{"ids": [...all ids, prompt-major], "generated": [...], "scored": [...], "skipped": n,
-    "failed": [...], "missing": [...]}``: ``missing`` holds the ids that ended with neither a record nor an error
-    record (a generator that returned another id than planned, say); an empty list on a complete run.
+    The result's ``ids`` are all planned ids (prompt-major); ``missing`` holds the ids that ended with neither a
+    record nor an error record (a generator that returned another id than planned, say), none on a complete run.
     """
+    config = config or LoopConfig()
+    generator, rahf = claim_run_folder(root, config.generator, config.rahf)
     store = RunStore(root)
-    gen = load_generator(generator, lora, device)
-    scorer = load_scorer(rahf, device, batch_size)
-    jobs = jobs_of(prompts, per_prompt, seed_offset)
+    gen = load_generator(generator, lora, config.device)
+    scorer = load_scorer(rahf, config.device, config.batch_size)
+    jobs = jobs_of(prompts, config.per_prompt, seed_offset)
     ids = [gen.expected_id(p, s) for p, s in jobs]
     finished = store.has_records(ids)
     images_there = {k.removeprefix("images/").removesuffix(".png") for k in store.list("images")}
     todo = [(j, i) for j, i in zip(jobs, ids) if i not in finished]
-    report: dict[str, Any] = {"ids": ids, "generated": [], "scored": [], "skipped": len(ids) - len(todo), "failed": []}
-    done = report["skipped"]
+    report: dict[str, Any] = {"generated": [], "scored": [], "failed": []}
+    done = len(ids) - len(todo)
     if progress:
         progress(done, len(ids))
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
+    for start in range(0, len(todo), config.batch_size):
+        batch = todo[start : start + config.batch_size]
         items = _images_for(store, gen, batch, images_there, report)
         _score_and_record(store, scorer, gen, items, report)
         done += len(batch)
         if progress:
             progress(done, len(ids))
     accounted = finished | set(report["scored"]) | set(report["failed"])
-    report["missing"] = [i for i in ids if i not in accounted]
-    if report["missing"]:
-        log.error("%d of %d planned images have neither a record nor an error record", len(report["missing"]), len(ids))
-    return report
+    missing = [i for i in ids if i not in accounted]
+    if missing:
+        log.error("%d of %d planned images have neither a record nor an error record", len(missing), len(ids))
+    return GenerateResult(
+        ids=tuple(ids),
+        generated=tuple(report["generated"]),
+        scored=tuple(report["scored"]),
+        skipped=len(ids) - len(todo),
+        failed=tuple(report["failed"]),
+        missing=tuple(missing),
+        generator=generator,
+        rahf=rahf,
+    )
 
 
 def _images_for(store: RunStore, gen: Generator, batch, images_there: set[str], report) -> list[tuple[Any, ...]]:
@@ -232,75 +251,88 @@ def _error_record(store: RunStore, id_: str, prompt: str, seed: int, gen: Genera
 
 
 def select_finetune_data(
-    root: str, *, selection: dict[str, Any] | None = None, ids: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """Best of N per prompt above the thresholds -> ``<root>/finetune-data`` (image folder + metadata.jsonl).
+    root: str, config: LoopConfig | None = None, *, ids: Sequence[str] | None = None
+) -> SelectResult:
+    """Best of N per prompt above the thresholds (``config.selection``) -> ``<root>/finetune-data`` (image folder
+    + metadata.jsonl, and the run's ``run.json``: the dataset remembers its generator).
 
     ``ids`` restricts the candidates (e.g. one generation's ids); by default every generated record.
     """
     from finetune.dataset import export_dataset
-    from finetune.select import SelectionConfig, select_best
+    from finetune.select import select_best
 
+    config = config or LoopConfig()
     store = RunStore(root)
-    config = SelectionConfig(**(selection or {}))
     wanted = set(ids) if ids is not None else None
     records = [r for r in store.records() if r.stage == "generated" and (wanted is None or r.id in wanted)]
-    result = select_best(records, config)
+    result = select_best(records, config.selection)
     data_uri = store.uri("finetune-data")
     exported = export_dataset(result.selected, data_uri)
-    summary = {
-        "dataset": data_uri,
-        "selected": [r.id for r in result.selected],
-        "candidates": len(records),
-        "selection": result.summary(),
-        "export": exported.to_dict(),
-    }
-    store.write_json("selection.json", summary)
-    return summary
+    if store.exists(RUN_FILE):
+        store.write_bytes(f"finetune-data/{RUN_FILE}", store.read_bytes(RUN_FILE))
+    summary = result.summary()
+    out = SelectResult(
+        dataset=data_uri,
+        selected=tuple(r.id for r in result.selected),
+        candidates=len(records),
+        prompts_without_selection=int(summary.get("prompts_without_selection", 0)),
+        selection=summary,
+        export=exported.to_dict(),
+    )
+    store.write_json("selection.json", out.to_dict())
+    return out
 
 
-def finetune_generator(
-    root: str, dataset: str, *, generator: str = "synthetic", options: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """LoRA finetuning (or the synthetic world's fit) on ``dataset``; the adapter lands in
-    ``<root>/finetune/adapter``. A finished adapter is reused: one with a readable ``finetune/summary.json``, which
+def finetune_generator(root: str, dataset: str, config: LoopConfig | None = None) -> FinetuneResult:
+    """LoRA finetuning (or the synthetic world's fit) on ``dataset`` with ``config.finetune`` (LoraTrainConfig
+    fields); the adapter lands in ``<root>/finetune/adapter``. The generator is the dataset's (its ``run.json`` or
+    metadata); ``config.generator``, when set, must match it; a dataset that records none uses ``config.generator``,
+    else the run folder's. A finished adapter is reused: one with a readable ``finetune/summary.json``, which
     is written after the adapter (adapter files without it are the remains of a killed run and are trained again).
     """
     from finetune.lora import ADAPTER_DIR, LoraTrainConfig, finetune
     from finetune.synthetic import SyntheticFitConfig, fit_synthetic
 
+    config = config or LoopConfig()
+    generator = resolve_dataset_generator(dataset, config.generator)
+    if generator is None:
+        generator = claim_run_folder(root, None, config.rahf, write=False)[0]
     store = RunStore(root)
     prefix = f"finetune/{ADAPTER_DIR}"
     existing = store.list(prefix)
-    if existing and _finished_finetune(store):
-        return {"adapter": store.uri(prefix), "reused": True, "files": len(existing)}
+    finished = _finished_finetune(store)
+    if existing and finished is not None:
+        return FinetuneResult(store.uri(prefix), generator, reused=True, seconds=finished.get("seconds"))
     local = store.local
     work = Path(store.uri("finetune")) if local else Path(tempfile.mkdtemp(prefix="richfeedback-ft-"))
-    if generator == "synthetic":  # the synthetic world's fit has its own stage config (no LoRA)
-        cfg: LoraTrainConfig | SyntheticFitConfig = SyntheticFitConfig(dataset, str(work), **(options or {}))
+    if generator == "synthetic":  # the synthetic world's fit has its own stage config (LoRA options do not apply)
+        cfg: LoraTrainConfig | SyntheticFitConfig = SyntheticFitConfig.from_options(dataset, str(work), config.finetune)
         summary = fit_synthetic(cfg)
     else:
-        cfg = LoraTrainConfig(dataset, str(work), generator=generator, **(options or {}))
+        cfg = LoraTrainConfig(dataset, str(work), generator=generator, **config.finetune)
         summary = finetune(cfg)
     if not local:  # resumable checkpoints stay local; the finished adapter goes to the store
         for f in sorted((work / ADAPTER_DIR).rglob("*")):
             if f.is_file():
                 store.write_bytes(f"{prefix}/{f.relative_to(work / ADAPTER_DIR).as_posix()}", f.read_bytes())
-    out = {k: v for k, v in summary.items() if k != "losses"}
-    out.update({"adapter": store.uri(prefix), "reused": False, "config": asdict(cfg)})
-    store.write_json("finetune/summary.json", out)
+    details = {k: v for k, v in summary.items() if k not in ("losses", "adapter")}
+    details["config"] = asdict(cfg)
+    seconds = summary.get("seconds")
+    out = FinetuneResult(store.uri(prefix), generator, False, float(seconds) if seconds is not None else None, details)
+    store.write_json("finetune/summary.json", out.to_dict())
     return out
 
 
-def _finished_finetune(store: RunStore) -> bool:
+def _finished_finetune(store: RunStore) -> dict[str, Any] | None:
+    """The summary of a finished finetuning, or None."""
     try:
         summary = store.read_json("finetune/summary.json")
     except FileNotFoundError:
-        return False
+        return None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         log.warning("unreadable %s (%s); finetuning again", store.uri("finetune/summary.json"), e)
-        return False
-    return isinstance(summary, dict) and "adapter" in summary
+        return None
+    return summary if isinstance(summary, dict) and "adapter" in summary else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,57 +340,79 @@ def _finished_finetune(store: RunStore) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 
+OUTCOME_ACCEPTED, OUTCOME_REJECTED, OUTCOME_NO_MASK = "accepted", "rejected", "no-mask"
+
+
+def _outcome(decision: Any) -> str | None:
+    """The outcome of a stored repair decision (older decisions carry only ``accepted`` and ``reason``)."""
+    from inpainting.repair import NOTHING_TO_REPAIR
+
+    if not isinstance(decision, dict):
+        return None
+    if decision.get("outcome") in (OUTCOME_ACCEPTED, OUTCOME_REJECTED, OUTCOME_NO_MASK):
+        return decision["outcome"]
+    if decision.get("reason") == NOTHING_TO_REPAIR:
+        return OUTCOME_NO_MASK
+    return OUTCOME_ACCEPTED if decision.get("accepted") else OUTCOME_REJECTED
+
+
 def repair_images(
     root: str,
+    config: LoopConfig | None = None,
     *,
     ids: Sequence[str] | None = None,
-    below: float = 0.8,
-    generator: str = "synthetic",
     lora: str | None = None,
-    rahf: str = "rahf-tiny",
-    options: dict[str, Any] | None = None,
-    device: str = "cpu",
-    limit: int | None = None,
-) -> dict[str, Any]:
-    """Best-of-N repair of the named records, or of every generated record whose plausibility is below ``below``
-    (worst first, at most ``limit``). Each decision lands in ``repairs/<id>.json``; an accepted repair becomes a
-    record of stage ``repaired`` with ``parent_id``. Decided ids are skipped on rerun."""
-    from inpainting.masks import MaskConfig
-    from inpainting.repair import RepairConfig, repair
+    progress: Progress | None = None,
+) -> RepairStageResult:
+    """Best-of-N repair (``config.repair``) of the generated records whose predicted repair score is below
+    ``config.repair_below``, worst first, at most ``config.repair_limit``; ``ids`` restricts the candidates (the
+    ids of one run, as selection takes them), by default every generated record of the folder.
 
+    Each decision lands in ``repairs/<id>.json`` with its ``outcome``: ``accepted`` (the repair becomes a record
+    of stage ``repaired`` with ``parent_id``), ``rejected`` (no candidate beat the original) or ``no-mask`` (the
+    heatmap marked nothing: nothing inpainted). Accepted and rejected ids are skipped on rerun; a no-mask id is
+    tried again (a mask costs nothing). When the records carry the synthetic world's truth, the result holds the
+    true scores of the considered images before and after (:class:`flows.results.RepairTruth`); it is also
+    written to ``repair.json``."""
+    from inpainting.repair import NOTHING_TO_REPAIR, repair
+
+    config = config or LoopConfig()
+    generator, rahf = claim_run_folder(root, config.generator, config.rahf)
+    rconfig = config.repair
     store = RunStore(root)
-    opts = dict(options or {})
-    mask = MaskConfig(**opts.pop("mask", {}))
-    config = RepairConfig(mask=mask, **opts)
-    gen = load_generator(generator, lora, device)
-    scorer = load_scorer(rahf, device)
     records = {r.id: r for r in store.records() if r.stage == "generated" and not r.error}
+    not_found: list[str] = []
     if ids is not None:
-        unknown = [i for i in ids if i not in records]
-        if unknown:
-            raise ValueError(f"no generated record for ids {unknown[:5]}")
-        chosen = [records[i] for i in ids]
+        not_found = [i for i in dict.fromkeys(ids) if i not in records]
+        pool = [records[i] for i in dict.fromkeys(ids) if i in records]
     else:
-        chosen = sorted(
-            (r for r in records.values() if r.scores.get(config.score, 1.0) < below),
-            key=lambda r: (r.scores.get(config.score, 1.0), r.id),
-        )
-    chosen = chosen[:limit] if limit is not None else chosen
+        pool = list(records.values())
+    chosen = sorted(
+        (r for r in pool if r.scores.get(rconfig.score, 1.0) < config.repair_below),
+        key=lambda r: (r.scores.get(rconfig.score, 1.0), r.id),
+    )
+    chosen = chosen[: config.repair_limit] if config.repair_limit is not None else chosen
     decisions, _ = read_json_files(store, "repairs")  # a decision that does not parse is made again
-    decided = {k.removeprefix("repairs/").removesuffix(".json") for k in decisions}
-    report: dict[str, Any] = {"considered": len(chosen), "skipped": 0, "accepted": [], "rejected": [], "failed": []}
-    for rec in chosen:
-        if rec.id in decided:
-            report["skipped"] += 1
-            continue
+    by_parent = {k.removeprefix("repairs/").removesuffix(".json"): d for k, d in decisions.items()}
+    decided = {i for i, d in by_parent.items() if _outcome(d) in (OUTCOME_ACCEPTED, OUTCOME_REJECTED)}
+    out: dict[str, list] = {"accepted": [], "rejected": [], "no_mask": [], "failed": []}
+    todo = [r for r in chosen if r.id not in decided]
+    skipped = len(chosen) - len(todo)
+    gen = load_generator(generator, lora, config.device) if todo else None
+    scorer = load_scorer(rahf, config.device, config.batch_size) if todo else None
+    if progress:
+        progress(0, len(todo))
+    for n, rec in enumerate(todo, start=1):
         try:
             image = decode_png(store.read_bytes(image_key(rec.id)))
             heat = read_heatmap(store, heatmap_key(rec.id, "implausibility"))
-            result = repair(image, rec.prompt, gen, scorer, config, heatmap=heat, original_scores=rec.scores)
+            result = repair(image, rec.prompt, gen, scorer, rconfig, heatmap=heat, original_scores=rec.scores)
         except Exception as e:
             log.exception("repair of %s failed", rec.id)
             store.write_json(f"errors/repair-{rec.id}.json", {"id": rec.id, "error": str(e)})
-            report["failed"].append(rec.id)
+            out["failed"].append(rec.id)
+            if progress:
+                progress(n, len(todo))
             continue
         decision = {"parent_id": rec.id, **result.summary()}
         if result.accepted:
@@ -367,12 +421,68 @@ def repair_images(
             new.stage, new.parent_id, new.scores, new.rahf = "repaired", rec.id, cand.scores, rec.rahf
             store.write_bytes(image_key(new.id), encode_png(cand.generated.image))
             store.put_record(new)
-            decision["repaired_id"] = new.id
-            report["accepted"].append({"parent": rec.id, "repaired": new.id})
+            decision.update(repaired_id=new.id, outcome=OUTCOME_ACCEPTED)
+            out["accepted"].append(RepairPair(rec.id, new.id))
+        elif result.reason == NOTHING_TO_REPAIR:
+            decision["outcome"] = OUTCOME_NO_MASK
+            out["no_mask"].append(rec.id)
         else:
-            report["rejected"].append(rec.id)
+            decision["outcome"] = OUTCOME_REJECTED
+            out["rejected"].append(rec.id)
         store.write_json(f"repairs/{rec.id}.json", decision)  # last: the decision marks the id as done
+        by_parent[rec.id] = decision
+        if progress:
+            progress(n, len(todo))
+    report = RepairStageResult(
+        considered=len(chosen),
+        accepted=tuple(out["accepted"]),
+        rejected=tuple(out["rejected"]),
+        no_mask=tuple(out["no_mask"]),
+        failed=tuple(out["failed"]),
+        skipped=skipped,
+        not_found=tuple(not_found),
+        truth=_repair_truth(store, chosen, by_parent),
+    )
+    store.write_json("repair.json", report.to_dict())
     return report
+
+
+def _repair_truth(store: RunStore, chosen: Sequence[ImageRecord], decisions: dict[str, Any]) -> RepairTruth | None:
+    """True scores of the decided images before and after their repair (after = the accepted candidate, else the
+    original); None unless every one of them (and every accepted candidate) carries the synthetic world's truth."""
+    pairs = []
+    for rec in chosen:
+        d = decisions.get(rec.id)
+        outcome = _outcome(d)
+        if outcome is None:
+            continue  # failed: no decision
+        after = rec
+        if outcome == OUTCOME_ACCEPTED:
+            try:
+                after = store.get_record(d["repaired_id"])
+            except (OSError, KeyError, ValueError):
+                return None
+        if rec.truth is None or after.truth is None:
+            return None
+        pairs.append((rec.truth, after.truth, outcome == OUTCOME_ACCEPTED))
+    if not pairs:
+        return None
+
+    def mean(side: int, key: str) -> float:
+        values = [p[side][key] if key == "implausible_area" else p[side]["scores"][key] for p in pairs]
+        return float(np.mean(values))
+
+    return RepairTruth(
+        images=len(pairs),
+        implausible_area_before=mean(0, "implausible_area"),
+        implausible_area_after=mean(1, "implausible_area"),
+        plausibility_before=mean(0, "plausibility"),
+        plausibility_after=mean(1, "plausibility"),
+        overall_before=mean(0, "overall"),
+        overall_after=mean(1, "overall"),
+        accepted=sum(p[2] for p in pairs),
+        truly_worse=sum(p[2] and p[1]["implausible_area"] > p[0]["implausible_area"] + 1e-9 for p in pairs),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,12 +504,11 @@ def read_json_files(store: RunStore, folder: str) -> tuple[dict[str, Any], list[
     return values, bad
 
 
-def write_manifest(root: str, ids: Sequence[str] | None = None) -> dict[str, Any]:
+def write_manifest(root: str, ids: Sequence[str] | None = None) -> ManifestResult:
     """``manifest.jsonl``: every valid record (generated and repaired) and every error record, one line per id.
 
-    Returns ``{"manifest": uri, "records": n, "errors": n, "bad_files": [keys that did not parse], "missing":
-    [...]}``; ``missing`` lists the ids of ``ids`` (the planned images) that have neither a valid record nor an
-    error record, sorted ([] without ``ids``).
+    The result's ``bad_files`` are the keys that did not parse; ``missing`` lists the ids of ``ids`` (the planned
+    images) that have neither a valid record nor an error record, sorted (none without ``ids``).
     """
     store = RunStore(root)
     read = store.records()
@@ -420,13 +529,13 @@ def write_manifest(root: str, ids: Sequence[str] | None = None) -> dict[str, Any
     uri = store.write_manifest(list(read.records) + errors)
     accounted = have | {r.id for r in errors}
     missing = sorted({i for i in ids if i not in accounted}) if ids is not None else []
-    return {
-        "manifest": uri,
-        "records": len(read.records),
-        "errors": len(errors),
-        "bad_files": sorted([k for k, _ in read.bad] + bad),
-        "missing": missing,
-    }
+    return ManifestResult(
+        manifest=uri,
+        records=len(read.records),
+        errors=len(errors),
+        bad_files=tuple(sorted([k for k, _ in read.bad] + bad)),
+        missing=tuple(missing),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -454,68 +563,56 @@ def sweep_temps(root: str, older_than_s: float = 60.0) -> int:
 def compare_checkpoints(
     root: str,
     prompts: Sequence[str],
+    config: LoopConfig | None = None,
     *,
-    generator: str = "synthetic",
     lora_a: str | None = None,
     lora_b: str | None = None,
     generator_b: str | None = None,
-    rahf: str = "rahf-tiny",
-    per_prompt: int = 4,
-    seed_offset: int = 1000,
-    n_boot: int = 10_000,
-    batch_size: int = 16,
-    device: str = "cpu",
     report_dir: str | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
-    """The same prompts and seeds through checkpoint A (``generator`` + ``lora_a``) and B (``generator_b`` or the
-    same base, + ``lora_b``), scored by the same RAHF; paired statistics to ``compare/comparison.json`` and, for
-    a local run, the HTML report (``compare/report/index.html`` unless ``report_dir``). When the images carry
-    ground truth (the synthetic world) the true scores are compared too."""
+) -> CompareResult:
+    """The same prompts and seeds (``config.compare``) through checkpoint A (the run's generator + ``lora_a``) and
+    B (``generator_b`` or the same base, + ``lora_b``), scored by the same RAHF; paired statistics to
+    ``compare/comparison.json`` and, for a local run, the HTML report (``compare/report/index.html`` unless
+    ``report_dir``). When the images carry ground truth (the synthetic world) the true scores are compared too."""
     from compare import compare_scores, pair_records, write_report
 
+    config = config or LoopConfig()
+    generator, rahf = claim_run_folder(root, config.generator, config.rahf)
     store = RunStore(root)
     sides = {"a": (generator, lora_a), "b": (generator_b or generator, lora_b)}
     records, failed, missing = {}, {}, {}
     for side, (name, lora) in sides.items():
         sub = store.uri(f"compare/{side}")
+        side_config = replace(config, generator=name, rahf=rahf, per_prompt=config.compare.per_prompt)
         rep = generate_and_score(
-            sub,
-            prompts,
-            generator=name,
-            lora=lora,
-            rahf=rahf,
-            per_prompt=per_prompt,
-            seed_offset=seed_offset,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
+            sub, prompts, side_config, lora=lora, seed_offset=config.compare.seed_offset, progress=progress
         )
-        wanted = set(rep["ids"])
+        wanted = set(rep.ids)
         records[side] = [r for r in RunStore(sub).records() if r.id in wanted]
-        failed[side], missing[side] = len(rep["failed"]), len(rep["missing"])
+        failed[side], missing[side] = len(rep.failed), len(rep.missing)
     pairs = pair_records(records["a"], records["b"])
-    stats = compare_scores(pairs, n_boot=n_boot, seed=0)
-    summary: dict[str, Any] = {
-        "a": {"generator": sides["a"][0], "lora": lora_a},
-        "b": {"generator": sides["b"][0], "lora": lora_b},
-        "pairs": len(pairs),
-        "planned": len(prompts) * per_prompt,
-        "failed": failed,
-        "missing": missing,
-        "scores": {k: asdict(v) for k, v in stats.scores.items()},
-    }
+    stats = compare_scores(pairs, n_boot=config.compare.n_boot, seed=0)
     truth = _truth_comparison(pairs)
-    if truth:
-        summary["ground_truth"] = truth
     store.write_json("compare/comparison.json", {**stats.to_dict(), "ground_truth": truth})
+    report = None
     if report_dir or store.local:
         target = report_dir or store.uri("compare/report")
-        summary["report"] = str(
-            write_report(pairs, stats, target, title="Checkpoint comparison", label_a="before", label_b="after")
-        )
-    store.write_json("compare/summary.json", summary)
-    return summary
+        title = "Checkpoint comparison"
+        report = str(write_report(pairs, stats, target, title=title, label_a="before", label_b="after"))
+    out = CompareResult(
+        a={"generator": sides["a"][0], "lora": lora_a},
+        b={"generator": sides["b"][0], "lora": lora_b},
+        pairs=len(pairs),
+        planned=len(prompts) * config.compare.per_prompt,
+        failed=failed,
+        missing=missing,
+        scores={k: asdict(v) for k, v in stats.scores.items()},
+        ground_truth=truth,
+        report=report,
+    )
+    store.write_json("compare/summary.json", out.to_dict())
+    return out
 
 
 def _truth_comparison(pairs) -> dict[str, Any] | None:

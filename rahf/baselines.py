@@ -3,7 +3,8 @@
 * ``MeanPredictor``: the training mean of every score and of every heatmap, for every image.
 * ``SmallCNN``: an image-only convolutional regressor of the four scores and two heatmaps (a small stand-in
   for the paper's ResNet-50 baseline), trained with the same steps and batch size as RAHF (and, where RAHF
-  uses one, the same empty-map loss weight).
+  uses one, the same empty-map loss weight). Its defaults are the bar's settings,
+  :data:`rahf.baseline_recipe.BASELINES_RECIPE`.
 
 Neither reads the prompt, so neither marks keywords: their keyword sequences are the prompts unmarked.
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rahf.baseline_recipe import BASELINES_RECIPE
 from rahf.evaluate import GroundTruth, Predictions
 from rahf.model import HEATMAP_NAMES, SCORE_NAMES, heatmap_loss
 from rahf.processor import RAHFProcessor, clean_prompt
@@ -78,12 +80,12 @@ class SmallCNN(nn.Module):
 def train_small_cnn(
     data: SplitData,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int = 0,
-    empty_heatmap_weight: float = 0.0,
-    heatmap_loss_kind: str = "mse",
+    steps: int = BASELINES_RECIPE.steps,
+    batch_size: int = BASELINES_RECIPE.batch_size,
+    lr: float = BASELINES_RECIPE.lr,
+    seed: int = BASELINES_RECIPE.seed,
+    empty_heatmap_weight: float = BASELINES_RECIPE.empty_heatmap_weight,
+    heatmap_loss_kind: str = BASELINES_RECIPE.heatmap_loss,
 ) -> SmallCNN:
     """Train with AdamW on MSE (scores) + RAHF's map loss (``heatmap_loss``: kind, extra weight on empty maps)."""
     torch.manual_seed(seed)

@@ -83,16 +83,12 @@ def test_finetune_command_fits_the_synthetic_world(tmp_path, capsys):
 
 
 def test_rating_sheet_round_trip_through_the_commands(tmp_path, capsys):
+    from flows.config import LoopConfig
     from flows.stages import generate_and_score
 
     for side in ("a", "b"):
-        generate_and_score(
-            str(tmp_path / "cmp" / "compare" / side),
-            ["a red circle at the left"],
-            generator="synthetic",
-            rahf="rahf-tiny",
-            per_prompt=3,
-        )
+        config = LoopConfig(generator="synthetic", rahf="rahf-tiny", per_prompt=3)
+        generate_and_score(str(tmp_path / "cmp" / "compare" / side), ["a red circle at the left"], config)
     assert main(["rating-sheet", str(tmp_path / "cmp"), "--out", str(tmp_path / "rs"), "--seed", "1"]) == 0
     sheet = tmp_path / "rs" / "sheet" / "ratings.csv"
     lines = sheet.read_text(encoding="utf-8-sig").splitlines()

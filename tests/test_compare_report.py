@@ -248,3 +248,78 @@ def test_a_stored_grayscale_heatmap_is_drawn_as_an_overlay(tmp_path):
     out = np.asarray(Image.open(tmp_path / "out" / Path(rel).name).convert("RGB"), np.int16)
     assert out.shape == (16, 16, 3)
     assert out[2, 2, 0] > out[12, 12, 0] and tuple(out[12, 12]) == (0, 0, 255)  # hot: tinted; cold: the image
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A and B named; ties shown as ties
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tie_run(root: Path):
+    """4 prompts × 2 seeds. B − A: overall −0.0001 everywhere (rounds to 0), plausibility +0.06 / −0.04
+    alternating (interval includes 0), aesthetics +0.1, alignment −0.1. B carries a LoRA adapter hash."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = {"backend": "synthetic", "model": "synthetic-world", "revision": "v1", "adapter_hash": None}
+    tuned = {**base, "adapter_hash": "0123456789abcdef"}
+    a, b = [], []
+    for p in range(4):
+        for seed in range(2):
+            sign = 1 if (p + seed) % 2 else -1
+            sa = {"plausibility": 0.5, "alignment": 0.6, "aesthetics": 0.4, "overall": 0.5}
+            sb = {"plausibility": 0.51 + 0.05 * sign, "alignment": 0.5, "aesthetics": 0.5, "overall": 0.4999}
+            for side, out, gen, sc in (("a", a, base, sa), ("b", b, tuned, sb)):
+                img = draw(root / f"{side}{p}{seed}.png", (90, 120, 200), seed)
+                out.append(ImageRecord(f"{side}{p}{seed}", f"prompt {p}", seed, gen, image_uri=img, scores=sc))
+    return pair_records(a, b)
+
+
+def summary_cells(html_text: str) -> dict[str, str]:
+    """score -> the d cell's inner HTML of the summary table."""
+    table = html_text.split('<table class="summary">')[1].split("</table>")[0]
+    return dict(
+        re.findall(r'<tr data-score="(\w+)"><td class="name">\w+</td><td>[^<]*</td><td>[^<]*</td><td>(.*?)</td>', table)
+    )
+
+
+def test_report_names_a_and_b_and_shows_ties(tmp_path):
+    pairs = tie_run(tmp_path / "run")
+    stats = compare_scores(pairs, n_boot=500)
+    assert stats.scores["plausibility"].ci_low < 0 < stats.scores["plausibility"].ci_high
+    assert stats.scores["overall"].ci_high < 0  # a real but invisible difference: −0.0001
+    sides = {"a": {"generator": "synthetic", "lora": None}, "b": {"generator": "synthetic", "lora": "runs/x/adapter"}}
+    index = write_report(pairs, stats, tmp_path / "out", label_a="before", label_b="after", sides=sides)
+    text = index.read_text()
+    rows = dict(re.findall(r'<tr data-side="(\w)">(.*?)</tr>', text))
+    assert rows["a"] == (
+        '<th>A</th><td>before</td><td class="generator">synthetic (synthetic:synthetic-world@v1)</td>'
+        '<td class="adapter">none</td>'
+    )
+    assert rows["b"].endswith('<td class="adapter">runs/x/adapter · hash 0123456789abcdef</td>')
+    assert text.index('class="sides"') < text.index('class="summary"')  # named at the top
+
+    cells = summary_cells(text)
+    assert cells["overall"] == '<span class="zero tie" title="rounds to 0.000">0.000 · tie</span>'
+    assert re.fullmatch(
+        r'<span class="zero tie" title="95 % interval includes 0">[+-]0\.0\d\d · tie</span>', cells["plausibility"]
+    )
+    assert cells["aesthetics"] == '<span class="pos">+0.100</span>'
+    assert cells["alignment"] == '<span class="neg">-0.100</span>'
+    visible = re.sub(r"<[^>]*>", " ", text)
+    assert "-0.000" not in visible and "+0.000" not in visible  # intervals, per-prompt and per-seed differences too
+    assert (
+        visible.count("0.000") == 1 + 2 + 4 + 4 + 8
+    )  # overall: summary d, interval; 4 prompts (title, table); 8 seeds
+
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| A | before | synthetic (synthetic:synthetic-world@v1) | none |" in md
+    assert "| B | after | synthetic (synthetic:synthetic-world@v1) | runs/x/adapter · hash 0123456789abcdef |" in md
+    overall = next(line for line in md.splitlines() if line.startswith("| overall |"))
+    assert "| 0.000 (tie) |" in overall
+    assert "| +0.100 |" in next(line for line in md.splitlines() if line.startswith("| aesthetics |"))
+
+
+def test_report_names_sides_from_the_records_alone(report):
+    text = report[2].read_text()
+    rows = dict(re.findall(r'<tr data-side="(\w)">(.*?)</tr>', text))
+    assert '<td>base</td><td class="generator">a</td><td class="adapter">none</td>' in rows["a"]
+    assert '<td>finetuned</td><td class="generator">b</td>' in rows["b"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows import stages
+from flows.config import LoopConfig
 from flows.storage import RunStore
 from tests.s3_server import s3_server  # noqa: F401
 
@@ -26,6 +27,10 @@ PROMPTS = [
     "a yellow diamond in the middle",
 ]
 TINY = {"generator": "synthetic", "rahf": "rahf-tiny"}
+
+
+def tiny(**kw) -> LoopConfig:
+    return LoopConfig(**TINY, **kw)
 
 
 def manifest_lines(root: str) -> list[dict]:
@@ -40,9 +45,9 @@ def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
     root = str(tmp_path / "run")
     prompts = [f"{n} {c} circles at the left" for n in ("two", "three") for c in ("red", "blue", "green")]
     script = (
-        "from flows.stages import generate_and_score\n"
-        f"generate_and_score({root!r}, {prompts!r}, generator='synthetic', rahf='rahf-tiny', per_prompt=8, "
-        "batch_size=4)\n"
+        "from flows.config import LoopConfig\nfrom flows.stages import generate_and_score\n"
+        f"generate_and_score({root!r}, {prompts!r}, LoopConfig(generator='synthetic', rahf='rahf-tiny', "
+        "per_prompt=8, batch_size=4))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.DEVNULL)
     records = Path(root) / "records"
@@ -54,28 +59,28 @@ def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
     finished = {p.stem for p in records.glob("*.json")}
     images_before = {p.stem for p in (Path(root) / "images").glob("*.png")}
     assert 8 <= len(finished) < 48, "the kill must land mid-run"
-    report = stages.generate_and_score(root, prompts, per_prompt=8, batch_size=4, **TINY)
-    redone_generation = set(report["generated"]) & (finished | images_before)
-    redone_scoring = set(report["scored"]) & finished
+    report = stages.generate_and_score(root, prompts, tiny(per_prompt=8, batch_size=4))
+    redone_generation = set(report.generated) & (finished | images_before)
+    redone_scoring = set(report.scored) & finished
     assert (len(redone_generation), len(redone_scoring)) == (0, 0)
-    assert report["skipped"] == len(finished) and len(set(report["ids"])) == 48
-    assert set(report["scored"]) | finished == set(report["ids"])
+    assert report.skipped == len(finished) and len(set(report.ids)) == 48
+    assert set(report.scored) | finished == set(report.ids)
     stages.write_manifest(root)
     ids = [r["id"] for r in manifest_lines(root)]
-    assert sorted(ids) == sorted(set(report["ids"])) and len(ids) == len(set(ids)) == 48
-    again = stages.generate_and_score(root, prompts, per_prompt=8, batch_size=4, **TINY)
-    assert again["generated"] == [] and again["scored"] == [] and again["skipped"] == 48
+    assert sorted(ids) == sorted(set(report.ids)) and len(ids) == len(set(ids)) == 48
+    again = stages.generate_and_score(root, prompts, tiny(per_prompt=8, batch_size=4))
+    assert again.generated == () and again.scored == () and again.skipped == 48
 
 
 def test_a_failing_item_becomes_an_error_record_and_the_batch_goes_on(tmp_path):
     root = str(tmp_path / "run")
-    report = stages.generate_and_score(root, [PROMPTS[2], "a photo of a cat"], per_prompt=2, **TINY)
+    report = stages.generate_and_score(root, [PROMPTS[2], "a photo of a cat"], tiny(per_prompt=2))
     # the synthetic world cannot draw a prompt outside its grammar: that prompt's images fail, the rest finish
-    assert len(report["scored"]) == 2 and len(report["failed"]) == 2
+    assert len(report.scored) == 2 and len(report.failed) == 2
     store = RunStore(root)
     errors = [store.read_json(k) for k in store.list("errors")]
     assert len(errors) == 2 and all("generation" in e["error"] for e in errors)
-    assert stages.write_manifest(root)["errors"] == 2
+    assert stages.write_manifest(root).errors == 2
 
 
 # -- the flows -------------------------------------------------------------------------------------------------
@@ -84,34 +89,35 @@ def test_a_failing_item_becomes_an_error_record_and_the_batch_goes_on(tmp_path):
 def _loop(root: str):
     from flows.loop import feedback_loop
 
-    return feedback_loop(
-        root=root,
-        prompts=PROMPTS,
-        per_prompt=4,
-        selection={"thresholds": {"plausibility": 0.0}},
-        compare_per_prompt=2,
-        repair_below=1.0,
-        repair_limit=2,
+    config = {
         **TINY,
-    )
+        "per_prompt": 4,
+        "selection": {"thresholds": {"plausibility": 0.0}},
+        "compare": {"per_prompt": 2},
+        "repair_limit": 2,
+    }
+    return feedback_loop(root=root, prompts=PROMPTS, config=config)
 
 
 def test_feedback_loop_runs_and_reruns_from_its_records(prefect_harness, tmp_path):
     root = str(tmp_path / "loop")
     summary = _loop(root)
-    assert summary["generate"]["generated"] == 12 and summary["selection"]["selected"] == 3
+    assert len(summary.generate.generated) == 12 and len(summary.selection.selected) == 3
     assert (Path(root) / "finetune" / "adapter" / "flaws.json").is_file()
-    assert summary["compare"]["pairs"] == 6 and set(summary["compare"]["scores"]) == {
+    assert summary.compare.pairs == 6 and set(summary.compare.scores) == {
         "plausibility",
         "alignment",
         "aesthetics",
         "overall",
     }
-    assert summary["compare"]["ground_truth"]["implausible_area"]["mean_a"] >= 0
-    assert (Path(summary["compare"]["report"])).is_file()
-    assert summary["repair"]["considered"] == 2 and len(list((Path(root) / "repairs").glob("*.json"))) == 2
+    assert summary.compare.ground_truth["implausible_area"]["mean_a"] >= 0
+    assert (Path(summary.compare.report)).is_file()
+    assert summary.repair.considered == 2 and len(list((Path(root) / "repairs").glob("*.json"))) == 2
+    assert {p.stem for p in (Path(root) / "repairs").glob("*.json")} <= set(summary.generate.ids)  # this run's
+    assert summary.repair.truth is not None  # the synthetic world's ground truth, before and after
     lines = manifest_lines(root)
-    assert len(lines) == len({r["id"] for r in lines}) == 12 + summary["repair"]["accepted"]
+    assert len(lines) == len({r["id"] for r in lines}) == 12 + len(summary.repair.accepted)
+    assert json.loads((Path(root) / "loop.json").read_text()) == json.loads(json.dumps(summary.to_dict()))
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -122,8 +128,8 @@ def test_feedback_loop_runs_and_reruns_from_its_records(prefect_harness, tmp_pat
         progress = client.read_artifacts()
         assert any(a.type == "progress" and a.data == 100.0 for a in progress)
     again = _loop(root)
-    assert again["generate"]["generated"] == 0 and again["generate"]["skipped"] == 12
-    assert again["finetune"]["reused"] and again["repair"]["skipped"] == 2
+    assert len(again.generate.generated) == 0 and again.generate.skipped == 12
+    assert again.finetune.reused and again.repair.skipped == 2 - len(again.repair.no_mask)
 
 
 def test_loop_on_s3_matches_the_local_run_and_survives_an_outage(prefect_harness, tmp_path, s3_server):  # noqa: F811
@@ -146,7 +152,7 @@ def test_loop_on_s3_matches_the_local_run_and_survives_an_outage(prefect_harness
     remote, here = manifest_lines(s3_server.root), manifest_lines(local)
     assert [r["id"] for r in remote] == [r["id"] for r in here]
     assert [r["scores"] for r in remote] == [r["scores"] for r in here]
-    assert summary["finetune"]["adapter"].startswith("s3://")
+    assert summary.finetune.adapter.startswith("s3://")
     assert RunStore(s3_server.root).exists("finetune/adapter/flaws.json")
 
 
@@ -158,7 +164,7 @@ def test_dask_runner_gives_the_same_manifest(prefect_harness, tmp_path):
 
     default = str(tmp_path / "default")
     dask = str(tmp_path / "dask")
-    options = dict(prompts=PROMPTS, per_prompt=2, chunk_prompts=1, **TINY)
+    options = dict(prompts=PROMPTS, config={**TINY, "per_prompt": 2, "chunk_prompts": 1})
     generate_and_score(root=default, **options)
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False})
     generate_and_score.with_options(task_runner=runner)(root=dask, **options)

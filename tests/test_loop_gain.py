@@ -198,18 +198,30 @@ def test_random_scorer_is_deterministic_per_image():
 
 def test_loop_gain_config_builds_the_repair_config_and_checks_it():
     from compare.loop_gain import LoopGainConfig
+    from inpainting.masks import MaskConfig
+    from inpainting.repair import RepairConfig, loop_repair_config
 
-    cfg = LoopGainConfig(
-        repair_n=6, repair_margin=0.01, mask_threshold=0.4, mask_threshold_mode="relative", mask_floor=0.1,
-        mask_dilate_frac=0.1, repair_heat_drop=0.05, seed=3,
-    ).repair_config()  # fmt: skip
+    mask = MaskConfig(threshold=0.4, threshold_mode="relative", floor=0.1, dilate_frac=0.1)
+    cfg = LoopGainConfig(repair=RepairConfig(mask=mask, n=6, margin=0.01, heat_drop=0.05), seed=3).repair_config()
     assert (cfg.n, cfg.margin, cfg.heat_drop, cfg.seed, cfg.score) == (6, 0.01, 0.05, 3, "plausibility")
     m = cfg.mask
     assert (m.threshold, m.threshold_mode, m.floor, m.dilate_frac) == (0.4, "relative", 0.1, 0.1)
-    with pytest.raises(ValueError, match="threshold_mode"):
-        LoopGainConfig(mask_threshold_mode="ratio")
-    with pytest.raises(ValueError, match="heat_drop"):
-        LoopGainConfig(repair_heat_drop=1.0)
+    assert LoopGainConfig().repair == loop_repair_config()  # the loop's supported settings
+    with pytest.raises(ValueError, match="repair"):
+        LoopGainConfig(repair={"n": 2})
+
+
+def test_cli_bench_loop_takes_the_repair_settings_from_the_config(tmp_path, monkeypatch):
+    from compare import loop_gain
+    from richfeedback.cli import main
+
+    seen = {}
+    monkeypatch.setattr(loop_gain, "run_loop_gain", lambda config, scorers, out, log: seen.update(config=config))
+    (tmp_path / "loop_gain.md").write_text("")
+    args = ["bench-loop", "--out", str(tmp_path), "--scorers", "random", "--mask-floor", "0.2", "--repair-n", "2"]
+    assert main(args) == 0
+    r = seen["config"].repair
+    assert (r.mask.floor, r.n, r.mask.threshold, r.heat_drop) == (0.2, 2, 0.4, 0.02)
 
 
 def test_cli_bench_loop_rejects_unknown_scorers(capsys):

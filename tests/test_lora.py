@@ -84,8 +84,8 @@ def test_resume_after_interruption_gives_the_same_adapter(four_images, tmp_path,
     data = make_folder(tmp_path, four_images)
     common = dict(generator="amused-tiny", lr=5e-3, steps=6, batch_size=2, checkpoint_every=2, seed=3)
     whole = finetune(LoraTrainConfig(data, str(tmp_path / "whole"), **common))
-    killed = LoraTrainConfig(data, str(tmp_path / "part"), **common, keep_checkpoints=1)
-    part = finetune(killed, stop_after=3)  # the "kill": stops after step 3
+    killed = LoraTrainConfig(data, str(tmp_path / "part"), **common)
+    part = finetune(killed, stop_after=3, keep_checkpoints=1)  # the "kill": stops after step 3
     assert part["step"] == 3 and part["adapter"] is None
     batch_index = lora.batch_index
 
@@ -96,10 +96,10 @@ def test_resume_after_interruption_gives_the_same_adapter(four_images, tmp_path,
 
     monkeypatch.setattr(lora, "batch_index", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        finetune(killed)  # resumes from step 2, checkpoints step 4, dies in step 5
+        finetune(killed, keep_checkpoints=1)  # resumes from step 2, checkpoints step 4, dies in step 5
     monkeypatch.setattr(lora, "batch_index", batch_index)
     assert [p.name for p in (tmp_path / "part" / "checkpoints").iterdir()] == ["step-4"]  # keep_checkpoints=1
-    resumed = finetune(killed)
+    resumed = finetune(killed, keep_checkpoints=1)
     assert resumed["step"] == 6 and len(resumed["losses"]) == 2 and resumed["losses"] == whole["losses"][4:]
     w = load_file(whole["adapter"] + "/pytorch_lora_weights.safetensors")
     r = load_file(resumed["adapter"] + "/pytorch_lora_weights.safetensors")
@@ -135,14 +135,20 @@ def test_synthetic_fit_lowers_the_flaw_rate_of_selected_clean_images(tmp_path):
     via_lora = finetune(LoraTrainConfig(data, str(tmp_path / "cli"), generator="synthetic", prior_strength=1.0))
     assert via_lora["flaws"] == summary["flaws"] and via_lora["losses"] == []
     assert not (tmp_path / "cli" / "finetune_config.json").exists()
-    # the loop's finetune stage runs the fit with its own config
+    # the loop's finetune stage runs the fit with its own config; LoRA-only options do not apply to it
+    from flows.config import LoopConfig
     from flows.stages import finetune_generator
 
-    staged = finetune_generator(str(tmp_path / "root"), data, generator="synthetic", options={"prior_strength": 1.0})
-    assert staged["config"] == {"data_dir": data, "out_dir": str(tmp_path / "root" / "finetune"), "prior_strength": 1.0}
-    assert staged["flaws"] == summary["flaws"]
-    with pytest.raises(TypeError, match="rank"):  # LoRA options do not reach the fit
-        finetune_generator(str(tmp_path / "root2"), data, generator="synthetic", options={"rank": 4})
+    options = {"prior_strength": 1.0, "steps": 5}
+    staged = finetune_generator(str(tmp_path / "root"), data, LoopConfig(generator="synthetic", finetune=options))
+    assert staged.details["config"] == {
+        "data_dir": data,
+        "out_dir": str(tmp_path / "root" / "finetune"),
+        "prior_strength": 1.0,
+    }
+    assert staged.details["flaws"] == summary["flaws"] and staged.generator == "synthetic"
+    with pytest.raises(ValueError, match=r"unknown finetuning options \['bogus'\]"):
+        finetune_generator(str(tmp_path / "root2"), data, LoopConfig(generator="synthetic", finetune={"bogus": 1}))
     with pytest.raises(ValueError, match="prior_strength"):
         SyntheticFitConfig(data, str(tmp_path / "x"), prior_strength=-1.0)
 
@@ -152,5 +158,5 @@ def test_config_errors():
         LoraTrainConfig("d", "o", rank=0)
     with pytest.raises(ValueError, match="mixed_precision"):
         LoraTrainConfig("d", "o", mixed_precision="fp8")
-    with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
-        LoraTrainConfig("d", "o", keep_checkpoints=0)
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        finetune(LoraTrainConfig("d", "o"), keep_checkpoints=0)

@@ -18,11 +18,14 @@ from pathlib import Path
 import pytest
 
 from flows import stages
+from flows.config import LoopConfig
+from flows.results import GenerateResult, LoopResult, ManifestResult, RepairStageResult, SelectResult
 from flows.storage import RunStore, is_transient, record_key
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["three green triangles at the top", "a yellow diamond in the middle"]
 TINY = {"generator": "synthetic", "rahf": "rahf-tiny"}
+ONE = LoopConfig(**TINY, per_prompt=1)
 
 
 def manifest_ids(root: str) -> list[str]:
@@ -34,32 +37,32 @@ def manifest_ids(root: str) -> list[str]:
 
 def test_truncated_record_is_redone_and_reaches_the_manifest(tmp_path, caplog):
     root = str(tmp_path / "run")
-    first = stages.generate_and_score(root, PROMPTS, per_prompt=1, **TINY)
-    assert len(first["scored"]) == 2 and first["missing"] == []
-    victim = first["ids"][1]
+    first = stages.generate_and_score(root, PROMPTS, ONE)
+    assert len(first.scored) == 2 and first.missing == ()
+    victim = first.ids[1]
     path = Path(root) / record_key(victim)
     path.write_bytes(path.read_bytes()[:25])  # a torn record
     store = RunStore(root)
     with caplog.at_level(logging.WARNING, logger="flows.storage"):
-        assert store.has_records(first["ids"]) == set(first["ids"]) - {victim}
+        assert store.has_records(first.ids) == set(first.ids) - {victim}
     assert any(record_key(victim) in r.getMessage() for r in caplog.records)
-    again = stages.generate_and_score(root, PROMPTS, per_prompt=1, **TINY)
-    assert (again["scored"], again["generated"], again["skipped"], again["missing"]) == ([victim], [], 1, [])
+    again = stages.generate_and_score(root, PROMPTS, ONE)
+    assert (again.scored, again.generated, again.skipped, again.missing) == ((victim,), (), 1, ())
     assert store.get_record(victim).scores  # whole again
-    report = stages.write_manifest(root, ids=first["ids"])
-    assert (report["records"], report["missing"], report["bad_files"]) == (2, [], [])
-    assert sorted(manifest_ids(root)) == sorted(first["ids"])
+    report = stages.write_manifest(root, ids=first.ids)
+    assert (report.records, report.missing, report.bad_files) == (2, (), ())
+    assert sorted(manifest_ids(root)) == sorted(first.ids)
 
 
 def test_manifest_counts_planned_items_with_neither_record_nor_error(tmp_path):
     root = str(tmp_path / "run")
-    first = stages.generate_and_score(root, PROMPTS, per_prompt=1, **TINY)
-    gone = first["ids"][0]
+    first = stages.generate_and_score(root, PROMPTS, ONE)
+    gone = first.ids[0]
     Path(root, record_key(gone)).write_text("{")
-    report = stages.write_manifest(root, ids=[*first["ids"], "0123456789abcdef0123"])
-    assert report["missing"] == sorted([gone, "0123456789abcdef0123"])
-    assert report["bad_files"] == [record_key(gone)] and report["records"] == 1
-    assert manifest_ids(root) == [first["ids"][1]]
+    report = stages.write_manifest(root, ids=[*first.ids, "0123456789abcdef0123"])
+    assert report.missing == tuple(sorted([gone, "0123456789abcdef0123"]))
+    assert report.bad_files == (record_key(gone),) and report.records == 1
+    assert manifest_ids(root) == [first.ids[1]]
 
 
 def test_cli_loop_exits_1_when_planned_items_are_missing(tmp_path, monkeypatch, capsys):
@@ -70,7 +73,6 @@ def test_cli_loop_exits_1_when_planned_items_are_missing(tmp_path, monkeypatch, 
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no server is started for a fake flow
     monkeypatch.setattr("flows.loop.feedback_loop", fake_loop)
-    monkeypatch.setattr(cli, "improvement_report", lambda s: "report")
     args = ["loop", "--out", str(tmp_path / "run"), "--rahf", "rahf-tiny", "--num-prompts", "1", "--per-prompt", "1"]
     assert cli.main(args) == 1
     err = capsys.readouterr().err
@@ -80,12 +82,15 @@ def test_cli_loop_exits_1_when_planned_items_are_missing(tmp_path, monkeypatch, 
     assert "1 of 5 planned images failed" in capsys.readouterr().out
 
 
-def _summary(root: str, missing: int, failed: int) -> dict:
-    return {
-        "root": root,
-        "generate": {"ids": 5, "generated": 5, "scored": 5 - failed - missing, "skipped": 0, "failed": failed},
-        "manifest": {"manifest": f"{root}/manifest.jsonl", "records": 2, "errors": failed, "missing": ["x"] * missing},
-    }
+def _summary(root: str, missing: int, failed: int) -> LoopResult:
+    ids = tuple(f"i{k}" for k in range(5))
+    return LoopResult(
+        root=root,
+        generate=GenerateResult(ids=ids, generated=ids, scored=ids[: 5 - failed - missing], failed=ids[:failed]),
+        selection=SelectResult(f"{root}/finetune-data", (), candidates=5),
+        repair=RepairStageResult(considered=0),
+        manifest=ManifestResult(f"{root}/manifest.jsonl", records=2, errors=failed, missing=("x",) * missing),
+    )
 
 
 # -- row 2: corrupt side files are named and skipped --------------------------------------------------------------
@@ -93,35 +98,42 @@ def _summary(root: str, missing: int, failed: int) -> dict:
 
 def test_corrupt_error_record_is_named_skipped_and_redone(tmp_path, caplog):
     root = str(tmp_path / "run")
-    report = stages.generate_and_score(root, [PROMPTS[1], "a photo of a cat"], per_prompt=1, **TINY)
-    [failed] = report["failed"]  # the synthetic world cannot draw a cat
+    report = stages.generate_and_score(root, [PROMPTS[1], "a photo of a cat"], ONE)
+    [failed] = report.failed  # the synthetic world cannot draw a cat
     Path(root, "errors", f"{failed}.json").write_text("{")
     with caplog.at_level(logging.WARNING, logger="flows.stages"):
-        out = stages.write_manifest(root, ids=report["ids"])
-    assert out["bad_files"] == [f"errors/{failed}.json"] and out["errors"] == 0 and out["missing"] == [failed]
+        out = stages.write_manifest(root, ids=report.ids)
+    assert out.bad_files == (f"errors/{failed}.json",) and out.errors == 0 and out.missing == (failed,)
     assert any(f"errors/{failed}.json" in r.getMessage() for r in caplog.records)
-    again = stages.generate_and_score(root, [PROMPTS[1], "a photo of a cat"], per_prompt=1, **TINY)
-    assert again["failed"] == [failed] and again["skipped"] == 1  # redone: a valid error record again
-    out = stages.write_manifest(root, ids=report["ids"])
-    assert (out["errors"], out["missing"], out["bad_files"]) == (1, [], [])
+    again = stages.generate_and_score(root, [PROMPTS[1], "a photo of a cat"], ONE)
+    assert again.failed == (failed,) and again.skipped == 1  # redone: a valid error record again
+    out = stages.write_manifest(root, ids=report.ids)
+    assert (out.errors, out.missing, out.bad_files) == (1, (), ())
 
 
 def test_corrupt_repair_decision_is_redone(tmp_path):
     root = str(tmp_path / "run")
-    stages.generate_and_score(root, PROMPTS, per_prompt=1, **TINY)
-    first = stages.repair_images(root, below=1.0, limit=2, options={"n": 1}, **TINY)
-    assert first["considered"] == 2 and first["skipped"] == 0
+    stages.generate_and_score(root, PROMPTS, ONE)
+    # an absolute mask threshold of 0: every image gets a mask and a decision (rahf-tiny's heat is faint)
+    config = ONE.with_overrides(
+        {
+            "repair_limit": 2,
+            "repair": {
+                "n": 1,
+                "heat_drop": 0.0,
+                "mask": {"threshold_mode": "absolute", "threshold": 0.0, "floor": 0.0},
+            },
+        }
+    )
+    first = stages.repair_images(root, config)
+    assert first.considered == 2 and first.skipped == 0 and first.no_mask == ()
     decided = sorted(Path(root, "repairs").glob("*.json"))
     decided[0].write_text('{"parent_id": ')
-    again = stages.repair_images(root, below=1.0, limit=2, options={"n": 1}, **TINY)
-    assert again["skipped"] == 1 and len(again["accepted"]) + len(again["rejected"]) == 1
-    assert json.loads(decided[0].read_text())["parent_id"] == decided[0].stem
-    from richfeedback.cli import improvement_report
-
     Path(root, "repairs", "0123456789abcdef0123.json").write_text("{")  # a decision nobody will make again
-    summary = {"root": root, "compare": None, "repair": {**again, "accepted": 0, "rejected": 1, "failed": 0}}
-    summary["manifest"] = stages.write_manifest(root)
-    assert "repair: 0 of 2 images repaired" in improvement_report(summary)
+    again = stages.repair_images(root, config)
+    assert again.skipped == 1 and len(again.accepted) + len(again.rejected) == 1
+    assert json.loads(decided[0].read_text())["parent_id"] == decided[0].stem
+    assert "repair: " in again.to_markdown() and f"{again.skipped} decided before" in again.to_markdown()
 
 
 # -- row 3: nothing selected --------------------------------------------------------------------------------------
@@ -129,28 +141,24 @@ def test_corrupt_repair_decision_is_redone(tmp_path):
 
 @pytest.mark.slow
 def test_loop_with_nothing_selected_skips_finetune_and_compare(prefect_harness, tmp_path):
-    from flows.loop import feedback_loop, loop_markdown
-    from richfeedback.cli import improvement_report
+    from flows.loop import feedback_loop
 
     root = str(tmp_path / "loop")
-    summary = feedback_loop(
-        root=root,
-        prompts=PROMPTS,
-        per_prompt=2,
-        selection={"thresholds": {"plausibility": 1.0}},  # nothing reaches 1.0
-        repair={"n": 1},
-        repair_below=1.0,
-        repair_limit=1,
+    config = {
         **TINY,
-    )
-    assert summary["selection"]["selected"] == 0
-    assert summary["finetune"] is None and summary["compare"] is None
-    assert summary["skipped"] == {"finetune": "nothing selected", "compare": "nothing selected"}
-    assert summary["repair"]["considered"] == 1
-    assert summary["manifest"]["records"] >= 4 and len(manifest_ids(root)) >= 4
+        "per_prompt": 2,
+        "selection": {"thresholds": {"plausibility": 1.0}},  # nothing reaches 1.0
+        "repair": {"n": 1},
+        "repair_limit": 1,
+    }
+    summary = feedback_loop(root=root, prompts=PROMPTS, config=config)
+    assert summary.selection.selected == ()
+    assert summary.finetune is None and summary.compare is None
+    assert summary.skipped == {"finetune": "nothing selected", "compare": "nothing selected"}
+    assert summary.repair.considered == 1
+    assert summary.manifest.records >= 4 and len(manifest_ids(root)) >= 4
     assert not (Path(root) / "finetune").exists() and not (Path(root) / "compare").exists()
-    assert "nothing selected" in loop_markdown(summary)
-    assert "finetuning: skipped" in improvement_report(summary)
+    assert "finetune: skipped, nothing selected" in summary.to_markdown()
 
 
 # -- row 4: a killed run leaves no process and no temporary file --------------------------------------------------
@@ -168,8 +176,8 @@ def test_stale_temp_files_are_swept_when_a_flow_starts(prefect_harness, tmp_path
     fresh.write_bytes(b"\x89PNG")
     old = time.time() - 3600
     os.utime(stale, (old, old))
-    report = generate_and_score(root=str(root), prompts=PROMPTS[:1], per_prompt=1, **TINY)
-    assert report["swept"] == 1
+    report = generate_and_score(root=str(root), prompts=PROMPTS[:1], config={**TINY, "per_prompt": 1})
+    assert report.swept == 1
     assert not stale.exists() and fresh.exists()  # a temp file younger than a minute may be a live write
 
 
@@ -253,11 +261,11 @@ def test_which_errors_are_transient(error, transient):
 def _counting_select(monkeypatch, errors: list[BaseException]) -> list[int]:
     calls: list[int] = []
 
-    def select(root, *, selection=None, ids=None):
+    def select(root, config=None, *, ids=None):
         calls.append(1)
         if errors:
             raise errors.pop(0)
-        return {"dataset": "d", "selected": [], "candidates": 0, "selection": {}}
+        return SelectResult("d", (), candidates=0)
 
     monkeypatch.setattr(stages, "select_finetune_data", select)
     return calls
@@ -279,7 +287,7 @@ def test_transient_error_is_retried(prefect_harness, tmp_path, monkeypatch):
 
     calls = _counting_select(monkeypatch, [ConnectionResetError(errno.ECONNRESET, "connection reset by peer")])
     monkeypatch.setattr(loop, "select_task", loop.select_task.with_options(retry_delay_seconds=0))
-    assert loop.select_finetune_data(root=str(tmp_path / "run"))["dataset"] == "d"
+    assert loop.select_finetune_data(root=str(tmp_path / "run")).dataset == "d"
     assert len(calls) == 2
 
 
@@ -298,8 +306,8 @@ def test_store_permission_error_fails_the_flow_at_once(prefect_harness, tmp_path
         loop, "generate_and_score_task", loop.generate_and_score_task.with_options(retry_delay_seconds=0)
     )
     root = str(tmp_path / "run")
-    with pytest.raises(PermissionError, match=str(tmp_path / "run" / "images")):
-        loop.generate_and_score(root=root, prompts=PROMPTS[:1], per_prompt=1, **TINY)
+    with pytest.raises(PermissionError, match=str(tmp_path / "run" / "run.json")):  # its first write
+        loop.generate_and_score(root=root, prompts=PROMPTS[:1], config={**TINY, "per_prompt": 1})
     assert len(attempts) == 1
 
 
@@ -310,6 +318,6 @@ def test_read_only_run_folder_fails_at_once(tmp_path):
     root.chmod(0o500)
     try:
         with pytest.raises(PermissionError, match=str(root)):
-            stages.generate_and_score(str(root), PROMPTS[:1], per_prompt=1, **TINY)
+            stages.generate_and_score(str(root), PROMPTS[:1], ONE)
     finally:
         root.chmod(0o700)

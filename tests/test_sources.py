@@ -260,3 +260,33 @@ def test_parquet_source_rejects_bad_input(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ImportError, match=r"richfeedback\[parquet\]"):
         ParquetSource(tmp_path / "dump")
+
+
+def test_make_split_folder_names_skips_refuses_under_strict_and_writes_absolute_paths(tmp_path):
+    from PIL import Image
+
+    from rahf.data.sources import MissingImagesError
+
+    (tmp_path / "pics").mkdir()
+    for uid in ("u1", "u3", "u5"):
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "pics" / f"{uid}.png")
+    (tmp_path / "pics" / "u4.png").write_bytes(b"not an image")
+    write_richhf(tmp_path / "train.tfrecord", [labels(u, 2) for u in ("u1", "u2", "u3", "u4", "u5")])
+    prompts = {"u1": "red cat", "u2": "two dogs", "u3": "a b c", "u4": "big box"}
+    images = ImageFolderSource(tmp_path / "pics")
+    with pytest.raises(MissingImagesError, match=r"2 of 5 examples: u2, u4") as refused:
+        make_split_folder(tmp_path / "train.tfrecord", images, prompts, tmp_path / "strict", "train", strict=True)
+    assert refused.value.report.uids["missing_image"] == ["u2", "u4"] and not (tmp_path / "strict").exists()
+
+    report = make_split_folder(
+        tmp_path / "train.tfrecord", images, prompts, tmp_path / "split", "train", paths="absolute"
+    )
+    assert report == {"kept": 1, "missing_image": 2, "missing_prompt": 1, "word_count_mismatch": 1}
+    assert report.labelled == 5
+    assert report.uids == {"missing_image": ["u2", "u4"], "missing_prompt": ["u5"], "word_count_mismatch": ["u3"]}
+    row = json.loads((tmp_path / "split" / "train.jsonl").read_text())
+    assert row["image"] == str((tmp_path / "pics" / "u1.png").resolve())
+    with pytest.raises(ValueError, match="paths must be"):
+        make_split_folder(tmp_path / "train.tfrecord", images, prompts, tmp_path / "s2", "train", paths="cwd")
+    with pytest.raises(ValueError, match="would be overwritten"):
+        make_split_folder(tmp_path / "train.tfrecord", images, prompts, tmp_path, "train")

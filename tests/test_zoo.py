@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from rahf.data.synthetic import parse_prompt, sample_prompts
 from rahf.zoo import ensure_synthetic_rahf, recipe_hash
 
@@ -70,3 +72,91 @@ def test_remote_adapter_cache_folder_is_the_same_in_every_process(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True) for _ in "ab"]
     paths = [r.stdout.strip() for r in runs]
     assert paths[0] == paths[1] and paths[0].endswith(tuple("0123456789abcdef"))
+
+
+# -- the shipped demo model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_build_writes_a_bundle_that_reproduces_bit_for_bit_and_ships(tmp_path):
+    import json
+
+    from rahf import zoo
+
+    shipped = tmp_path / "shipped"
+    first = zoo.build_demo_model(tmp_path / "a", TINY_RECIPE, test_size=8, shipped=shipped, ship=True, log=lambda m: 0)
+    bundle = tmp_path / "a" / "model"
+    assert first["bundle"] == str(bundle) and "vs_shipped" not in first  # nothing shipped before
+    for name in (*zoo.MODEL_FILES, "manifest.json", "summary.json", "metrics.json", "metrics.md", "samples.json"):
+        assert (bundle / name).is_file() and (shipped / name).is_file(), name
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    assert manifest["recipe_hash"] == recipe_hash(TINY_RECIPE) and manifest["recipe"] == TINY_RECIPE
+    assert manifest["files"]["model.safetensors"] == zoo.file_sha256(shipped / "model.safetensors")
+    assert zoo.shipped_model_problem(TINY_RECIPE, shipped) is None
+    assert zoo.shipped_model_problem(zoo.SYNTHETIC_RECIPE, shipped).endswith(f"not {recipe_hash(zoo.SYNTHETIC_RECIPE)}")
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    assert set(metrics["demo model"]) >= {"scores", "heatmaps", "keywords"}
+    samples = json.loads((bundle / "samples.json").read_text())
+    assert len(samples) == 6 and all(
+        set(v) == {"plausibility", "alignment", "aesthetics", "overall"} for v in samples.values()
+    )
+    assert samples == zoo.score_samples(shipped)  # stored values are what the shipped files score
+    summary = json.loads((bundle / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["test_examples"] == 8
+
+    # a second build from scratch in another folder: the same bits, reported as a zero difference
+    second = zoo.build_demo_model(tmp_path / "b", TINY_RECIPE, test_size=8, shipped=shipped, log=lambda m: 0)
+    assert second["vs_shipped"]["max_abs_diff"] == 0.0 and second["vs_shipped"]["missing"] == []
+    assert second["vs_shipped"]["max_sample_score_diff"] == 0.0
+
+
+def test_weights_difference_names_the_tensor_that_moved(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from rahf.zoo import weights_difference
+
+    a = {"w": torch.zeros(3, 2), "b": torch.ones(4)}
+    save_file(a, tmp_path / "a.safetensors")
+    save_file({"w": torch.zeros(3, 2), "b": torch.tensor([1.0, 1.5, 1.0, 0.75])}, tmp_path / "b.safetensors")
+    diff = weights_difference(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert (diff["max_abs_diff"], diff["tensor"], diff["tensors"], diff["missing"]) == (0.5, "b", 2, [])
+    save_file({"w": torch.zeros(3, 2)}, tmp_path / "c.safetensors")
+    assert weights_difference(tmp_path / "a.safetensors", tmp_path / "c.safetensors")["missing"] == ["b"]
+
+
+@pytest.mark.slow
+def test_ensure_uses_a_matching_shipped_folder_and_trains_when_it_does_not_match(tmp_path, monkeypatch):
+    from rahf import zoo
+
+    shipped = tmp_path / "shipped"
+    zoo.build_demo_model(tmp_path / "a", TINY_RECIPE, test_size=8, shipped=shipped, ship=True, log=lambda m: 0)
+    monkeypatch.setattr(zoo, "SHIPPED_DIR", shipped)
+    messages: list[str] = []
+    assert zoo.ensure_synthetic_rahf(tmp_path / "cache", TINY_RECIPE, log=messages.append) == shipped
+    assert messages == [] and not (tmp_path / "cache").exists()  # nothing trained, nothing cached
+
+    weights = shipped / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # one byte off
+    assert zoo.shipped_model_problem(TINY_RECIPE, shipped).endswith("SHA-256 differs from manifest.json")
+    got = zoo.ensure_synthetic_rahf(tmp_path / "cache", TINY_RECIPE, log=messages.append)
+    assert got == tmp_path / "cache" / f"rahf-tiny-synthetic-{recipe_hash(TINY_RECIPE)}"
+    assert any("training" in m for m in messages)
+
+
+def test_the_shipped_demo_model_is_the_recipes_and_scores_the_samples_to_the_stored_values(tmp_path):
+    import json
+
+    from rahf import zoo
+
+    manifest = json.loads((zoo.SHIPPED_DIR / "manifest.json").read_text())
+    assert manifest["recipe"] == zoo.SYNTHETIC_RECIPE and manifest["recipe_hash"] == recipe_hash(zoo.SYNTHETIC_RECIPE)
+    assert zoo.shipped_model_problem(zoo.SYNTHETIC_RECIPE) is None  # every file matches its SHA-256
+    stored = json.loads((zoo.SHIPPED_DIR / "samples.json").read_text())
+    now = zoo.score_samples(zoo.SHIPPED_DIR)
+    assert stored.keys() == now.keys()
+    for name, scores in stored.items():
+        for k, v in scores.items():
+            assert abs(now[name][k] - v) < 1e-5, (name, k, now[name][k], v)
+    messages: list[str] = []
+    assert zoo.ensure_synthetic_rahf(tmp_path, log=messages.append) == zoo.SHIPPED_DIR and messages == []

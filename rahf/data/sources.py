@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
+from common.atomic import atomic_write_text
 from rahf.data.richhf import read_richhf
 from rahf.words import prompt_words
 
@@ -367,13 +368,46 @@ def read_prompts(path: str | Path) -> dict[str, str]:
     return prompts
 
 
+class SplitFolderReport(dict):
+    """What :func:`make_split_folder` did: a dict of counts (``kept``, ``missing_image``, ``missing_prompt``,
+    ``word_count_mismatch``) with, in ``uids``, the uids behind each skip count in label order."""
+
+    def __init__(self) -> None:
+        super().__init__(kept=0, missing_image=0, missing_prompt=0, word_count_mismatch=0)
+        self.uids: dict[str, list[str]] = {"missing_image": [], "missing_prompt": [], "word_count_mismatch": []}
+        self.labelled = 0  # examples in the labels
+
+    def skip(self, reason: str, uid: str) -> None:
+        self[reason] += 1
+        self.uids[reason].append(uid)
+
+    def describe(self, reason: str, show: int = 5) -> str:
+        """E.g. ``"2 of 5 examples: u4, u5"``: the count of ``reason`` and its first ``show`` uids."""
+        uids = self.uids[reason]
+        more = f" and {len(uids) - show} more" if len(uids) > show else ""
+        return f"{len(uids)} of {self.labelled} examples: {', '.join(uids[:show])}{more}"
+
+
+class MissingImagesError(ValueError):
+    """Some labelled example has no usable image and the caller asked to refuse (``strict``); ``report`` says which."""
+
+    def __init__(self, report: SplitFolderReport, where: str) -> None:
+        self.report = report
+        self.where = where
+        super().__init__(f"no usable image in {where} for {report.describe('missing_image')}")
+
+
 def make_split_folder(
     labels: str | Path | Sequence[str | Path],
     images: ImageSource,
     prompts: dict[str, str],
     out_dir: str | Path,
     split: str,
-) -> dict[str, int]:
+    *,
+    paths: str = "relative",
+    copy_images: bool = False,
+    strict: bool = False,
+) -> SplitFolderReport:
     """Write ``<split>.tfrecord`` and ``<split>.jsonl`` under ``out_dir`` for the examples that pair up.
 
     Args:
@@ -381,38 +415,58 @@ def make_split_folder(
         images: an :class:`ImageFolderSource` (files referenced in place) or a :class:`ParquetSource` (images
             written to ``out_dir/<split>/``).
         prompts: {uid: prompt}, e.g. :func:`read_prompts` or a ParquetSource's ``captions``.
+        paths: how ``<split>.jsonl`` names images: ``"relative"`` to ``out_dir`` (the folder can move together with
+            its images) or ``"absolute"`` (the folder can move, the images cannot).
+        copy_images: copy images that lie outside ``out_dir/<split>/`` into it (then the folder is self-contained).
+        strict: raise :class:`MissingImagesError` if any labelled example has no usable image; nothing is written
+            then (except the images a byte source such as ParquetSource extracts while checking them).
 
-    Returns counts: ``kept``, ``missing_image`` (absent, or unusable: ``images.skipped`` says why),
-    ``missing_prompt``, ``word_count_mismatch``.
+    Returns a :class:`SplitFolderReport`: counts ``kept``, ``missing_image`` (absent, or unusable:
+    ``images.skipped`` says why), ``missing_prompt``, ``word_count_mismatch``, and the uids behind them.
     """
+    if paths not in ("relative", "absolute"):
+        raise ValueError(f"paths must be 'relative' or 'absolute', got {paths!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     files = [labels] if isinstance(labels, (str, Path)) else list(labels)
-    report = {"kept": 0, "missing_image": 0, "missing_prompt": 0, "word_count_mismatch": 0}
+    target = out / f"{split}.tfrecord"
+    if any(Path(f).resolve() == target.resolve() for f in files):
+        raise ValueError(f"the labels {target} would be overwritten: write the split folder elsewhere")
+    report = SplitFolderReport()
     candidates = []
     for ex in (e for f in files for e in read_richhf(f)):
+        report.labelled += 1
         if ex.uid not in images:
-            report["missing_image"] += 1
+            report.skip("missing_image", ex.uid)
         elif ex.uid not in prompts:
-            report["missing_prompt"] += 1
+            report.skip("missing_prompt", ex.uid)
         elif len(prompt_words(prompts[ex.uid])) != len(ex.word_labels):
-            report["word_count_mismatch"] += 1
+            report.skip("word_count_mismatch", ex.uid)
         else:
             candidates.append(ex.uid)
     image_files = images.image_files(candidates, out / split)
     rows = []
     for uid in candidates:
         if uid not in image_files:
-            report["missing_image"] += 1
+            report.skip("missing_image", uid)
             continue
         report["kept"] += 1
-        rows.append({"uid": uid, "image": os.path.relpath(image_files[uid], out), "prompt": prompts[uid]})
-    target = out / f"{split}.tfrecord"
+        rows.append({"uid": uid, "image": image_files[uid], "prompt": prompts[uid]})
+    if strict and report["missing_image"]:
+        raise MissingImagesError(report, str(getattr(images, "root", type(images).__name__)))
+    out.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        src = Path(row["image"])
+        if copy_images and src.resolve().parent != (out / split).resolve():
+            (out / split).mkdir(exist_ok=True)
+            dst = out / split / f"{row['uid']}{src.suffix.lower()}"
+            shutil.copyfile(src, dst)
+            src = dst
+        row["image"] = os.path.relpath(src, out) if paths == "relative" else str(src.resolve())
     if len(files) == 1:
         shutil.copyfile(files[0], target)
     else:
         with open(target, "wb") as dst:
             for f in files:
                 dst.write(Path(f).read_bytes())
-    (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return report
