@@ -32,8 +32,9 @@ BATCH, RANK, IMAGES = 4, 4, 8
 
 def make_folder(folder: Path, n: int) -> str:
     """Export ``n`` synthetic-world images (n / 2 prompts × 2 seeds, with their true scores) as a finetuning folder."""
+    from common.records import ImageRecord
     from finetune.dataset import export_dataset
-    from generators.base import ImageRecord, encode_png
+    from generators.base import encode_png
     from generators.synthetic import SyntheticGenerator
     from rahf.data.synthetic import sample_prompts
 

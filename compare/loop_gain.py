@@ -50,9 +50,11 @@ import numpy as np
 from PIL import Image
 
 from common.atomic import atomic_write_bytes, atomic_write_text
+from common.names import SCORE_NAMES
+from common.records import ImageRecord, RichFeedback, ScoringFailure
 from compare.stats import bootstrap_means, compare_scores, pair_records
 from finetune.select import SelectionConfig, select_best
-from generators.base import SCORE_NAMES, GeneratedImage, ImageRecord
+from generators.base import GeneratedImage
 from generators.synthetic import SyntheticGenerator
 from inpainting.repair import IMPROVED, NOTHING_TO_REPAIR, RepairConfig, loop_repair_config, repair
 from rahf.data.synthetic import parse_prompt, sample_prompts
@@ -114,9 +116,19 @@ class RandomScorer:
         self.seed, self.grid = int(seed), int(grid)
         self.identity = {"source": f"random (seed {seed})", "weights_hash": None}
 
-    def score(self, prompt: str | Sequence[str], images: Sequence[Image.Image], **kwargs: Any) -> list[Any]:
-        from rahf.scorer import RichFeedback  # only the record type; no model is built
-
+    def score(
+        self,
+        prompt: str | Sequence[str],
+        images: Sequence[Image.Image],
+        *,
+        heatmaps: Sequence[str] | None = None,
+        keywords: bool = True,
+        scores_only: bool = False,
+        errors: str = "raise",
+        **unused: Any,
+    ) -> list[RichFeedback | ScoringFailure]:
+        """Four uniform scores per image and, unless ``scores_only``, both maps (``heatmaps`` is not narrowed:
+        the draws stay the same); never fails, so ``errors`` changes nothing."""
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
@@ -127,7 +139,7 @@ class RandomScorer:
             scores = {n: float(v) for n, v in zip(SCORE_NAMES, rng.random(len(SCORE_NAMES)))}
             coarse = Image.fromarray(rng.random((self.grid, self.grid)).astype(np.float32), mode="F")
             maps = {}
-            if not kwargs.get("scores_only"):
+            if not scores_only:
                 heat = np.asarray(coarse.resize(image.size, Image.BILINEAR), np.float32)
                 maps = {"implausibility": np.clip(heat, 0.0, 1.0), "misalignment": np.zeros_like(heat)}
             out.append(RichFeedback(p, scores, maps, []))
@@ -144,8 +156,8 @@ def _predict(scorer: Any, images: Sequence[GeneratedImage]) -> list[dict[str, fl
     feedback = scorer.score([g.prompt for g in images], [g.image for g in images], scores_only=True)
     out = []
     for g, fb in zip(images, feedback):
-        if not hasattr(fb, "scores"):
-            raise RuntimeError(f"scoring failed for {g.prompt!r} seed {g.seed}: {getattr(fb, 'error', fb)}")
+        if isinstance(fb, ScoringFailure):
+            raise RuntimeError(f"scoring failed for {g.prompt!r} seed {g.seed}: {fb.error}")
         out.append({n: float(fb.scores[n]) for n in SCORE_NAMES})
     return out
 

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common.records import ImageRecord
 from compare.report import local_path
 from compare.stats import BINS
-from generators.base import ImageRecord
 
 SHEET_COLUMNS = ("item", "prompt", "left_image", "right_image", "rating")
 KEY_COLUMNS = ("item", "b_side", "prompt", "seed", "a_id", "b_id")

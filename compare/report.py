@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from common.atomic import atomic_write_text
+from common.records import ImageRecord
 from compare.stats import BIN_SYMBOLS, BINS, ComparisonStats, PairingReport, PromptStats
-from generators.base import ImageRecord
 
 #: heatmap kinds shown, with the overlay colour of a ``.npy`` map
 HEATMAP_COLORS = {"implausibility": (255, 0, 0), "misalignment": (0, 90, 255)}

@@ -37,7 +37,8 @@ import numpy as np
 
 from common.atomic import atomic_write_text
 from common.bootstrap import bootstrap_means
-from generators.base import SCORE_NAMES, ImageRecord
+from common.names import SCORE_NAMES
+from common.records import ImageRecord
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,9 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from common.atomic import atomic_write_bytes
-from generators.base import SCORE_NAMES, ImageRecord
+from common.keys import dataset_image_name
+from common.names import SCORE_NAMES
+from common.records import ImageRecord
 
 METADATA_FILE = "metadata.jsonl"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -103,7 +105,7 @@ def _json_value(v: Any) -> Any:
 
 def metadata_row(record: ImageRecord) -> dict[str, Any]:
     """The ``metadata.jsonl`` object of one record; every score name is a column (None when absent)."""
-    row: dict[str, Any] = {"file_name": f"{record.id}.png", "text": record.prompt}
+    row: dict[str, Any] = {"file_name": dataset_image_name(record.id), "text": record.prompt}
     row.update({name: record.scores.get(name) for name in SCORE_NAMES})
     row.update(seed=record.seed, generator=record.generator, rahf=record.rahf, id=record.id, selection=record.selection)
     return _json_value(row)
@@ -195,7 +197,7 @@ def export_dataset(
     for record in {r.id: r for r in selected}.values():
         error = _export_image(fs, root, present, record, read_image, result)
         if error is None:
-            rows[f"{record.id}.png"] = metadata_row(record)
+            rows[dataset_image_name(record.id)] = metadata_row(record)
         else:
             result.failed.append((record.id, error))
     _write_atomic(fs, posixpath.join(root, METADATA_FILE), _encode_rows(list(rows.values())))
@@ -229,9 +231,9 @@ def _export_image(
     result: ExportResult,
 ) -> str | None:
     """Copy one record's image to ``<root>/<id>.png`` unless it is there; the error text when it cannot."""
-    name = f"{record.id}.png"
     if not _SAFE_ID.fullmatch(record.id):
         return f"id {record.id!r} is not a safe file name"
+    name = dataset_image_name(record.id)
     if name in present:
         result.skipped_existing += 1
         return None

@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from generators.base import SCORE_NAMES, ImageRecord
+from common.names import SCORE_NAMES
+from common.records import ImageRecord
 
 REASON_BELOW = "below threshold"
 REASON_NO_VALID = "no valid candidates"

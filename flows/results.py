@@ -13,9 +13,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from common.names import SCORE_NAMES
+
 T = TypeVar("T", bound="StageResult")
 
-SCORES = ("plausibility", "alignment", "aesthetics", "overall")
+SCORES = SCORE_NAMES
 
 
 class StageResult:

@@ -25,6 +25,29 @@ import numpy as np
 from PIL import Image
 
 from common.atomic import sweep_stale_temps
+from common.keys import (
+    ERRORS,
+    IMAGES,
+    REPAIRS,
+    compare_report_key,
+    compare_side_key,
+    compare_summary_key,
+    comparison_key,
+    error_key,
+    finetune_adapter_key,
+    finetune_data_key,
+    finetune_key,
+    finetune_summary_key,
+    heatmap_key,
+    id_of_image_key,
+    id_of_repair_key,
+    image_key,
+    repair_error_key,
+    repair_key,
+    selection_key,
+)
+from common.names import HEATMAP_NAMES, SCORE_NAMES
+from common.records import ImageRecord, Scorer, ScoringFailure
 from flows.config import RUN_FILE, LoopConfig, claim_run_folder, resolve_dataset_generator
 from flows.results import (
     CompareResult,
@@ -36,12 +59,12 @@ from flows.results import (
     RepairTruth,
     SelectResult,
 )
-from flows.storage import RunStore, heatmap_key, image_key
-from generators.base import Generator, ImageRecord, decode_png, encode_png
+from flows.storage import RunStore
+from generators.base import Generator, decode_png, encode_png
 
 log = logging.getLogger(__name__)
 
-HEATMAPS = ("implausibility", "misalignment")
+HEATMAPS = HEATMAP_NAMES
 Progress = Callable[[int, int], None]  # (done, total)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -52,31 +75,25 @@ _MODELS: dict[tuple, Any] = {}
 
 
 def load_generator(name: str, lora: str | None = None, device: str = "cpu") -> Generator:
-    """A generator by name (``generators.build_generator``), cached per (name, adapter, device). An adapter on S3
-    is copied to a local cache folder first."""
-    from generators import build_generator
+    """A generator by registered name, folder or hub id (``generators.registry.build_generator``), cached per
+    (name, adapter, device). An adapter on S3 is copied to a local cache folder first."""
+    from generators.registry import build_generator
 
     key = ("generator", name, lora, device)
     if key not in _MODELS:
         local = _local_folder(lora) if lora else None
-        kwargs = {} if name == "synthetic" else {"device": device}
-        _MODELS[key] = build_generator(name, lora=local, **kwargs)
+        _MODELS[key] = build_generator(name, lora=local, device=device)
     return _MODELS[key]
 
 
-def load_scorer(source: str, device: str = "cpu", batch_size: int = 16) -> Any:
-    """RAHF from a folder, hub id or preset, or ``ground-truth`` (the synthetic world's oracle); cached."""
+def load_scorer(source: str, device: str = "cpu", batch_size: int = 16) -> Scorer:
+    """A scorer by registered name (a RAHF preset, the demo model, ``ground-truth``), RAHF folder or hub id
+    (``generators.registry.build_scorer``); cached."""
+    from generators.registry import build_scorer
+
     key = ("scorer", source, device, batch_size)
     if key not in _MODELS:
-        if source == "ground-truth":
-            from generators.synthetic import GroundTruthScorer
-
-            _MODELS[key] = GroundTruthScorer()
-        else:
-            from rahf.scorer import RAHFScorer
-            from rahf.zoo import resolve_model
-
-            _MODELS[key] = RAHFScorer.from_pretrained(resolve_model(source), device=device, batch_size=batch_size)
+        _MODELS[key] = build_scorer(source, device=device, batch_size=batch_size)
     return _MODELS[key]
 
 
@@ -140,7 +157,7 @@ def generate_and_score(
     jobs = jobs_of(prompts, config.per_prompt, seed_offset)
     ids = [gen.expected_id(p, s) for p, s in jobs]
     finished = store.has_records(ids)
-    images_there = {k.removeprefix("images/").removesuffix(".png") for k in store.list("images")}
+    images_there = {id_of_image_key(k) for k in store.list(IMAGES)} - {None}
     todo = [(j, i) for j, i in zip(jobs, ids) if i not in finished]
     report: dict[str, Any] = {"generated": [], "scored": [], "failed": []}
     done = len(ids) - len(todo)
@@ -199,7 +216,7 @@ def _images_for(store: RunStore, gen: Generator, batch, images_there: set[str], 
     return out
 
 
-def _score_and_record(store: RunStore, scorer: Any, gen: Generator, items, report) -> None:
+def _score_and_record(store: RunStore, scorer: Scorer, gen: Generator, items, report) -> None:
     if not items:
         return
     feedback = scorer.score([it[3] for it in items], [it[2] for it in items], heatmaps=HEATMAPS, errors="return")
@@ -209,9 +226,9 @@ def _score_and_record(store: RunStore, scorer: Any, gen: Generator, items, repor
             record = ImageRecord.from_generated(g, store.uri(image_key(id_)))
         else:
             record = _record_from_image(store, gen, id_, image, prompt, seed)
-        if not hasattr(fb, "scores"):
+        if isinstance(fb, ScoringFailure):
             record.error = f"scoring: {fb.error}"
-            store.write_json(f"errors/{id_}.json", json.loads(record.to_json()))
+            store.write_json(error_key(id_), json.loads(record.to_json()))
             report["failed"].append(id_)
             continue
         record.scores = {k: float(v) for k, v in fb.scores.items()}
@@ -220,8 +237,8 @@ def _score_and_record(store: RunStore, scorer: Any, gen: Generator, items, repor
         for name, m in fb.heatmaps.items():
             record.heatmap_uris[name] = store.write_bytes(heatmap_key(id_, name), _heatmap_png(m))
         store.put_record(record)  # last: its existence means the item is finished
-        if store.exists(f"errors/{id_}.json"):
-            store.delete(f"errors/{id_}.json")
+        if store.exists(error_key(id_)):
+            store.delete(error_key(id_))
         report["scored"].append(id_)
 
 
@@ -241,7 +258,7 @@ def _record_from_image(
 
 def _error_record(store: RunStore, id_: str, prompt: str, seed: int, gen: Generator, error: str, report) -> None:
     rec = ImageRecord(id_, prompt, seed, gen.identity.to_dict(), gen.params("text-to-image"), error=error)
-    store.write_json(f"errors/{id_}.json", json.loads(rec.to_json()))
+    store.write_json(error_key(id_), json.loads(rec.to_json()))
     report["failed"].append(id_)
 
 
@@ -266,7 +283,7 @@ def select_finetune_data(
     wanted = set(ids) if ids is not None else None
     records = [r for r in store.records() if r.stage == "generated" and (wanted is None or r.id in wanted)]
     result = select_best(records, config.selection)
-    data_uri = store.uri("finetune-data")
+    data_uri = store.uri(finetune_data_key())
     exported = export_dataset(result.selected, data_uri)
     if store.exists(RUN_FILE):
         store.write_bytes(f"finetune-data/{RUN_FILE}", store.read_bytes(RUN_FILE))
@@ -279,7 +296,7 @@ def select_finetune_data(
         selection=summary,
         export=exported.to_dict(),
     )
-    store.write_json("selection.json", out.to_dict())
+    store.write_json(selection_key(), out.to_dict())
     return out
 
 
@@ -298,13 +315,13 @@ def finetune_generator(root: str, dataset: str, config: LoopConfig | None = None
     if generator is None:
         generator = claim_run_folder(root, None, config.rahf, write=False)[0]
     store = RunStore(root)
-    prefix = f"finetune/{ADAPTER_DIR}"
+    prefix = finetune_adapter_key(ADAPTER_DIR)
     existing = store.list(prefix)
     finished = _finished_finetune(store)
     if existing and finished is not None:
         return FinetuneResult(store.uri(prefix), generator, reused=True, seconds=finished.get("seconds"))
     local = store.local
-    work = Path(store.uri("finetune")) if local else Path(tempfile.mkdtemp(prefix="richfeedback-ft-"))
+    work = Path(store.uri(finetune_key())) if local else Path(tempfile.mkdtemp(prefix="richfeedback-ft-"))
     if generator == "synthetic":  # the synthetic world's fit has its own stage config (LoRA options do not apply)
         cfg: LoraTrainConfig | SyntheticFitConfig = SyntheticFitConfig.from_options(dataset, str(work), config.finetune)
         summary = fit_synthetic(cfg)
@@ -319,18 +336,18 @@ def finetune_generator(root: str, dataset: str, config: LoopConfig | None = None
     details["config"] = asdict(cfg)
     seconds = summary.get("seconds")
     out = FinetuneResult(store.uri(prefix), generator, False, float(seconds) if seconds is not None else None, details)
-    store.write_json("finetune/summary.json", out.to_dict())
+    store.write_json(finetune_summary_key(), out.to_dict())
     return out
 
 
 def _finished_finetune(store: RunStore) -> dict[str, Any] | None:
     """The summary of a finished finetuning, or None."""
     try:
-        summary = store.read_json("finetune/summary.json")
+        summary = store.read_json(finetune_summary_key())
     except FileNotFoundError:
         return None
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        log.warning("unreadable %s (%s); finetuning again", store.uri("finetune/summary.json"), e)
+        log.warning("unreadable %s (%s); finetuning again", store.uri(finetune_summary_key()), e)
         return None
     return summary if isinstance(summary, dict) and "adapter" in summary else None
 
@@ -392,8 +409,8 @@ def repair_images(
         key=lambda r: (r.scores.get(rconfig.score, 1.0), r.id),
     )
     chosen = chosen[: config.repair_limit] if config.repair_limit is not None else chosen
-    decisions, _ = read_json_files(store, "repairs")  # a decision that does not parse is made again
-    by_parent = {k.removeprefix("repairs/").removesuffix(".json"): d for k, d in decisions.items()}
+    decisions, _ = read_json_files(store, REPAIRS)  # a decision that does not parse is made again
+    by_parent = {id_of_repair_key(k): d for k, d in decisions.items() if id_of_repair_key(k) is not None}
     decided = {i for i, d in by_parent.items() if _outcome(d) in (OUTCOME_ACCEPTED, OUTCOME_REJECTED)}
     out: dict[str, list] = {"accepted": [], "rejected": [], "no_mask": [], "failed": []}
     todo = [r for r in chosen if r.id not in decided]
@@ -409,7 +426,7 @@ def repair_images(
             result = repair(image, rec.prompt, gen, scorer, rconfig, heatmap=heat, original_scores=rec.scores)
         except Exception as e:
             log.exception("repair of %s failed", rec.id)
-            store.write_json(f"errors/repair-{rec.id}.json", {"id": rec.id, "error": str(e)})
+            store.write_json(repair_error_key(rec.id), {"id": rec.id, "error": str(e)})
             out["failed"].append(rec.id)
             if progress:
                 progress(n, len(todo))
@@ -429,7 +446,7 @@ def repair_images(
         else:
             decision["outcome"] = OUTCOME_REJECTED
             out["rejected"].append(rec.id)
-        store.write_json(f"repairs/{rec.id}.json", decision)  # last: the decision marks the id as done
+        store.write_json(repair_key(rec.id), decision)  # last: the decision marks the id as done
         by_parent[rec.id] = decision
         if progress:
             progress(n, len(todo))
@@ -514,7 +531,7 @@ def write_manifest(root: str, ids: Sequence[str] | None = None) -> ManifestResul
     read = store.records()
     have = set(read.ids)
     errors = []
-    side, bad = read_json_files(store, "errors")
+    side, bad = read_json_files(store, ERRORS)
     for key, d in side.items():
         if not (isinstance(d, dict) and "prompt" in d):
             continue  # a repair's error note, not an image's
@@ -583,7 +600,7 @@ def compare_checkpoints(
     sides = {"a": (generator, lora_a), "b": (generator_b or generator, lora_b)}
     records, failed, missing = {}, {}, {}
     for side, (name, lora) in sides.items():
-        sub = store.uri(f"compare/{side}")
+        sub = store.uri(compare_side_key(side))
         side_config = replace(config, generator=name, rahf=rahf, per_prompt=config.compare.per_prompt)
         rep = generate_and_score(
             sub, prompts, side_config, lora=lora, seed_offset=config.compare.seed_offset, progress=progress
@@ -594,10 +611,10 @@ def compare_checkpoints(
     pairs = pair_records(records["a"], records["b"])
     stats = compare_scores(pairs, n_boot=config.compare.n_boot, seed=0)
     truth = _truth_comparison(pairs)
-    store.write_json("compare/comparison.json", {**stats.to_dict(), "ground_truth": truth})
+    store.write_json(comparison_key(), {**stats.to_dict(), "ground_truth": truth})
     report = None
     if report_dir or store.local:
-        target = report_dir or store.uri("compare/report")
+        target = report_dir or store.uri(compare_report_key())
         title = "Checkpoint comparison"
         report = str(write_report(pairs, stats, target, title=title, label_a="before", label_b="after"))
     out = CompareResult(
@@ -611,7 +628,7 @@ def compare_checkpoints(
         ground_truth=truth,
         report=report,
     )
-    store.write_json("compare/summary.json", out.to_dict())
+    store.write_json(compare_summary_key(), out.to_dict())
     return out
 
 
@@ -620,7 +637,7 @@ def _truth_comparison(pairs) -> dict[str, Any] | None:
     if not pairs or any(a.truth is None or b.truth is None for a, b in pairs):
         return None
     out: dict[str, Any] = {}
-    for name in ("plausibility", "alignment", "aesthetics", "overall"):
+    for name in SCORE_NAMES:
         a = float(np.mean([p[0].truth["scores"][name] for p in pairs]))
         b = float(np.mean([p[1].truth["scores"][name] for p in pairs]))
         out[name] = {"mean_a": a, "mean_b": b, "diff": b - a}

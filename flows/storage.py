@@ -7,6 +7,8 @@ Layout under the root (keys are POSIX paths relative to it)::
     records/<id>.json            one ImageRecord per image: finished work, found again by a rerun
     manifest.jsonl               every record, one JSON line each, sorted by id
 
+(each key built by one function of :mod:`common.keys`, which lists the other kinds: errors, repairs, ...).
+
 Every write is whole or absent: locally a temporary file in the same folder, then ``os.replace``; on object stores
 one ``pipe_file`` (a single PUT, or a multipart upload that only appears when completed). A rerun skips an id whose
 record is valid (parses, and names the id of its key); an unreadable record counts as unfinished work. Remote calls
@@ -31,11 +33,16 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from common.atomic import atomic_write_bytes, is_temp_name
-from generators.base import ImageRecord
+from common.keys import RECORDS, id_of_record_key, manifest_key, record_key
+from common.keys import check_id as _check_id
+from common.keys import heatmap_key as heatmap_key  # re-exported: older callers import the key builders here
+from common.keys import image_key as image_key
+from common.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+MANIFEST = manifest_key()
 
 RETRY_TRIES = 6  # attempts in all
 RETRY_FIRST_DELAY_S = 0.2  # doubles after every failure ...
@@ -126,27 +133,6 @@ def with_retries(
             time.sleep(delay)
             delay = min(2 * delay, max_delay)
     raise AssertionError("unreachable")
-
-
-def record_key(id: str) -> str:
-    """``records/<id>.json``."""
-    return f"records/{_check_id(id)}.json"
-
-
-def image_key(id: str) -> str:
-    """``images/<id>.png``."""
-    return f"images/{_check_id(id)}.png"
-
-
-def heatmap_key(id: str, name: str) -> str:
-    """``heatmaps/<id>-<name>.png``, e.g. ``name="implausibility"``."""
-    return f"heatmaps/{_check_id(id)}-{_check_id(name, 'heatmap name')}.png"
-
-
-def _check_id(id: str, what: str = "id") -> str:
-    if not isinstance(id, str) or not id or "/" in id or "\\" in id or id.startswith("."):
-        raise ValueError(f"{what} must be a non-empty name without '/' and not starting with '.', got {id!r}")
-    return id
 
 
 def _check_key(key: str) -> str:
@@ -333,8 +319,8 @@ class RunStore:
 
     def record_ids(self) -> list[str]:
         """Ids of all record files, sorted (from one listing; a file listed here may still be unreadable)."""
-        keys = self.list("records")
-        return [k[len("records/") : -len(".json")] for k in keys if k.startswith("records/") and k.endswith(".json")]
+        ids = (id_of_record_key(k) for k in self.list(RECORDS))
+        return [i for i in ids if i is not None]
 
     def records(self) -> RecordsRead:
         """Every valid record, sorted by id; unreadable or unparseable record files go to ``.bad``, never raise."""
@@ -347,7 +333,7 @@ class RunStore:
                 if isinstance(data, Exception):
                     raise data
                 record = ImageRecord.from_json(data.decode())
-                if record.id != key[len("records/") : -len(".json")]:
+                if record.id != id_of_record_key(key):
                     raise ValueError(f"record id {record.id!r} does not match its key")
             except Exception as e:
                 out.bad.append((key, f"{type(e).__name__}: {e}"))
@@ -358,7 +344,7 @@ class RunStore:
         out.bad.sort()
         return out
 
-    def write_manifest(self, records: Iterable[ImageRecord], key: str = "manifest.jsonl") -> str:
+    def write_manifest(self, records: Iterable[ImageRecord], key: str = MANIFEST) -> str:
         """One JSON line per record, sorted by id (equal records give equal bytes); returns :meth:`uri`.
 
         A repeated id with the same content is written once; with different content it is a ValueError.
@@ -371,7 +357,7 @@ class RunStore:
         body = "".join(by_id[i] + "\n" for i in sorted(by_id))
         return self.write_bytes(key, body.encode())
 
-    def read_manifest(self, key: str = "manifest.jsonl") -> list[ImageRecord]:
+    def read_manifest(self, key: str = MANIFEST) -> list[ImageRecord]:
         """The records of a manifest written by :meth:`write_manifest`, in file order."""
         out = []
         for n, line in enumerate(self.read_bytes(key).decode().splitlines(), start=1):

@@ -1,8 +1,9 @@
-"""The one generator interface, the identity of a generator, and the image record that flows between stages.
+"""The one generator interface, the identity of a generator, and the generated image.
 
 Every generated image carries its prompt, seed, parameters and the generator's identity
 (model id or path, revision, LoRA adapter content hash), and gets a stable id from them, so a rerun recognises
-finished work. :class:`ImageRecord` is the JSON-able form the flows write to the manifest; it never holds pixels.
+finished work. Its JSON-able form, the record the flows write, is :class:`common.records.ImageRecord`; it never
+holds pixels.
 """
 
 from __future__ import annotations
@@ -12,13 +13,29 @@ import io
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-SCORE_NAMES = ("plausibility", "alignment", "aesthetics", "overall")
+from common.names import SCORE_NAMES
+from common.records import ImageRecord
+
+__all__ = [  # SCORE_NAMES and ImageRecord live in common/ and are re-exported here for older imports
+    "SCORE_NAMES",
+    "GeneratedImage",
+    "Generator",
+    "GeneratorIdentity",
+    "ImageRecord",
+    "check_inpaint_inputs",
+    "content_hash",
+    "content_hash_image",
+    "decode_png",
+    "encode_png",
+    "image_id",
+    "resolve_seeds",
+]
 
 
 def content_hash(path: str | Path) -> str:
@@ -88,45 +105,6 @@ class GeneratedImage:
     @property
     def id(self) -> str:
         return image_id(self.prompt, self.seed, self.generator, self.params)
-
-
-@dataclass
-class ImageRecord:
-    """One manifest line: an image's provenance, where its files are, and what was measured and decided about it.
-
-    ``stage`` is ``generated`` or ``repaired``; ``parent_id`` links a repair to its original; ``error`` is set
-    (and the scores left empty) when an item failed, so one bad item never sinks a batch.
-    """
-
-    id: str
-    prompt: str
-    seed: int
-    generator: dict[str, Any]
-    params: dict[str, Any] = field(default_factory=dict)
-    image_uri: str = ""
-    scores: dict[str, float] = field(default_factory=dict)
-    heatmap_uris: dict[str, str] = field(default_factory=dict)
-    keywords: list[str] = field(default_factory=list)
-    rahf: dict[str, Any] | None = None
-    stage: str = "generated"
-    parent_id: str | None = None
-    selection: dict[str, Any] | None = None
-    truth: dict[str, Any] | None = None
-    error: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, line: str) -> ImageRecord:
-        return cls(**json.loads(line))
-
-    @classmethod
-    def from_generated(cls, g: GeneratedImage, image_uri: str = "") -> ImageRecord:
-        truth = None
-        if g.truth is not None:  # keep the JSON-able part (scores, flaws, counts, words), not the maps
-            truth = {k: v for k, v in g.truth.items() if k != "maps"}
-        return cls(g.id, g.prompt, g.seed, g.generator.to_dict(), dict(g.params), image_uri, truth=truth)
 
 
 class Generator(ABC):

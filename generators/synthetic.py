@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common.names import HEATMAP_NAMES
+from common.records import RichFeedback, ScoringFailure
 from generators.base import (
     GeneratedImage,
     Generator,
@@ -199,22 +201,51 @@ def _map_from_info(image: Image.Image) -> np.ndarray:
 
 class GroundTruthScorer:
     """Scores images of the synthetic world with their exact ground truth, through the same ``score`` call as
-    ``RAHFScorer``: an oracle to test the loop's logic apart from RAHF's accuracy, and to measure what a repair or
-    a finetuning really changed."""
+    ``RAHFScorer`` (the :class:`common.records.Scorer` protocol): an oracle to test the loop's logic apart from
+    RAHF's accuracy, and to measure what a repair or a finetuning really changed."""
 
     def __init__(self) -> None:
-        self.identity = {"source": "synthetic ground truth", "weights_hash": None}
+        self.identity: dict[str, str | None] = {"source": "synthetic ground truth", "weights_hash": None}
 
-    def score(self, prompt: str | Sequence[str], images: Sequence[Image.Image], **kwargs: Any) -> list[Any]:
-        from rahf.scorer import RichFeedback  # only the record type; no model is built
-
+    def score(
+        self,
+        prompt: str | Sequence[str],
+        images: Sequence[Image.Image],
+        *,
+        heatmaps: Sequence[str] | None = None,
+        keywords: bool = True,
+        scores_only: bool = False,
+        errors: str = "raise",
+        **unused: Any,
+    ) -> list[RichFeedback | ScoringFailure]:
+        """The truth of each image as :class:`RichFeedback`: its scores, its maps (``heatmaps``, default all;
+        none with ``scores_only``) at the image's size, and its misaligned words (with ``keywords`` and not
+        ``scores_only``). An image
+        the world did not make (no ``scene``) raises ValueError, or becomes a :class:`ScoringFailure` with
+        ``errors="return"``. Other options of ``RAHFScorer.score`` (``heatmap_size``, ...) are accepted and
+        change nothing."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        names = () if scores_only else tuple(HEATMAP_NAMES if heatmaps is None else heatmaps)
+        unknown = set(names) - set(HEATMAP_NAMES)
+        if unknown:
+            raise ValueError(f"unknown heatmaps {sorted(unknown)}; known: {HEATMAP_NAMES}")
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-        out = []
-        for p, image in zip(prompts, images):
-            truth = ground_truth(image)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts for {len(images)} images; pass one prompt or one per image")
+        out: list[RichFeedback | ScoringFailure] = []
+        for i, (p, image) in enumerate(zip(prompts, images)):
+            try:
+                truth = ground_truth(image)
+            except ValueError as err:
+                if errors == "raise":
+                    raise
+                out.append(ScoringFailure(i, p, str(err)))
+                continue
             words = [w for w, lab in zip(truth["words"], truth["word_labels"]) if lab == 0]
-            maps = {} if kwargs.get("scores_only") else truth["maps"]
-            out.append(RichFeedback(p, truth["scores"], maps, words))
+            words = words if keywords and not scores_only else []
+            maps = {n: truth["maps"][n] for n in names}
+            out.append(RichFeedback(p, dict(truth["scores"]), maps, words))
         return out
 
 

@@ -14,24 +14,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from generators.base import SCORE_NAMES, GeneratedImage, Generator
+from common.names import SCORE_NAMES
+from common.records import Scorer, ScoringFailure
+from generators.base import GeneratedImage, Generator
 from inpainting.masks import MaskConfig, heatmap_to_mask, mask_area, mask_to_image
 
 NOTHING_TO_REPAIR = "nothing to repair"
 IMPROVED = "improved"
 NOT_BETTER = "no candidate beats the original by the margin"
-
-
-class Scorer(Protocol):
-    """What repair needs of a scorer (``rahf.scorer.RAHFScorer`` fits)."""
-
-    def score(self, prompt: Any, images: Any, **kwargs: Any) -> list[Any]: ...
 
 
 @dataclass
@@ -213,8 +209,8 @@ def _score_candidates(
         feedback = scorer.score(prompt, images, scores_only=True, errors="return")
     out = []
     for g, fb in zip(generated, feedback):
-        if not hasattr(fb, "scores"):  # a ScoringFailure: recorded, never chosen
-            out.append(RepairCandidate(g, {}, float("-inf"), getattr(fb, "error", "scoring failed")))
+        if isinstance(fb, ScoringFailure):  # recorded, never chosen
+            out.append(RepairCandidate(g, {}, float("-inf"), fb.error))
             continue
         scores = {k: float(v) for k, v in fb.scores.items()}
         heat = None

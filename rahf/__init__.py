@@ -9,8 +9,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "HEATMAP_NAMES": "rahf.model",
-    "SCORE_NAMES": "rahf.model",
+    "HEATMAP_NAMES": "common.names",
+    "SCORE_NAMES": "common.names",
     "RAHFConfig": "rahf.model",
     "RAHFLabels": "rahf.model",
     "RAHFModel": "rahf.model",
@@ -23,8 +23,8 @@ _EXPORTS = {
     "clean_prompt": "rahf.processor",
     "prompt_words": "rahf.processor",
     "RAHFScorer": "rahf.scorer",
-    "RichFeedback": "rahf.scorer",
-    "ScoringFailure": "rahf.scorer",
+    "RichFeedback": "common.records",
+    "ScoringFailure": "common.records",
 }
 __all__ = sorted(_EXPORTS)
 

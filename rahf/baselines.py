@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.names import HEATMAP_NAMES, SCORE_NAMES
 from rahf.baseline_recipe import BASELINES_RECIPE
 from rahf.evaluate import GroundTruth, Predictions
-from rahf.model import HEATMAP_NAMES, SCORE_NAMES, heatmap_loss
+from rahf.model import heatmap_loss
 from rahf.processor import RAHFProcessor, clean_prompt
 from rahf.train import SplitData, micro_batch_index
 

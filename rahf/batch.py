@@ -49,8 +49,9 @@ from PIL import Image
 
 from common.atomic import atomic_write_bytes, sweep_stale_temps
 from common.lines import LineIssue, decoded_lines, raise_if_strict
+from common.records import RichFeedback, ScoringFailure
 from rahf.processor import DEFAULT_MAX_PIXELS, InvalidImageError, ProcessorConfig, load_image, to_rgb
-from rahf.scorer import RAHFScorer, RichFeedback, ScoringFailure, prompt_problem
+from rahf.scorer import RAHFScorer, prompt_problem
 from rahf.visualize import overlay_heatmap, side_by_side
 
 #: Long side, in pixels, to which images are reduced before scoring; heatmaps and overlays come at this size.

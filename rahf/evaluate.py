@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from common.bootstrap import bootstrap_means
+from common.names import HEATMAP_NAMES, SCORE_NAMES
 from rahf.data.richhf import read_split
 from rahf.metrics import heatmap_metrics, keyword_metrics, rankdata, score_metrics
-from rahf.model import HEATMAP_NAMES, SCORE_NAMES
 from rahf.words import keyword_sequence
 
 

@@ -51,9 +51,8 @@ from common.config_fields import (
     from_mapping,
     load_json_config,
 )
+from common.names import HEATMAP_NAMES, SCORE_NAMES  # defined in common.names, re-exported here
 
-SCORE_NAMES = ("plausibility", "alignment", "aesthetics", "overall")
-HEATMAP_NAMES = ("implausibility", "misalignment")
 KEYWORDS_TASK = "keywords"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.records import RichFeedback, ScoringFailure  # defined in common.records, re-exported here
 from rahf.model import RAHFModel
 from rahf.oom import is_out_of_memory, release_memory, run_in_batches
 from rahf.presets import PRESETS, build_rahf
@@ -31,27 +31,6 @@ DTYPES = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
-
-
-@dataclass
-class RichFeedback:
-    """RAHF's prediction for one (prompt, image) pair; every value in [0, 1], higher score = better."""
-
-    prompt: str
-    scores: dict[str, float]  # plausibility, alignment, aesthetics, overall
-    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (H, W) float32 in [0, 1]
-    misaligned_keywords: list[str] = field(default_factory=list)
-    keyword_sequence: str | None = None  # the decoded prompt with `_0` marks; None when not generated
-    prompt_truncated: bool = False  # the prompt was longer than the model's token limit and was cut
-
-
-@dataclass
-class ScoringFailure:
-    """Stands in for a RichFeedback when an input could not be scored (``errors="return"``)."""
-
-    index: int
-    prompt: str
-    error: str
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -333,8 +333,12 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _rahf_source(name: str) -> str:
+    """The scorer source handed to the flows: a name the scorer registry does not know is refused here, before
+    any flow starts (UnknownNameError, listing the known names); the demo model's name becomes its folder."""
+    from generators.registry import SCORERS
     from rahf.zoo import resolve_model
 
+    SCORERS.resolve(name)
     return resolve_model(name)
 
 
@@ -379,11 +383,12 @@ def _compare_exit(result) -> int:
 
 
 def cmd_rating_sheet(args: argparse.Namespace) -> int:
+    from common.keys import compare_side_key
     from compare import export_rating_sheet, pair_records
     from flows.storage import RunStore
 
-    a = list(RunStore(str(Path(args.comparison) / "compare" / "a")).records())
-    b = list(RunStore(str(Path(args.comparison) / "compare" / "b")).records())
+    a = list(RunStore(str(Path(args.comparison) / compare_side_key("a"))).records())
+    b = list(RunStore(str(Path(args.comparison) / compare_side_key("b"))).records())
     sheet, key = export_rating_sheet(pair_records(a, b), args.out, seed=args.seed)
     print(f"rating sheet: {sheet} (give raters the folder {sheet.parent}); hidden key: {key}")
     return 0
@@ -624,7 +629,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench_loop(args: argparse.Namespace) -> int:
     from compare.loop_gain import LoopGainConfig, RandomScorer, run_loop_gain
     from flows.config import BENCH_REPAIR_FLAGS, config_from_args
-    from generators.synthetic import GroundTruthScorer
+    from generators.registry import GROUND_TRUTH, build_scorer
 
     set_threads(args.threads)
     names = [s.strip() for s in args.scorers.split(",") if s.strip()]
@@ -650,12 +655,9 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
         if name == "random":
             scorers[name] = RandomScorer(seed=args.seed)
         elif name == "oracle":
-            scorers[name] = GroundTruthScorer()
+            scorers[name] = build_scorer(GROUND_TRUTH)
         else:
-            from rahf.scorer import RAHFScorer
-
-            source = _rahf_source(args.rahf)
-            scorers[name] = RAHFScorer.from_pretrained(source, device=args.device, batch_size=args.batch_size)
+            scorers[name] = build_scorer(args.rahf, device=args.device, batch_size=args.batch_size)
     print(f"loop-gain benchmark: scorers {', '.join(scorers)}; RAHF {args.rahf}; {config.rounds} round(s)")
     run_loop_gain(config, scorers, args.out, log=print)
     out = Path(args.out)
@@ -995,12 +997,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from common.lines import BadLinesError
+    from common.registry import UnknownNameError
 
     apply_prefect_defaults()  # before any command imports prefect
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except BadLinesError as err:  # an input file refused under --strict (or with nothing usable in it)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except UnknownNameError as err:  # a generator or scorer name no registry knows
         print(f"error: {err}", file=sys.stderr)
         return 2
 

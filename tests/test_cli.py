@@ -7,6 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
+from common.names import SCORE_NAMES
 from richfeedback.cli import main
 
 
@@ -16,7 +17,7 @@ def test_samples_writes_scores_overlays_and_keywords(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and not any("error" in r for r in rows)
     for r in rows:
-        assert set(r["scores"]) == {"plausibility", "alignment", "aesthetics", "overall"}
+        assert set(r["scores"]) == set(SCORE_NAMES)
         assert all(0.0 < v < 1.0 for v in r["scores"].values())
         assert isinstance(r["misaligned_keywords"], list) and isinstance(r["keyword_sequence"], str)
         overlay = Image.open(out / r["overlay"])
@@ -55,8 +56,9 @@ def test_score_needs_inputs(tmp_path, capsys):
 
 
 def test_finetune_command_fits_the_synthetic_world(tmp_path, capsys):
+    from common.records import ImageRecord
     from finetune.dataset import export_dataset
-    from generators.base import ImageRecord, encode_png
+    from generators.base import encode_png
     from generators.synthetic import SyntheticGenerator
 
     records = []

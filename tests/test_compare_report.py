@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from common.names import SCORE_NAMES
+from common.records import ImageRecord
 from compare.report import OVERLAY_ALPHA, heatmap_overlay, load_heatmap, write_report
 from compare.stats import compare_scores, pair_records
-from generators.base import SCORE_NAMES, ImageRecord
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = [

@@ -10,8 +10,9 @@ import pytest
 
 import common.bootstrap
 import compare.stats as cs
+from common.names import SCORE_NAMES
+from common.records import ImageRecord
 from compare.stats import BINS, BinThresholds, ComparisonStats, bin_differences, compare_scores, pair_records
-from generators.base import SCORE_NAMES, ImageRecord
 
 
 def rec(prompt: str, seed: int, scores: dict[str, float] | None = None, **kw) -> ImageRecord:

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.names import SCORE_NAMES
+from common.records import ImageRecord
 from finetune.dataset import METADATA_FILE, ExportResult, export_dataset, metadata_row, read_metadata
 from finetune.select import select_best
-from generators.base import GeneratorIdentity, ImageRecord, image_id
+from generators.base import GeneratorIdentity, image_id
 
 GEN = GeneratorIdentity("amused", "amused/amused-256", adapter_hash="1a2b3c4d")
 RAHF = {"preset": "rahf-tiny", "weights_hash": "feedbeef"}
@@ -63,8 +65,7 @@ def test_export_writes_images_and_sorted_metadata(tmp_path):
     first = rows[0]
     assert first["file_name"] == f"{first['id']}.png"
     assert set(first) == {
-        "file_name", "text", "plausibility", "alignment", "aesthetics", "overall",
-        "seed", "generator", "rahf", "id", "selection",
+        "file_name", "text", *SCORE_NAMES, "seed", "generator", "rahf", "id", "selection",
     }  # fmt: skip
     source = next(r for r in records if r.id == first["id"])  # within a prompt, rows are in id order
     assert first["plausibility"] == source.scores["plausibility"] and first["seed"] == source.seed

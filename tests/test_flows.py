@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from common.names import SCORE_NAMES
 from flows import stages
 from flows.config import LoopConfig
 from flows.storage import RunStore
@@ -104,12 +105,7 @@ def test_feedback_loop_runs_and_reruns_from_its_records(prefect_harness, tmp_pat
     summary = _loop(root)
     assert len(summary.generate.generated) == 12 and len(summary.selection.selected) == 3
     assert (Path(root) / "finetune" / "adapter" / "flaws.json").is_file()
-    assert summary.compare.pairs == 6 and set(summary.compare.scores) == {
-        "plausibility",
-        "alignment",
-        "aesthetics",
-        "overall",
-    }
+    assert summary.compare.pairs == 6 and set(summary.compare.scores) == set(SCORE_NAMES)
     assert summary.compare.ground_truth["implausible_area"]["mean_a"] >= 0
     assert (Path(summary.compare.report)).is_file()
     assert summary.repair.considered == 2 and len(list((Path(root) / "repairs").glob("*.json"))) == 2

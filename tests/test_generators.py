@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from generators.base import ImageRecord, decode_png, encode_png, image_id
+from common.records import ImageRecord
+from generators.base import decode_png, encode_png, image_id
 from generators.synthetic import SyntheticGenerator
 from rahf.data.synthetic import FlawModel, parse_prompt, prompt_of
 

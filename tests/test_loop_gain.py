@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from common.names import SCORE_NAMES
 from rahf.evaluate import markdown, within_prompt_group, within_prompt_metrics, within_prompt_tables
 
 # -- within-prompt metrics on hand-made scores ---------------------------------------------------------------
@@ -78,7 +79,7 @@ def test_within_prompt_tables_only_when_groups_exist_and_markdown_shows_them():
     hm = dict.fromkeys(["mse", "mse_gt0", "cc", "kld", "sim", "nss", "auc_judd"], 0.0)
     res = {
         "n": 7,
-        "scores": dict.fromkeys(("plausibility", "alignment", "aesthetics", "overall"), zero),
+        "scores": dict.fromkeys(SCORE_NAMES, zero),
         "heatmaps": {"implausibility": hm, "misalignment": hm},
         "keywords": {"precision": 0.0, "recall": 0.0, "f1": 0.0},
         "within_prompt": t,
@@ -89,8 +90,8 @@ def test_within_prompt_tables_only_when_groups_exist_and_markdown_shows_them():
 
 
 def test_evaluate_adds_within_prompt_only_when_a_prompt_repeats():
+    from common.names import HEATMAP_NAMES, SCORE_NAMES
     from rahf.evaluate import GroundTruth, Predictions, evaluate
-    from rahf.model import HEATMAP_NAMES, SCORE_NAMES
 
     rng = np.random.default_rng(0)
     maps = {n: rng.random((7, 4, 4)).astype(np.float32) for n in HEATMAP_NAMES}

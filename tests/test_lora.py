@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.records import ImageRecord
 from finetune.dataset import export_dataset
 from finetune.lora import LoraTrainConfig, finetune
 from finetune.synthetic import SyntheticFitConfig, fit_synthetic
-from generators.base import ImageRecord, encode_png
+from generators.base import encode_png
 from generators.synthetic import SyntheticGenerator
 from rahf.data.synthetic import FlawModel
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rahf.model import HEATMAP_NAMES, SCORE_NAMES, RAHFConfig, RAHFLabels, RAHFModel
+from common.names import HEATMAP_NAMES, SCORE_NAMES
+from rahf.model import RAHFConfig, RAHFLabels, RAHFModel
 from rahf.presets import build_rahf, preset_config
 
 PROMPTS = ["a red cat on a blue mat", "two dogs", "an astronaut riding a horse, photo, 4k, detailed"]

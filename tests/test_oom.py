@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.records import RichFeedback, ScoringFailure
 from rahf.oom import is_out_of_memory, release_memory, run_in_batches
-from rahf.scorer import RAHFScorer, RichFeedback, ScoringFailure
+from rahf.scorer import RAHFScorer
 from tests.conftest import random_image
 
 PROMPTS = [f"a red cat number {i} on a mat" for i in range(5)]

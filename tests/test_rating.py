@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from common.records import ImageRecord
 from compare.rating import RATINGS, export_rating_sheet, parse_rating, read_key, score_rating_sheets
 from compare.stats import BINS, pair_records
-from generators.base import ImageRecord
 
 N = 6
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.names import SCORE_NAMES
 from generators.synthetic import GroundTruthScorer, SyntheticGenerator, ground_truth
 from inpainting.masks import MaskConfig
 from inpainting.repair import IMPROVED, NOT_BETTER, NOTHING_TO_REPAIR, RepairConfig, repair
@@ -60,9 +61,7 @@ def test_margin_keeps_the_original_unless_clearly_better():
     result = repair(im.image, im.prompt, SyntheticGenerator(), GroundTruthScorer(), config)
     assert result.reason == NOT_BETTER and result.image is im.image and result.chosen is not None
     s = result.summary()
-    assert len(s["candidates"]) == 2 and all(
-        set(c["scores"]) == {"plausibility", "alignment", "aesthetics", "overall"} for c in s["candidates"]
-    )
+    assert len(s["candidates"]) == 2 and all(set(c["scores"]) == set(SCORE_NAMES) for c in s["candidates"])
 
 
 def test_given_heatmap_and_scores_skip_scoring_the_original_and_rahf_plugs_in(tiny_multi):
@@ -94,7 +93,7 @@ class _HeatScorer:
         self.heats, self.calls = list(heats), []
 
     def score(self, prompt, images, **kwargs):
-        from rahf.scorer import RichFeedback
+        from common.records import RichFeedback
 
         self.calls.append(kwargs)
         scores = {"plausibility": 0.5, "alignment": 0.5, "aesthetics": 0.5, "overall": 0.5}

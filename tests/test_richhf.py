@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.names import HEATMAP_NAMES, SCORE_NAMES
 from rahf.data.richhf import (
     Annotation,
     RichHFExample,
@@ -21,12 +22,8 @@ from rahf.data.tfrecord import decode_example, encode_example, write_records
 
 def example(i: int, size: int = 32) -> RichHFExample:
     rng = np.random.default_rng(i)
-    maps = {
-        n: np.round(rng.random((size, size)) * 255).astype(np.float32) / 255 for n in ("implausibility", "misalignment")
-    }
-    scores = {
-        n: float(np.float32(v)) for n, v in zip(("plausibility", "alignment", "aesthetics", "overall"), rng.random(4))
-    }
+    maps = {n: np.round(rng.random((size, size)) * 255).astype(np.float32) / 255 for n in HEATMAP_NAMES}
+    scores = {n: float(np.float32(v)) for n, v in zip(SCORE_NAMES, rng.random(4))}
     return RichHFExample(f"train/{i:04d}-uid.png", scores, maps, [1, 0, 1][: 1 + i % 3])
 
 

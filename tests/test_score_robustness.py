@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from common.lines import BadLinesError, read_prompt_lines
+from common.records import RichFeedback, ScoringFailure
 from rahf.batch import PARTS_DIR, ScoreItem, read_items, score_items
 from rahf.processor import ImageTooLargeError, InvalidImageError, load_image
-from rahf.scorer import RichFeedback, ScoringFailure
 from richfeedback.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

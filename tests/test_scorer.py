@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rahf.model import HEATMAP_NAMES, SCORE_NAMES
+from common.names import HEATMAP_NAMES, SCORE_NAMES
+from common.records import RichFeedback, ScoringFailure
 from rahf.processor import InvalidImageError
-from rahf.scorer import RAHFScorer, RichFeedback, ScoringFailure
+from rahf.scorer import RAHFScorer
 
 
 @pytest.fixture

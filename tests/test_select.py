@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from common.records import ImageRecord
 from finetune.select import (
     REASON_BELOW,
     REASON_NO_VALID,
@@ -16,7 +17,7 @@ from finetune.select import (
     select_best,
     selection_value,
 )
-from generators.base import GeneratorIdentity, ImageRecord, image_id
+from generators.base import GeneratorIdentity, image_id
 
 GEN = GeneratorIdentity("synthetic", "world")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.names import HEATMAP_NAMES, SCORE_NAMES
 from rahf.data.richhf import RichHFExample, write_richhf
 from rahf.data.sources import (
     NO_IMAGE_BYTES,
@@ -23,8 +24,8 @@ from rahf.evaluate import load_ground_truth
 
 
 def labels(uid: str, n_words: int) -> RichHFExample:
-    maps = {n: np.zeros((16, 16), np.float32) for n in ("implausibility", "misalignment")}
-    scores = dict.fromkeys(("plausibility", "alignment", "aesthetics", "overall"), 0.5)
+    maps = {n: np.zeros((16, 16), np.float32) for n in HEATMAP_NAMES}
+    scores = dict.fromkeys(SCORE_NAMES, 0.5)
     return RichHFExample(f"train/{uid}.png", scores, maps, [1] * n_words)
 
 

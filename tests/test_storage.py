@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from common import atomic
+from common.records import ImageRecord
 from flows import storage
 from flows.storage import RunStore, heatmap_key, image_key, record_key, with_retries
-from generators.base import GeneratorIdentity, ImageRecord, image_id
+from generators.base import GeneratorIdentity, image_id
 from tests.s3_server import S3Server, running_s3, s3_server  # noqa: F401
 
 GEN = GeneratorIdentity("synthetic", "world-v1")

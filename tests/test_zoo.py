@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from common.names import SCORE_NAMES
 from rahf.data.synthetic import parse_prompt, sample_prompts
 from rahf.zoo import ensure_synthetic_rahf, recipe_hash
 
@@ -97,9 +98,7 @@ def test_build_writes_a_bundle_that_reproduces_bit_for_bit_and_ships(tmp_path):
     metrics = json.loads((bundle / "metrics.json").read_text())
     assert set(metrics["demo model"]) >= {"scores", "heatmaps", "keywords"}
     samples = json.loads((bundle / "samples.json").read_text())
-    assert len(samples) == 6 and all(
-        set(v) == {"plausibility", "alignment", "aesthetics", "overall"} for v in samples.values()
-    )
+    assert len(samples) == 6 and all(set(v) == set(SCORE_NAMES) for v in samples.values())
     assert samples == zoo.score_samples(shipped)  # stored values are what the shipped files score
     summary = json.loads((bundle / "summary.json").read_text())
     assert summary["step"] == 2 and summary["test_examples"] == 8
