@@ -7,4 +7,6 @@
   scores, seed, generator and RAHF identity), locally or on S3, atomically and idempotently.
 * :mod:`finetune.lora` — LoRA finetuning of aMUSEd (masked-token cross-entropy) and Stable Diffusion
   (noise-prediction MSE) on such a folder, saving adapters in the diffusers LoRA format.
+* :mod:`finetune.synthetic` — the synthetic world's finetuning: a fit of its flaw rates to such a folder
+  (:class:`~finetune.synthetic.SyntheticFitConfig`, :func:`~finetune.synthetic.fit_synthetic`).
 """

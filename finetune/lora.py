@@ -10,11 +10,13 @@ loss -> checkpoint every N steps -> save the adapter in the diffusers LoRA forma
 * aMUSEd: masked-token cross-entropy. Per image a mask ratio r = cos(π/2 · u), u ~ U(0, 1) (aMUSEd's cosine
   schedule); round(r · L) tokens (at least one) are replaced by the mask token and predicted.
 * Stable Diffusion: noise-prediction MSE (or v-prediction, as the scheduler says) at a uniform random timestep.
-* The synthetic world: its finetuning step is the maximum-likelihood fit of its flaw rates to the selected images'
-  ground truth (:meth:`generators.synthetic.SyntheticGenerator.fit`); saved as an adapter folder too.
+* The synthetic world has no LoRA: its finetuning is a fit of its flaw rates, with its own config and function
+  (:mod:`finetune.synthetic`); :func:`finetune` hands ``generator="synthetic"`` over to it.
 
-A killed run resumes from its last checkpoint (LoRA weights, optimizer state and torch RNG in safetensors, step in
-JSON) and ends with the same adapter as an uninterrupted run.
+The loop, the config dump (``finetune_config.json``), the log and progress bar, the checkpoints, the batch order
+(full batches only, :func:`training.harness.epoch_batch_index`) and the accelerate set-up are the shared training
+harness's (:mod:`training.harness`). A killed run resumes from its last checkpoint (LoRA weights, optimizer state
+and torch RNG in safetensors, step in JSON) and ends with a bit-identical adapter to an uninterrupted run (on CPU).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import dataclasses
 import io
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from common.atomic import atomic_write_bytes
 from finetune.dataset import read_image_bytes, read_metadata
-from rahf.train import pack_optimizer, unpack_optimizer
+from training.harness import (
+    TrainingRun,
+    accumulate_step,
+    adamw,
+    epoch_batch_index,
+    load_trainer_state,
+    make_accelerator,
+)
+from training.harness import last_checkpoint as last_checkpoint  # re-exported: earlier importers use this name
+from training.harness import save_checkpoint as _save_checkpoint_folder
 
 ADAPTER_DIR = "adapter"
 
@@ -61,7 +72,7 @@ class LoraTrainConfig:
     checkpoint_every: int = 50
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
-    prior_strength: float = 2.0  # synthetic world only: pseudo-trials toward the current flaw rates
+    prior_strength: float = 2.0  # generator "synthetic" only: passed on to finetune.synthetic.SyntheticFitConfig
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -107,11 +118,9 @@ def _pixels(images: list[Image.Image], size: int, normalize: bool) -> torch.Tens
 
 
 def batch_index(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Examples of optimizer step ``step``: consecutive slices of a permutation fixed by (seed, epoch)."""
-    per_epoch = max(1, math.ceil(n / batch_size))
-    epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[k * batch_size : (k + 1) * batch_size]
+    """Examples of micro-batch ``step``: the harness's batch order, the same rule as RAHF training's (full batches
+    of a permutation fixed by (seed, epoch); :func:`training.harness.epoch_batch_index`)."""
+    return epoch_batch_index(step, n, batch_size, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,31 +219,25 @@ def _lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def _lora_writer(model: torch.nn.Module):
+    def write(folder: Path) -> None:
+        atomic_write_bytes(folder / "lora.safetensors", safetensors_bytes(_lora_state(model)))
+
+    return write
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, step: int) -> None:
-    """LoRA weights and optimizer tensors + torch RNG (safetensors), step (JSON); written to a temp dir, renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_lora_state(model), str(tmp / "lora.safetensors"))
-    tensors, scalars = pack_optimizer(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "optimizer": scalars}))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    """LoRA weights and optimizer tensors + torch RNG (safetensors), step (JSON); the folder appears whole or not at
+    all (:func:`training.harness.save_checkpoint`)."""
+    _save_checkpoint_folder(path, _lora_writer(model), optimizer, {"step": step})
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> int:
+    """Restore the LoRA weights, the optimizer and the torch RNG from ``path``; returns the step."""
     from peft.utils import set_peft_model_state_dict
 
     set_peft_model_state_dict(model, load_file(str(path / "lora.safetensors")))
-    meta = json.loads((path / "trainer_state.json").read_text())
-    unpack_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
-    return int(meta["step"])
-
-
-def last_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+    return int(load_trainer_state(path, optimizer)["step"])
 
 
 def save_adapter(gen, model: torch.nn.Module, folder: Path) -> Path:
@@ -254,20 +257,39 @@ def save_adapter(gen, model: torch.nn.Module, folder: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def finetune(cfg: LoraTrainConfig, stop_after: int | None = None) -> dict[str, Any]:
+def finetune(
+    cfg: LoraTrainConfig,
+    stop_after: int | None = None,
+    *,
+    keep_checkpoints: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) a finetuning; ``stop_after`` ends early after that many optimizer steps (tests of resume).
+    ``keep_checkpoints`` keeps the newest k step checkpoints (None: all); ``progress=False`` hides the progress bar
+    (shown only on a terminal anyway). Neither changes the result, so neither is part of the config.
 
-    Returns a summary: step, first and last logged loss, seconds, examples, and the adapter folder.
+    Returns a summary: step, the loss of every step run now, the fixed-seed loss before and after, seconds,
+    examples, and the adapter folder (None until the last step). ``generator="synthetic"`` runs the synthetic
+    world's fit instead (:func:`finetune.synthetic.fit_synthetic` with ``prior_strength``).
     """
     from generators import build_generator
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if cfg.generator == "synthetic":
-        return _fit_synthetic(cfg, out)
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+        from finetune.synthetic import SyntheticFitConfig, fit_synthetic
+
+        fitted = fit_synthetic(SyntheticFitConfig(cfg.data_dir, cfg.out_dir, prior_strength=cfg.prior_strength))
+        return {"step": cfg.steps, "losses": [], **fitted}
+    run = TrainingRun(
+        cfg.out_dir,
+        cfg,
+        config_file="finetune_config.json",
+        keep_last=keep_checkpoints,
+        progress=progress,
+        desc="finetune",
+    )
+    run.start()
+    out = Path(cfg.out_dir)
+    accelerator = make_accelerator(cfg.device, cfg.mixed_precision, cfg.grad_accum)
     device = accelerator.device
     gen = build_generator(cfg.generator, device=device)
     images, prompts = load_folder(cfg.data_dir)
@@ -287,40 +309,45 @@ def finetune(cfg: LoraTrainConfig, stop_after: int | None = None) -> dict[str, A
             r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=list(cfg.target_modules)
         )
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = adamw(model, cfg.lr, weight_decay=0.0)  # the trainable (LoRA) parameters, no decay
     step = 0
-    resume = last_checkpoint(out)
-    if resume is not None:
-        step = load_checkpoint(resume, model, optimizer)
+    resumed = run.resume(optimizer)
+    if resumed is not None:
+        from peft.utils import set_peft_model_state_dict
+
+        path, state = resumed
+        set_peft_model_state_dict(model, load_file(str(path / "lora.safetensors")))
+        step = int(state["step"])
     before = fixed_loss(task, len(images), cfg.seed)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     task.denoiser = model
-    log = open(out / "log.jsonl", "a")  # noqa: SIM115 - closed in finally
-    started, done_now, losses = time.perf_counter(), 0, []
-    try:
-        while step < cfg.steps and (stop_after is None or done_now < stop_after):
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                index = batch_index(step * cfg.grad_accum + micro, len(images), cfg.batch_size, cfg.seed)
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)
-                with accelerator.accumulate(model), accelerator.autocast():
-                    loss = task.loss(index.to(device), g)
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                total += float(loss.detach()) / cfg.grad_accum
-            step += 1
-            done_now += 1
-            losses.append(total)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write(json.dumps({"step": step, "loss": total}) + "\n")
-                log.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(out / "checkpoints" / f"step-{step}", accelerator.unwrap_model(model), optimizer, step)
-    finally:
-        log.close()
+    losses: list[float] = []
+
+    def train_step(step: int) -> dict[str, Any]:
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            k = step * cfg.grad_accum + micro
+            index = batch_index(k, len(images), cfg.batch_size, cfg.seed).to(device)
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+            loss, _ = accumulate_step(accelerator, model, optimizer, lambda i=index, g=g: (task.loss(i, g), None))
+            total += float(loss.detach()) / cfg.grad_accum
+        losses.append(total)
+        return {"loss": total}
+
+    def checkpoint(step: int) -> None:
+        run.save(step, _lora_writer(accelerator.unwrap_model(model)), optimizer)
+
+    started = time.perf_counter()
+    step = run.loop(
+        step,
+        cfg.steps,
+        train_step,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint=checkpoint,
+        stop_after=stop_after,
+    )
     task.denoiser = accelerator.unwrap_model(model)
     after = fixed_loss(task, len(images), cfg.seed)
     adapter = None
@@ -334,23 +361,4 @@ def finetune(cfg: LoraTrainConfig, stop_after: int | None = None) -> dict[str, A
         "seconds": time.perf_counter() - started,
         "examples": len(images),
         "adapter": str(adapter) if adapter else None,
-    }
-
-
-def _fit_synthetic(cfg: LoraTrainConfig, out: Path) -> dict[str, Any]:
-    """The synthetic world's finetuning: the MLE flaw rates of the selected images, saved as an adapter."""
-    from generators.synthetic import SyntheticGenerator, ground_truth
-
-    started = time.perf_counter()
-    images, _ = load_folder(cfg.data_dir)
-    base = SyntheticGenerator()
-    fitted = base.fit([ground_truth(im) for im in images], prior_strength=cfg.prior_strength)
-    fitted.save_adapter(out / ADAPTER_DIR)
-    return {
-        "step": cfg.steps,
-        "losses": [],
-        "seconds": time.perf_counter() - started,
-        "examples": len(images),
-        "adapter": str(out / ADAPTER_DIR),
-        "flaws": fitted.flaws.to_dict(),
     }

@@ -339,6 +339,7 @@ def finetune_generator(root: str, dataset: str, config: LoopConfig | None = None
     is written after the adapter (adapter files without it are the remains of a killed run and are trained again).
     """
     from finetune.lora import ADAPTER_DIR, LoraTrainConfig, finetune
+    from finetune.synthetic import SyntheticFitConfig, fit_synthetic
 
     config = config or LoopConfig()
     generator = resolve_dataset_generator(dataset, config.generator)
@@ -352,8 +353,12 @@ def finetune_generator(root: str, dataset: str, config: LoopConfig | None = None
         return FinetuneResult(store.uri(prefix), generator, reused=True, seconds=finished.get("seconds"))
     local = store.local
     work = Path(store.uri(finetune_key())) if local else Path(tempfile.mkdtemp(prefix="richfeedback-ft-"))
-    cfg = LoraTrainConfig(dataset, str(work), generator=generator, **config.finetune)
-    summary = finetune(cfg)
+    if generator == "synthetic":  # the synthetic world's fit has its own stage config (LoRA options do not apply)
+        cfg: LoraTrainConfig | SyntheticFitConfig = SyntheticFitConfig.from_options(dataset, str(work), config.finetune)
+        summary = fit_synthetic(cfg)
+    else:
+        cfg = LoraTrainConfig(dataset, str(work), generator=generator, **config.finetune)
+        summary = finetune(cfg)
     if not local:  # resumable checkpoints stay local; the finished adapter goes to the store
         for f in sorted((work / ADAPTER_DIR).rglob("*")):
             if f.is_file():

@@ -6,9 +6,11 @@ A data folder holds, per split, ``<split>.tfrecord`` (RichHF-18K schema), ``<spl
 The loop, top to bottom: build the model from a preset (or a saved folder) -> load the splits -> for each
 optimizer step, take ``grad_accum`` micro-batches in an order fixed by (seed, epoch) -> log every loss part ->
 every ``eval_every`` steps measure the dev loss and keep the best checkpoint -> every ``checkpoint_every`` steps
-save a checkpoint. A killed run resumes from its last checkpoint and ends with the same weights as an
-uninterrupted run: the data order is a function of the step, and the checkpoint holds the model (safetensors),
-the optimizer state and the torch RNG state (safetensors), and the step (JSON).
+save a checkpoint. The loop, the config dump, the log and progress bar, the checkpoints, the batch order and the
+accelerate set-up are the shared training harness's (:mod:`training.harness`). A killed run resumes from its last
+checkpoint and ends with bit-identical weights to an uninterrupted run (on CPU): the data order is a function of
+the step, and the checkpoint holds the model (safetensors), the optimizer state and the torch RNG state
+(safetensors), and the step (JSON).
 
 Splits are read lazily (:class:`rahf.data.richhf.RichHFSplit`): a batch is decoded when it is drawn, so memory
 does not grow with the dataset. Under ``accelerate launch`` / ``torchrun`` every process takes a disjoint slice of
@@ -21,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,12 +34,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from rahf.data.richhf import RichHFSplit, read_split
 from rahf.model import TRAINING_FIELDS, RAHFConfig, RAHFLabels, RAHFModel, RAHFOutput
 from rahf.presets import build_rahf
 from rahf.processor import RAHFProcessor
+from training.harness import (
+    TrainingRun,
+    accumulate_step,
+    adamw,
+    due,
+    epoch_batch_index,
+    load_trainer_state,
+    make_accelerator,
+)
+from training.harness import last_checkpoint as last_checkpoint  # re-exported: earlier importers use these names
+from training.harness import pack_optimizer as pack_optimizer
+from training.harness import save_checkpoint as _save_checkpoint_folder
+from training.harness import unpack_optimizer as unpack_optimizer
 
 
 @dataclass
@@ -72,6 +86,8 @@ class TrainConfig:
     itm_negatives: int | None = None  # override how many images per batch get an ITM negative (0: all)
     train_split: str = "train"
     dev_split: str = "dev"
+    keep_checkpoints: int | None = None  # step checkpoints to keep (the newest; None: all)
+    progress: bool = True  # a progress bar on stderr when it is a terminal (main process only)
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -193,11 +209,9 @@ def batch_inputs(model: RAHFModel, processor: RAHFProcessor, data: SplitData, in
 
 
 def micro_batch_index(k: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Indices of global micro-batch ``k``: epochs are seeded permutations, so the order is a function of k."""
-    per_epoch = max(1, n // batch_size)
-    epoch, j = divmod(k, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[j * batch_size : (j + 1) * batch_size]
+    """Indices of global micro-batch ``k``: the harness's batch order (:func:`training.harness.epoch_batch_index`,
+    full batches only), so the order is a function of k."""
+    return epoch_batch_index(k, n, batch_size, seed)
 
 
 def rank_batch_index(k: int, n: int, batch_size: int, seed: int, rank: int, world: int) -> torch.Tensor:
@@ -271,58 +285,25 @@ def rank_loss(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def pack_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer's state and the torch RNG as (tensors for safetensors, JSON-able scalars); no pickle."""
-    state = optimizer.state_dict()
-    tensors = {"rng/torch": torch.get_rng_state()}
-    scalars: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
-    for pid, st in state["state"].items():
-        for key, val in st.items():
-            if torch.is_tensor(val):
-                tensors[f"state/{pid}/{key}"] = val.detach().cpu().contiguous()
-            else:
-                scalars["state"].setdefault(str(pid), {})[key] = val
-    return tensors, scalars
+def _model_writer(model: RAHFModel, processor: RAHFProcessor):
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
 
-
-def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
-    """Inverse of :func:`pack_optimizer`: restores the optimizer state and the torch RNG."""
-    state: dict[int, dict[str, Any]] = {}
-    for key, val in tensors.items():
-        if key.startswith("state/"):
-            _, pid, name = key.split("/", 2)
-            state.setdefault(int(pid), {})[name] = val
-    for pid, extra in scalars["state"].items():
-        state.setdefault(int(pid), {}).update(extra)
-    optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
-    torch.set_rng_state(tensors["rng/torch"])
+    return write
 
 
 def save_checkpoint(path: Path, model: RAHFModel, processor: RAHFProcessor, optimizer, step: int, best: float) -> None:
-    """Model (safetensors), optimizer tensors + torch RNG (safetensors), step and scalars (JSON); atomic."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    tensors, scalars = pack_optimizer(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "best_dev_loss": best, "optimizer": scalars}))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    """Model + processor (safetensors, JSON), optimizer tensors + torch RNG (safetensors), step and scalars (JSON);
+    the folder appears whole or not at all (:func:`training.harness.save_checkpoint`)."""
+    _save_checkpoint_folder(path, _model_writer(model, processor), optimizer, {"step": step, "best_dev_loss": best})
 
 
 def load_checkpoint(path: Path, model: RAHFModel, optimizer) -> tuple[int, float]:
     """Restore model, optimizer and RNG from ``path``; returns (step, best dev loss)."""
     model.load_state_dict_strict(load_file(str(path / "model.safetensors")))
-    meta = json.loads((path / "trainer_state.json").read_text())
-    unpack_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    meta = load_trainer_state(path, optimizer)
     return int(meta["step"]), float(meta["best_dev_loss"])
-
-
-def last_checkpoint(out_dir: Path) -> Path | None:
-    """The finished checkpoint of the highest step (``step-N``; a ``step-N.tmp`` left by a killed save is not)."""
-    found = [p for p in (out_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
-    return max(found, key=lambda p: int(p.name[5:]), default=None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,13 +367,18 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     the checkpoints. Returns a summary: final step, best dev loss, seconds, examples, skipped example counts,
     processes and the global batch (per optimizer micro-step).
     """
-    out = Path(cfg.out_dir)
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+    accelerator = make_accelerator(cfg.device, cfg.mixed_precision, cfg.grad_accum)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    run = TrainingRun(
+        cfg.out_dir,
+        cfg,
+        config_file="train_config.json",
+        main=main,
+        keep_last=cfg.keep_checkpoints,
+        progress=cfg.progress,
+        desc="train",
+    )
+    run.start()
     overrides: dict[str, Any] = {n: getattr(cfg, n) for n in TRAINING_FIELDS if getattr(cfg, n) is not None}
     if Path(cfg.preset).is_dir():
         model, processor = RAHFModel.from_pretrained(cfg.preset), RAHFProcessor.from_pretrained(cfg.preset)
@@ -406,70 +392,76 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     dev_data = load_split(cfg.data_dir, cfg.dev_split, processor)
     rank_batch_index(0, len(train_data), cfg.batch_size, cfg.seed, rank, world)  # refuse a split too small, now
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay)  # one group: every parameter decays
     step, best = 0, float("inf")
-    resume = last_checkpoint(out)
-    if resume is not None:
-        step, best = load_checkpoint(resume, model, optimizer)
+    resumed = run.resume(optimizer)
+    if resumed is not None:
+        path, state = resumed
+        model.load_state_dict_strict(load_file(str(path / "model.safetensors")))
+        step, best = int(state["step"]), float(state["best_dev_loss"])
     else:
         torch.manual_seed(cfg.seed)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     device = accelerator.device
-    log = open(out / "log.jsonl", "a") if main else None  # noqa: SIM115 - closed in finally
+    write_model = _model_writer(raw, processor)
 
-    def write(entry: dict) -> None:
-        if log is not None:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
+    def train_step(step: int) -> dict[str, Any]:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        parts_sum: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            k = step * cfg.grad_accum + micro
+            index = rank_batch_index(k, len(train_data), cfg.batch_size, cfg.seed, rank, world)
+            px, ids, mask, labels = batch_inputs(raw, processor, train_data, index)
+            labels = _to(labels, device)
 
-    started, done_now = time.perf_counter(), 0
-    try:
-        while step < cfg.steps and (stop_after is None or done_now < stop_after):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            parts_sum: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                k = step * cfg.grad_accum + micro
-                index = rank_batch_index(k, len(train_data), cfg.batch_size, cfg.seed, rank, world)
-                px, ids, mask, labels = batch_inputs(raw, processor, train_data, index)
-                labels = _to(labels, device)
-                with accelerator.accumulate(model), accelerator.autocast():
-                    outputs = model(
-                        px.to(device), ids.to(device), mask.to(device), labels=labels, channels_last=cfg.channels_last
-                    )
-                    parts = {k: float(v.detach()) for k, v in outputs.loss_parts.items()}
-                    loss = outputs.loss
-                    if world > 1:  # each part weighted by its share of the global batch (see rank_loss)
-                        terms = loss_terms(raw.config, labels, outputs)
-                        counts = torch.stack([c for _, c in terms.values()]).to(device)
-                        totals = dict(zip(terms, accelerator.reduce(counts, "sum"), strict=True))
-                        loss = rank_loss(outputs.loss_parts, terms, totals, world)
-                        parts = {k: parts[k] * float(c * world / totals[k]) for k, (_, c) in terms.items()}
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
-            if world > 1:  # the mean over processes of the weighted parts is the global batch's part
-                mean = accelerator.reduce(torch.tensor(list(parts_sum.values()), dtype=torch.float64, device=device))
-                parts_sum = dict(zip(parts_sum, (v / world for v in mean.tolist()), strict=True))
-            step += 1
-            done_now += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                write({"step": step, "lr": lr_at(step - 1, cfg), "loss": sum(parts_sum.values()), **parts_sum})
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                loss_dev = dev_loss(raw, processor, dev_data, cfg.batch_size, device, accelerator)
-                write({"step": step, "dev_loss": loss_dev})
-                if loss_dev < best:  # the same on every process: the dev loss is reduced over them
-                    best = loss_dev
-                    if main:
-                        save_checkpoint(out / "best", raw, processor, optimizer, step, best)
-            if main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                save_checkpoint(out / "checkpoints" / f"step-{step}", raw, processor, optimizer, step, best)
-    finally:
-        if log is not None:
-            log.close()
+            def compute(px=px, ids=ids, mask=mask, labels=labels) -> tuple[torch.Tensor, dict[str, float]]:
+                outputs = model(
+                    px.to(device), ids.to(device), mask.to(device), labels=labels, channels_last=cfg.channels_last
+                )
+                parts = {k: float(v.detach()) for k, v in outputs.loss_parts.items()}
+                loss = outputs.loss
+                if world > 1:  # each part weighted by its share of the global batch (see rank_loss)
+                    terms = loss_terms(raw.config, labels, outputs)
+                    counts = torch.stack([c for _, c in terms.values()]).to(device)
+                    totals = dict(zip(terms, accelerator.reduce(counts, "sum"), strict=True))
+                    loss = rank_loss(outputs.loss_parts, terms, totals, world)
+                    parts = {k: parts[k] * float(c * world / totals[k]) for k, (_, c) in terms.items()}
+                return loss, parts
+
+            _, parts = accumulate_step(accelerator, model, optimizer, compute)
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
+        if world > 1:  # the mean over processes of the weighted parts is the global batch's part
+            mean = accelerator.reduce(torch.tensor(list(parts_sum.values()), dtype=torch.float64, device=device))
+            parts_sum = dict(zip(parts_sum, (v / world for v in mean.tolist()), strict=True))
+        return {"lr": lr_at(step, cfg), "loss": sum(parts_sum.values()), **parts_sum}
+
+    def evaluate(step: int) -> None:
+        nonlocal best
+        if not due(step, cfg.eval_every, cfg.steps):
+            return
+        loss_dev = dev_loss(raw, processor, dev_data, cfg.batch_size, device, accelerator)
+        run.log({"step": step, "dev_loss": loss_dev})
+        if loss_dev < best:  # the same on every process: the dev loss is reduced over them
+            best = loss_dev
+            run.save(step, write_model, optimizer, {"best_dev_loss": best}, name="best")
+
+    def checkpoint(step: int) -> None:
+        run.save(step, write_model, optimizer, {"best_dev_loss": best})
+
+    started = time.perf_counter()
+    step = run.loop(
+        step,
+        cfg.steps,
+        train_step,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint=checkpoint,
+        after_step=evaluate,
+        stop_after=stop_after,
+    )
     accelerator.wait_for_everyone()
     return {
         "step": step,

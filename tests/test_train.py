@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -35,17 +38,65 @@ def config(data_dir, out, **kw) -> TrainConfig:
 def test_resume_after_interruption_matches_an_uninterrupted_run(data_dir, tmp_path):
     whole = train(config(data_dir, tmp_path / "a"))
     assert whole["step"] == 6
-    first = train(config(data_dir, tmp_path / "b"), stop_after=3)  # the "kill": stops after step 3
-    assert first["step"] == 3 and not (tmp_path / "b" / "checkpoints" / "step-6").exists()
-    second = train(config(data_dir, tmp_path / "b"))
+    first = train(config(data_dir, tmp_path / "b"), stop_after=4)  # the "kill": stops after step 4
+    assert first["step"] == 4 and not (tmp_path / "b" / "checkpoints" / "step-6").exists()
+    state_file = tmp_path / "b" / "checkpoints" / "step-3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]  # a checkpoint as written before the harness (the demo model's cached run) resumes too
+    state_file.write_text(json.dumps(state))
+    second = train(config(data_dir, tmp_path / "b"))  # resumes from step 3: step 4 runs again
     assert second["step"] == 6
     a = load_file(str(tmp_path / "a" / "checkpoints" / "step-6" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoints" / "step-6" / "model.safetensors"))
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    for k in a:  # bit-identical, not merely close
+        assert torch.equal(a[k], b[k]), k
+    # the log of the resumed run is the uninterrupted run's: the killed run's step-4 rows were dropped
+    assert (tmp_path / "b" / "log.jsonl").read_text() == (tmp_path / "a" / "log.jsonl").read_text()
     # Running again after the end does nothing more.
     assert train(config(data_dir, tmp_path / "b"))["step"] == 6
+
+
+# The loss log of a run recorded before training moved onto the shared harness (23 examples in batches of 5, so
+# the batch rule matters: 4 full batches an epoch, micro-batch 4 opens epoch 1). Across CPUs and thread counts
+# these agree to ~1e-7.
+RECORDED = {
+    "loss": [7.8744833883829415, 7.252985809114762, 6.62607584008947, 6.066126907244325],
+    "dev_loss": [6.003219683965047, 5.832470337549846],
+}
+
+
+@pytest.mark.slow
+def test_loss_log_matches_the_run_recorded_before_the_harness(tmp_path_factory, tmp_path):
+    data = synthetic_split_folder(tmp_path_factory, "synth23", {"train": 23, "dev": 6}, seed=0)
+    train(config(data, tmp_path / "run", steps=4, batch_size=5, grad_accum=2))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 4]
+    for key, want in RECORDED.items():
+        assert [r[key] for r in rows if key in r] == pytest.approx(want, rel=1e-5, abs=0), key
+
+
+@pytest.mark.slow
+def test_config_dump_and_progress_bar(data_dir, tmp_path, monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    cfg = config(data_dir, tmp_path / "run", steps=2, checkpoint_every=1, keep_checkpoints=1)
+    train(cfg)
+    assert "2/2" in tty.getvalue() and "loss=" in tty.getvalue()
+    dumped = tmp_path / "run" / "train_config.json"
+    assert json.loads(dumped.read_text()) == dataclasses.asdict(cfg)
+    assert TrainConfig.from_json(dumped) == cfg  # the dump reads back as the same config
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-2"]  # keep the newest 1
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["config"] == dataclasses.asdict(cfg) and state["step"] == 2
+    quiet = Tty()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    train(config(data_dir, tmp_path / "quiet", steps=1, progress=False))
+    assert quiet.getvalue() == ""
 
 
 def test_loss_falls_and_every_part_is_logged(data_dir, tmp_path):

@@ -1,0 +1,180 @@
+"""The training harness: one batch-order rule, optimizer groups, checkpoint folders (safetensors, whole or absent,
+keep-last-k), exact resume of its loop, the config dump, the log and the progress bar."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.harness import (
+    TrainingRun,
+    adamw,
+    batches_per_epoch,
+    biases_and_norms,
+    checkpoint_steps,
+    epoch_batch_index,
+    last_checkpoint,
+    param_groups,
+    show_progress,
+)
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@dataclass
+class ToyConfig:
+    out_dir: str
+    steps: int = 6
+    lr: float = 0.05
+    seed: int = 1
+    tags: tuple[str, ...] = ("a", "b")
+
+
+def test_one_batch_rule_for_rahf_training_and_lora_finetuning():
+    from finetune.lora import batch_index
+    from rahf.train import micro_batch_index
+
+    for n, b in ((10, 4), (23, 5), (24, 4), (3, 4)):
+        per_epoch = batches_per_epoch(n, b)
+        assert per_epoch == max(1, n // b)  # full batches only: the last partial batch of an epoch is dropped
+        for k in range(3 * per_epoch):
+            want = epoch_batch_index(k, n, b, seed=7)
+            assert torch.equal(micro_batch_index(k, n, b, 7), want)
+            assert torch.equal(batch_index(k, n, b, 7), want)
+            assert len(want) == min(b, n)
+        for epoch in range(3):  # an epoch: distinct examples, n mod b of them sit out
+            drawn = torch.cat([epoch_batch_index(epoch * per_epoch + j, n, b, 7) for j in range(per_epoch)])
+            assert len(set(drawn.tolist())) == len(drawn) == per_epoch * min(b, n)
+    # 10 examples in batches of 4: two batches an epoch, so batch 2 is the first of epoch 1 (a full batch of 4)
+    assert len(epoch_batch_index(2, 10, 4, 0)) == 4
+    assert not torch.equal(epoch_batch_index(0, 10, 4, 0), epoch_batch_index(2, 10, 4, 0))
+    with pytest.raises(ValueError, match="need n >= 1"):
+        epoch_batch_index(0, 0, 4, 0)
+
+
+def test_optimizer_groups_are_built_one_way():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[2].bias.requires_grad_(False)
+    one = param_groups(model, 0.01)
+    assert len(one) == 1 and one[0]["weight_decay"] == 0.01
+    assert [id(p) for p in one[0]["params"]] == [id(p) for p in model.parameters() if p.requires_grad]
+    two = param_groups(model, 0.01, biases_and_norms)
+    assert [g["weight_decay"] for g in two] == [0.01, 0.0]
+    assert [tuple(p.shape) for p in two[0]["params"]] == [(4, 3), (2, 4)]
+    assert [tuple(p.shape) for p in two[1]["params"]] == [(4,), (4,), (4,)]
+    opt = adamw(model, 1e-3, 0.0)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == 1e-3
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        param_groups(model, 0.0)
+
+
+def _toy_run(out: Path, *, steps: int = 6, stop_after=None, keep_last=None, stream=None, progress=True, fail_at=None):
+    """A small model with dropout (the RNG matters) trained by the harness loop; returns (run, model, step)."""
+    cfg = ToyConfig(str(out), steps=steps)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+    opt = adamw(model, cfg.lr, 0.01, biases_and_norms)
+    run = TrainingRun(out, cfg, config_file="toy_config.json", keep_last=keep_last, progress=progress, stream=stream)
+    run.start()
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(3))
+    y = x.sum(dim=1, keepdim=True)
+    step = 0
+    resumed = run.resume(opt)
+    if resumed is not None:
+        path, state = resumed
+        model.load_state_dict(load_file(str(path / "weights.safetensors")))
+        step = state["step"]
+    else:
+        torch.manual_seed(cfg.seed)
+
+    def train_step(i: int) -> dict:
+        if i == fail_at:
+            raise RuntimeError("killed")
+        index = epoch_batch_index(i, len(x), 4, cfg.seed)
+        loss = torch.nn.functional.mse_loss(model(x[index]), y[index])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return {"loss": float(loss.detach())}
+
+    def write(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "weights.safetensors"))
+
+    step = run.loop(
+        step,
+        cfg.steps,
+        train_step,
+        log_every=1,
+        checkpoint_every=2,
+        checkpoint=lambda s: run.save(s, write, opt, {"note": "toy"}),
+        stop_after=stop_after,
+    )
+    return run, model, step
+
+
+def test_a_killed_loop_resumes_to_bit_identical_weights_and_the_same_log(tmp_path):
+    _, whole, step = _toy_run(tmp_path / "whole")
+    assert step == 6
+    _, _, step = _toy_run(tmp_path / "part", stop_after=3)  # stops after step 3; last checkpoint: step 2
+    assert step == 3 and last_checkpoint(tmp_path / "part").name == "step-2"
+    with pytest.raises(RuntimeError, match="killed"):  # a crash inside step 5 of the resumed run
+        _toy_run(tmp_path / "part", fail_at=4)
+    assert last_checkpoint(tmp_path / "part").name == "step-4"
+    _, resumed, step = _toy_run(tmp_path / "part")
+    assert step == 6
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # the rows the killed runs wrote after their last checkpoint were dropped when they resumed
+    assert (tmp_path / "part" / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in (tmp_path / "whole" / "log.jsonl").open()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_are_safetensors_whole_and_the_newest_k_are_kept(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".step-8.0123456789ab.tmp").mkdir(parents=True)  # a save killed before its rename
+    (out / "checkpoints" / "step-9.tmp").mkdir()  # the same, left by an earlier version
+    run, _, _ = _toy_run(out, keep_last=2)
+    assert [s for s, _ in checkpoint_steps(out)] == [4, 6]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-6"]  # temps swept
+    folder = out / "checkpoints" / "step-6"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "weights.safetensors",
+    ]
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    assert "rng/torch" in tensors and any(k.endswith("/exp_avg") for k in tensors)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert (state["step"], state["note"]) == (6, "toy")
+    assert len(state["optimizer"]["param_groups"]) == 2
+    assert state["config"] == {"out_dir": str(out), "steps": 6, "lr": 0.05, "seed": 1, "tags": ["a", "b"]}
+    # the config dump beside the checkpoints: the resolved config, readable back into the dataclass
+    dumped = json.loads((out / "toy_config.json").read_text())
+    assert ToyConfig(**{**dumped, "tags": tuple(dumped["tags"])}) == run.config
+    assert dumped == json.loads(json.dumps(dataclasses.asdict(run.config)))
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        TrainingRun(out, run.config, config_file="x.json", keep_last=0)
+
+
+def test_progress_bar_only_on_a_terminal_and_when_asked(tmp_path):
+    tty = Tty()
+    _toy_run(tmp_path / "a", stream=tty)
+    shown = tty.getvalue()
+    assert "6/6" in shown and "loss=" in shown and "train" in shown
+    for stream, progress, name in ((io.StringIO(), True, "b"), (Tty(), False, "c")):
+        _toy_run(tmp_path / name, stream=stream, progress=progress)
+        assert stream.getvalue() == ""
+    assert show_progress(True, Tty()) and not show_progress(True, io.StringIO()) and not show_progress(False, Tty())
