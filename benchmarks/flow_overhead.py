@@ -183,11 +183,15 @@ def loop_lines(direct: list[dict], prefect: list[dict], args) -> list[str]:
     startup = statistics.median(r["startup_s"] for r in prefect)
     empty = statistics.median(r["empty_flow_s"] for r in prefect)
     overhead = p / d - 1
+    from flows.config import LoopConfig
+
+    cfg = LoopConfig()
     return [
         f"**(a) Feedback loop**, {args.prompts} prompts × {PER_PROMPT} images (synthetic world, {RAHF} at random "
-        "init, selection threshold plausibility 0.0, the flow's defaults otherwise: comparison at 4 images a prompt, "
-        f"repair of at most 16 images below plausibility 0.8). Median of {args.repeats} runs each, alternating; "
-        "every run a child process with a fresh run folder.",
+        "init, selection threshold plausibility 0.0, the loop's defaults otherwise (`flows.config.LoopConfig`): "
+        f"comparison at {cfg.compare.per_prompt} images a prompt, repair of at most {cfg.repair_limit} images below "
+        f"plausibility {cfg.repair_below}). Median of {args.repeats} runs each, alternating; every run a child "
+        "process with a fresh run folder.",
         "",
         "| how | median s | runs, s |",
         "|---|---:|---|",
