@@ -232,7 +232,13 @@ def build_demo_model(
     scorer = RAHFScorer.from_pretrained(bundle, device="cpu")
     write_results(bundle, {"demo model": evaluate(predict_with_scorer(scorer, gt), gt)})
     samples = score_samples(bundle)
-    summary = {**summary, "torch": torch.__version__, "python": platform.python_version(), "test_examples": test_size}
+    summary = {
+        **summary,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),  # bit-for-bit retraining needs the same count (and torch build, CPU kind)
+        "python": platform.python_version(),
+        "test_examples": test_size,
+    }
     (bundle / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (bundle / "samples.json").write_text(json.dumps(samples, indent=2, sort_keys=True) + "\n")
     manifest = {
