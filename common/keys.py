@@ -24,6 +24,7 @@ ERRORS = "errors"
 REPAIRS = "repairs"
 FINETUNE = "finetune"
 COMPARE = "compare"
+CLAIMS = "claims"
 _REPAIR_ERROR_PREFIX = "repair-"
 
 
@@ -62,6 +63,31 @@ def repair_error_key(id: str) -> str:
 def repair_key(id: str) -> str:
     """``repairs/<id>.json``: the repair decision about ``id`` (its existence marks the id as decided)."""
     return f"{REPAIRS}/{check_id(id)}.json"
+
+
+def claim_key(id: str) -> str:
+    """``claims/<id>.json``: the write-once claim of a process that is making image ``id``."""
+    return f"{CLAIMS}/{check_id(id)}.json"
+
+
+def run_key() -> str:
+    """``run.json``: the generator and RAHF a run folder (or an exported dataset) was made with."""
+    return "run.json"
+
+
+def dataset_run_key() -> str:
+    """``finetune-data/run.json``: the run's sources, copied beside the exported finetuning images."""
+    return f"{finetune_data_key()}/{run_key()}"
+
+
+def repair_summary_key() -> str:
+    """``repair.json``: the summary of the last repair stage."""
+    return "repair.json"
+
+
+def loop_summary_key() -> str:
+    """``loop.json``: the summary of the last feedback loop."""
+    return "loop.json"
 
 
 def manifest_key() -> str:

@@ -21,17 +21,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from common.keys import CLAIMS, claim_key
 from flows.storage import RunStore
 
 log = logging.getLogger(__name__)
 
-CLAIMS = "claims"
 DEFAULT_TTL_S = 600.0
-
-
-def claim_key(id: str) -> str:
-    """``claims/<id>.json``."""
-    return f"{CLAIMS}/{id}.json"
 
 
 def _pid_alive(pid: int) -> bool:

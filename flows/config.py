@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.config_fields import check_value
+from common.keys import run_key
 from finetune.select import SelectionConfig
 from inpainting.masks import THRESHOLD_MODES, MaskConfig
 from inpainting.repair import RepairConfig, loop_repair_config
@@ -27,7 +28,7 @@ from rahf.zoo import DEMO_MODEL
 
 DEFAULT_GENERATOR = "synthetic"  # the generator of a run folder that records none
 DEFAULT_RAHF = DEMO_MODEL  # the RAHF of a run folder that records none: the trained demo model
-RUN_FILE = "run.json"  # {"generator": ..., "rahf": ...} at the root of a run folder (and of an exported dataset)
+RUN_FILE = run_key()  # {"generator": ..., "rahf": ...} at the root of a run folder (and of an exported dataset)
 
 
 @dataclass

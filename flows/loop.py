@@ -318,8 +318,9 @@ def feedback_loop(
         skipped=skipped,
         swept=swept,
     )
+    from common.keys import loop_summary_key
     from flows.storage import RunStore
 
-    RunStore(root).write_json("loop.json", result.to_dict())
+    RunStore(root).write_json(loop_summary_key(), result.to_dict())
     create_markdown_artifact(result.to_markdown(), key="feedback-loop")
     return result

@@ -35,6 +35,7 @@ from common.keys import (
     compare_side_key,
     compare_summary_key,
     comparison_key,
+    dataset_run_key,
     error_key,
     finetune_adapter_key,
     finetune_data_key,
@@ -46,6 +47,7 @@ from common.keys import (
     image_key,
     repair_error_key,
     repair_key,
+    repair_summary_key,
     selection_key,
 )
 from common.names import HEATMAP_NAMES, SCORE_NAMES
@@ -317,7 +319,7 @@ def select_finetune_data(
     data_uri = store.uri(finetune_data_key())
     exported = export_dataset(result.selected, data_uri)
     if store.exists(RUN_FILE):
-        store.write_bytes(f"finetune-data/{RUN_FILE}", store.read_bytes(RUN_FILE))
+        store.write_bytes(dataset_run_key(), store.read_bytes(RUN_FILE))
     summary = result.summary()
     out = SelectResult(
         dataset=data_uri,
@@ -491,7 +493,7 @@ def repair_images(
         not_found=tuple(not_found),
         truth=_repair_truth(store, chosen, by_parent),
     )
-    store.write_json("repair.json", report.to_dict())
+    store.write_json(repair_summary_key(), report.to_dict())
     return report
 
 

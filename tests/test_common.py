@@ -79,6 +79,9 @@ def test_key_builders():
     assert keys.repair_error_key("abc") == "errors/repair-abc.json"
     assert keys.repair_key("abc") == "repairs/abc.json"
     assert keys.manifest_key() == "manifest.jsonl"
+    assert keys.claim_key("abc") == "claims/abc.json"
+    assert (keys.run_key(), keys.dataset_run_key()) == ("run.json", "finetune-data/run.json")
+    assert (keys.repair_summary_key(), keys.loop_summary_key()) == ("repair.json", "loop.json")
     assert keys.selection_key() == "selection.json"
     assert keys.finetune_data_key() == "finetune-data"
     assert keys.dataset_image_name("abc") == "abc.png"
