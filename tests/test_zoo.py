@@ -159,3 +159,23 @@ def test_the_shipped_demo_model_is_the_recipes_and_scores_the_samples_to_the_sto
             assert abs(now[name][k] - v) < 1e-5, (name, k, now[name][k], v)
     messages: list[str] = []
     assert zoo.ensure_synthetic_rahf(tmp_path, log=messages.append) == zoo.SHIPPED_DIR and messages == []
+
+
+@pytest.mark.slow
+def test_reuse_run_packages_a_finished_run_of_the_recipe_and_refuses_another(tmp_path):
+    import copy
+
+    from rahf import zoo
+
+    first = zoo.build_demo_model(tmp_path / "a", TINY_RECIPE, test_size=8, shipped=tmp_path / "none", log=lambda m: 0)
+    run = tmp_path / "a" / "work" / "run"
+    again = zoo.build_demo_model(
+        tmp_path / "b", TINY_RECIPE, test_size=8, shipped=tmp_path / "a" / "model", reuse_run=run, log=lambda m: 0
+    )
+    assert again["summary"]["seconds"] is None and again["summary"]["reused_run"] == "run"
+    assert again["summary"]["step"] == first["summary"]["step"] == 2
+    assert again["vs_shipped"]["max_abs_diff"] == 0.0  # the same weights, packaged again
+    other = copy.deepcopy(TINY_RECIPE)
+    other["train"]["steps"] = 3
+    with pytest.raises(ValueError, match=r"other settings than the recipe: \['steps'\]"):
+        zoo.build_demo_model(tmp_path / "c", other, test_size=8, reuse_run=run, log=lambda m: 0)
