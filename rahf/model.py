@@ -202,11 +202,19 @@ LOSS_WEIGHTS = (
     "token_loss_weight",
     "empty_heatmap_weight",
     "itm_loss_weight",
+    "rank_loss_weight",
 )
 HeatmapLoss = Literal["mse", "bce"]
 HEATMAP_LOSSES = get_args(HeatmapLoss)  # per-pixel map losses (see heatmap_loss)
 # Config fields that only shape the training loss: a training run may override them (rahf.train.TrainConfig).
-TRAINING_FIELDS = (*LOSS_WEIGHTS, "heatmap_loss", "heatmap_weights", "itm_negatives")
+TRAINING_FIELDS = (
+    *LOSS_WEIGHTS,
+    "heatmap_loss",
+    "heatmap_weights",
+    "itm_negatives",
+    "rank_temperature",
+    "rank_min_gap",
+)
 
 
 @dataclass
@@ -306,6 +314,11 @@ class RAHFConfig:
     itm_loss_weight: NonNegative = 0.0  # image-text matching BCE (paper: none); > 0 adds the ITM head (multi_head)
     itm_hidden: PositiveInt = 64  # hidden width of the ITM head's MLP
     itm_negatives: Count = 0  # images of a batch that also get a shifted-prompt negative (0: all of them)
+    # Within-prompt ranking (paper: none): a pairwise logistic loss on each score over the pairs of a batch's
+    # images of the same prompt (RAHFLabels.groups) whose true scores differ by more than rank_min_gap.
+    rank_loss_weight: NonNegative = 0.0
+    rank_temperature: Positive = 0.05  # score difference that counts as one logit of the pair's order
+    rank_min_gap: NonNegative = 0.01  # pairs closer than this in truth are ties and left out
 
     def __post_init__(self) -> None:
         check_fields(self)  # types and ranges of every field, from the annotations above
@@ -374,6 +387,25 @@ class RAHFLabels:
     heatmaps: dict[str, torch.Tensor] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     keyword_ids: torch.Tensor | None = None
+    groups: torch.Tensor | None = None  # (B,) int: images with the same value share a prompt (for rank_loss_weight)
+
+
+def ranking_pairs(target: torch.Tensor, groups: torch.Tensor, min_gap: float) -> torch.Tensor:
+    """(B, B) bool: pair (i, j) of the same group whose true score i exceeds j's by more than ``min_gap``."""
+    return (groups[:, None] == groups[None, :]) & (target[:, None] - target[None, :] > min_gap)
+
+
+def within_prompt_rank_loss(
+    pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor, temperature: float, min_gap: float
+) -> torch.Tensor:
+    """Mean over the ordered pairs of :func:`ranking_pairs` of softplus(−(pred_i − pred_j) / temperature): ln 2
+    for a constant prediction, → 0 as the prediction orders each pair with a margin. 0 (with a graph) when the
+    batch has no such pair. pred, target, groups: (B,)."""
+    pairs = ranking_pairs(target.float(), groups, min_gap)
+    logits = (pred.float()[:, None] - pred.float()[None, :]) / temperature
+    if not bool(pairs.any()):
+        return logits.sum() * 0.0
+    return F.softplus(-logits[pairs]).mean()
 
 
 @dataclass
@@ -625,6 +657,10 @@ class RAHFModel(nn.Module):
             if name not in out.scores:
                 raise ValueError(f"score target {name!r} given but the score was not computed")
             parts[f"score/{name}"] = F.mse_loss(out.scores[name].float(), target.float())
+            if cfg.rank_loss_weight > 0 and labels.groups is not None:
+                parts[f"rank/{name}"] = within_prompt_rank_loss(
+                    out.scores[name], target, labels.groups, cfg.rank_temperature, cfg.rank_min_gap
+                )
         total = sum(
             (
                 cfg.heatmap_loss_weight * cfg.heatmap_weights.get(k.removeprefix("heatmap/"), 1.0) * v
@@ -635,6 +671,9 @@ class RAHFModel(nn.Module):
         )
         total = total + sum(
             (cfg.score_loss_weight * v for k, v in parts.items() if k.startswith("score/")), torch.zeros_like(total)
+        )
+        total = total + sum(
+            (cfg.rank_loss_weight * v for k, v in parts.items() if k.startswith("rank/")), torch.zeros_like(total)
         )
         if labels.keyword_ids is not None:
             if out.text_states is None:

@@ -37,13 +37,14 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from rahf.data.richhf import RichHFSplit, read_split
-from rahf.model import TRAINING_FIELDS, RAHFConfig, RAHFLabels, RAHFModel, RAHFOutput
+from rahf.model import TRAINING_FIELDS, RAHFConfig, RAHFLabels, RAHFModel, RAHFOutput, ranking_pairs
 from rahf.presets import build_rahf
 from rahf.processor import RAHFProcessor
 from training.harness import (
     TrainingRun,
     accumulate_step,
     adamw,
+    batches_per_epoch,
     due,
     epoch_batch_index,
     load_trainer_state,
@@ -84,6 +85,10 @@ class TrainConfig:
     heatmap_loss: str | None = None  # override the per-pixel map loss: "mse" | "bce"
     heatmap_weights: dict[str, float] | None = None  # override the per-map factors on the heatmap loss weight
     itm_negatives: int | None = None  # override how many images per batch get an ITM negative (0: all)
+    rank_loss_weight: float | None = None  # override the within-prompt ranking loss weight (> 0 turns it on)
+    rank_temperature: float | None = None  # override its temperature
+    rank_min_gap: float | None = None  # override the true-score gap below which a pair is a tie
+    prompt_group: int = 1  # images of one prompt kept together in a batch (> 1 for the ranking loss)
     train_split: str = "train"
     dev_split: str = "dev"
     keep_checkpoints: int | None = None  # step checkpoints to keep (the newest; None: all)
@@ -203,18 +208,77 @@ def batch_inputs(model: RAHFModel, processor: RAHFProcessor, data: SplitData, in
         tasks = model.task_order(model.config.heatmap_names, model.config.score_names, True)
         text = processor.tokenize_tasks(batch.prompts, [model.config.task_prefixes[t] for t in tasks])
     labels = RAHFLabels(
-        heatmaps=batch.heatmaps, scores=batch.scores, keyword_ids=processor.tokenize_targets(batch.targets)
+        heatmaps=batch.heatmaps,
+        scores=batch.scores,
+        keyword_ids=processor.tokenize_targets(batch.targets),
+        groups=prompt_groups(batch.prompts),
     )
     return batch.pixels, text.input_ids, text.attention_mask, labels
 
 
-def micro_batch_index(k: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+def prompt_groups(prompts: Sequence[str]) -> torch.Tensor:
+    """(B,) int64: the index of each prompt's first occurrence, so equal prompts share a value."""
+    first: dict[str, int] = {}
+    return torch.tensor([first.setdefault(p, len(first)) for p in prompts], dtype=torch.int64)
+
+
+_GROUPED_ORDERS: dict[tuple[int, int, int, int], tuple[Sequence[str], torch.Tensor]] = {}
+
+
+def grouped_epoch_order(prompts: Sequence[str], group: int, seed: int, epoch: int) -> torch.Tensor:
+    """A permutation of range(len(prompts)) in which the images of one prompt come in runs of up to ``group``.
+
+    Each prompt's images are shuffled and cut into runs of ``group``; the shorter rests of all prompts are packed
+    together into runs of ``group`` (mixed prompts); the runs are shuffled and concatenated. Fixed by (seed,
+    epoch). Cut into consecutive batches of a multiple of ``group``, a batch holds whole runs, so the
+    within-prompt ranking loss sees pairs of the same prompt in every batch.
+    """
+    key = (id(prompts), group, seed, epoch)
+    cached = _GROUPED_ORDERS.get(key)
+    if cached is not None and cached[0] is prompts:
+        return cached[1]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    members: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        members.setdefault(p, []).append(i)
+    runs: list[torch.Tensor] = []
+    pieces: list[torch.Tensor] = []  # the short rest of each prompt
+    for index in members.values():
+        shuffled = torch.tensor(index)[torch.randperm(len(index), generator=gen)]
+        for run in shuffled.split(group):
+            (runs if len(run) == group else pieces).append(run)
+    if pieces:  # the short rests, shuffled and packed into runs of ``group`` too, so every run fills its slot
+        rest = torch.cat([pieces[r] for r in torch.randperm(len(pieces), generator=gen).tolist()])
+        runs += list(rest.split(group))
+    order = torch.cat([runs[r] for r in torch.randperm(len(runs), generator=gen).tolist()])
+    _GROUPED_ORDERS.clear()  # one epoch's order kept: batches are drawn epoch by epoch
+    _GROUPED_ORDERS[key] = (prompts, order)
+    return order
+
+
+def micro_batch_index(
+    k: int, n: int, batch_size: int, seed: int, prompts: Sequence[str] | None = None, group: int = 1
+) -> torch.Tensor:
     """Indices of global micro-batch ``k``: the harness's batch order (:func:`training.harness.epoch_batch_index`,
-    full batches only), so the order is a function of k."""
-    return epoch_batch_index(k, n, batch_size, seed)
+    full batches only), so the order is a function of k. With ``prompts`` and ``group`` > 1 the epoch's order
+    is :func:`grouped_epoch_order` instead (same number of batches per epoch)."""
+    if group <= 1 or prompts is None:
+        return epoch_batch_index(k, n, batch_size, seed)
+    per_epoch = batches_per_epoch(n, batch_size)
+    epoch, j = divmod(k, per_epoch)
+    return grouped_epoch_order(prompts, group, seed, epoch)[j * batch_size : (j + 1) * batch_size]
 
 
-def rank_batch_index(k: int, n: int, batch_size: int, seed: int, rank: int, world: int) -> torch.Tensor:
+def rank_batch_index(
+    k: int,
+    n: int,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world: int,
+    prompts: Sequence[str] | None = None,
+    group: int = 1,
+) -> torch.Tensor:
     """Process ``rank``'s ``batch_size`` indices of micro-batch ``k`` when ``world`` processes train together.
 
     Every process draws the same global micro-batch of ``batch_size × world`` (:func:`micro_batch_index`) and
@@ -223,14 +287,16 @@ def rank_batch_index(k: int, n: int, batch_size: int, seed: int, rank: int, worl
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside 0..{world - 1}")
+    if group > 1 and batch_size % group:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of prompt_group {group}")
     if world == 1:
-        return micro_batch_index(k, n, batch_size, seed)
+        return micro_batch_index(k, n, batch_size, seed, prompts, group)
     total = batch_size * world
     if n < total:
         raise ValueError(
             f"{n} training examples, fewer than one global batch of {total} ({batch_size} × {world} processes)"
         )
-    return micro_batch_index(k, n, total, seed)[rank * batch_size : (rank + 1) * batch_size]
+    return micro_batch_index(k, n, total, seed, prompts, group)[rank * batch_size : (rank + 1) * batch_size]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,6 +325,9 @@ def loss_terms(config: RAHFConfig, labels: RAHFLabels, outputs: RAHFOutput) -> d
                 count = (1.0 + config.empty_heatmap_weight * empty.float()).sum()
         elif kind == "score":
             coef, count = config.score_loss_weight, torch.tensor(float(labels.scores[name].shape[0]))
+        elif kind == "rank" and labels.groups is not None:
+            pairs = ranking_pairs(labels.scores[name].float(), labels.groups, config.rank_min_gap)
+            coef, count = config.rank_loss_weight, pairs.sum().float()
         elif key == "tokens" and labels.keyword_ids is not None:
             coef, count = config.token_loss_weight, (labels.keyword_ids != -100).sum().float()
         elif key == "itm" and outputs.itm_logits is not None:
@@ -355,6 +424,7 @@ def _to(labels: RAHFLabels, device) -> RAHFLabels:
         {k: v.to(device) for k, v in labels.heatmaps.items()},
         {k: v.to(device) for k, v in labels.scores.items()},
         labels.keyword_ids.to(device) if labels.keyword_ids is not None else None,
+        labels.groups.to(device) if labels.groups is not None else None,
     )
 
 
@@ -390,7 +460,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         model, processor = build_rahf(cfg.preset, variant=cfg.variant, seed=cfg.seed, config_overrides=overrides)
     train_data = load_split(cfg.data_dir, cfg.train_split, processor)
     dev_data = load_split(cfg.data_dir, cfg.dev_split, processor)
-    rank_batch_index(0, len(train_data), cfg.batch_size, cfg.seed, rank, world)  # refuse a split too small, now
+    train_prompts = train_data.prompts if cfg.prompt_group > 1 else None
+    # refuse a split too small, or a batch that cannot hold whole prompt groups, now
+    rank_batch_index(0, len(train_data), cfg.batch_size, cfg.seed, rank, world, train_prompts, cfg.prompt_group)
     model.train()
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)  # one group: every parameter decays
     step, best = 0, float("inf")
@@ -412,7 +484,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         parts_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             k = step * cfg.grad_accum + micro
-            index = rank_batch_index(k, len(train_data), cfg.batch_size, cfg.seed, rank, world)
+            index = rank_batch_index(
+                k, len(train_data), cfg.batch_size, cfg.seed, rank, world, train_prompts, cfg.prompt_group
+            )
             px, ids, mask, labels = batch_inputs(raw, processor, train_data, index)
             labels = _to(labels, device)
 

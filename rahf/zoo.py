@@ -123,7 +123,8 @@ def _write_data(recipe: dict[str, Any], data: Path, log: Callable[[str], None], 
     for split, n in (("train", d["train"]), ("dev", d["dev"]), ("test", test)):
         if n and not (data / f"{split}.tfrecord").is_file():
             log(f"writing the synthetic benchmark's {split} split ({n} images) to {data}")
-            write_split(data, split, n, size=d["size"], seed=d["seed"])
+            per_prompt = d.get("per_prompt", 1) if split != "test" else 1  # the test split stays the benchmark's
+            write_split(data, split, n, size=d["size"], seed=d["seed"], per_prompt=per_prompt)
 
 
 def _train(recipe: dict[str, Any], data: Path, run: Path, log: Callable[[str], None]) -> dict[str, Any]:

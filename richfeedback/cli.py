@@ -481,7 +481,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     for split, n in (("train", args.train), ("dev", args.dev), ("test", args.test)):
         if n:
-            path = write_split(args.out, split, n, size=args.size, seed=args.seed)
+            path = write_split(args.out, split, n, size=args.size, seed=args.seed, per_prompt=args.per_prompt)
             print(f"{split}: {n} examples -> {path}")
     return 0
 
@@ -830,6 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=200, help="examples of the test split (0: none)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="example i of a split depends only on (seed, split, i)")
+    p.add_argument(
+        "--per-prompt", type=int, default=1, help="consecutive examples sharing one prompt (1: a prompt each)"
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train RAHF (resumes from the last checkpoint in --out-dir)")
@@ -857,6 +860,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("empty_heatmap_weight", float, "extra map-loss weight on empty target maps (default: the model config's)"),
         ("itm_loss_weight", float, "image-text matching loss weight; > 0 adds its head (default: the model config's)"),
         ("itm_negatives", int, "images per batch given an ITM negative, 0: all (default: the model config's)"),
+        ("rank_loss_weight", float, "within-prompt ranking loss weight, > 0 turns it on (default: the model config's)"),
+        ("rank_temperature", float, "ranking loss temperature in score units (default: the model config's)"),
+        ("rank_min_gap", float, "true-score gap below which a pair is a tie (default: the model config's)"),
+        ("prompt_group", int, "images of one prompt kept together in a batch (TrainConfig default: 1)"),
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=helptext)
     p.add_argument(

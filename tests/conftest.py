@@ -75,11 +75,11 @@ def prefect_harness(tmp_path_factory):
         yield home
 
 
-def synthetic_split_folder(tmp_path_factory, name: str, sizes: dict[str, int], seed: int):
+def synthetic_split_folder(tmp_path_factory, name: str, sizes: dict[str, int], seed: int, per_prompt: int = 1):
     """A split folder of the synthetic world at rahf-tiny's image size (64 px): {split: example count}."""
     from rahf.data.synthetic import write_split
 
     folder = tmp_path_factory.mktemp(name)
     for split, n in sizes.items():
-        write_split(folder, split, n, size=64, seed=seed)
+        write_split(folder, split, n, size=64, seed=seed, per_prompt=per_prompt)
     return folder

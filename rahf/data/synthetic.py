@@ -407,24 +407,49 @@ def fit_flaw_model(counts: Iterable[dict[str, Any]], prior: FlawModel, prior_str
 
 
 def generate(
-    n: int, *, size: int = 64, seed: int = 0, split: str = "train", flaws: FlawModel | None = None
+    n: int,
+    *,
+    size: int = 64,
+    seed: int = 0,
+    split: str = "train",
+    flaws: FlawModel | None = None,
+    per_prompt: int = 1,
 ) -> Iterator[SyntheticSample]:
-    """``n`` samples of a split; sample i depends only on (seed, split, i), so any prefix is reproducible."""
+    """``n`` samples of a split; sample i depends only on (seed, split, i), so any prefix is reproducible.
+
+    ``per_prompt`` > 1 writes groups of that many consecutive samples sharing one prompt (the last group may be
+    shorter), each its own scene: what a generator's candidates for one prompt look like, and what a
+    within-prompt ranking loss trains on. ``per_prompt`` = 1 draws a prompt per sample (the original splits).
+    """
+    if per_prompt < 1:
+        raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
     split_id = sum(ord(c) * 31**k for k, c in enumerate(split)) % 2**31
     for i in range(n):
+        uid = f"{split}/{split}-{seed}-{i:06d}"
         rng = np.random.default_rng([seed, split_id, i])
-        yield render(rng, size=size, flaws=flaws, uid=f"{split}/{split}-{seed}-{i:06d}")
+        if per_prompt == 1:
+            yield render(rng, size=size, flaws=flaws, uid=uid)
+        else:  # the prompt from the group's own stream, the scene from the sample's
+            groups = sample_groups(np.random.default_rng([seed, split_id, i // per_prompt, per_prompt]))
+            yield sample_of(compose(rng, groups, size, flaws), uid)
 
 
 def write_split(
-    out_dir: str | Path, split: str, n: int, *, size: int = 64, seed: int = 0, flaws: FlawModel | None = None
+    out_dir: str | Path,
+    split: str,
+    n: int,
+    *,
+    size: int = 64,
+    seed: int = 0,
+    flaws: FlawModel | None = None,
+    per_prompt: int = 1,
 ) -> Path:
     """Write ``<split>.tfrecord`` (RichHF-18K schema), the images, and ``<split>.jsonl`` (uid, image, prompt,
-    flaws) under ``out_dir``; returns the TFRecord path."""
+    flaws) under ``out_dir``; returns the TFRecord path. ``per_prompt``: see :func:`generate`."""
     out = Path(out_dir)
     (out / split).mkdir(parents=True, exist_ok=True)
     examples, rows = [], []
-    for sample in generate(n, size=size, seed=seed, split=split, flaws=flaws):
+    for sample in generate(n, size=size, seed=seed, split=split, flaws=flaws, per_prompt=per_prompt):
         sample.image.save(out / sample.example.filename)
         examples.append(sample.example)
         rows.append(
