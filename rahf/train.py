@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -93,6 +94,8 @@ class TrainConfig:
     dev_split: str = "dev"
     keep_checkpoints: int | None = None  # step checkpoints to keep (the newest; None: all)
     progress: bool = True  # a progress bar on stderr when it is a terminal (main process only)
+    # an output whose spread over the dev split falls below this is reported as collapsed (a constant)
+    collapse_spread: float = 1e-3
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -395,15 +398,18 @@ def dev_loss(
     batch_size: int,
     device,
     accelerator: Accelerator | None = None,
+    spread: dict[str, float] | None = None,
 ) -> float:
     """Mean over examples of the loss of consecutive batches of ``batch_size``.
 
     With an ``accelerator`` of several processes, process r evaluates batches r, r + world, ... and the sums are
-    reduced, so every process returns the same number as one process would (same batches).
+    reduced, so every process returns the same number as one process would (same batches). A ``spread`` dict is
+    filled with :func:`output_spread` of the predictions (over this process's share of the split).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     model.eval()
     total, n = 0.0, 0
+    sums: dict[str, list[torch.Tensor]] = {}  # output -> [Σ x, Σ x², count] over examples
     for j, start in enumerate(range(0, len(data), batch_size)):
         if j % world != rank:
             continue
@@ -413,10 +419,27 @@ def dev_loss(
         out = model(px.to(device), ids.to(device), mask.to(device), labels=labels)
         total += float(out.loss) * len(index)
         n += len(index)
+        if spread is not None:
+            for name, value in {**out.scores, **out.heatmaps}.items():
+                x = value.detach().double().flatten(1) if value.dim() > 1 else value.detach().double()[:, None]
+                acc = sums.setdefault(name, [torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)] * 2)
+                sums[name] = [acc[0] + x.sum(0), acc[1] + (x * x).sum(0)]
     model.train()
+    if spread is not None:
+        spread.update(output_spread(sums, n))
     if world > 1:
         total, n = accelerator.reduce(torch.tensor([total, n], dtype=torch.float64, device=device), "sum").tolist()
     return total / n
+
+
+def output_spread(sums: dict[str, list[torch.Tensor]], n: int) -> dict[str, float]:
+    """Per output, its standard deviation across examples (for a heatmap: per pixel, then averaged over pixels),
+    from [Σ x, Σ x²] over ``n`` examples. 0 for an output that is the same for every input: a collapsed head."""
+    out = {}
+    for name, (s1, s2) in sums.items():
+        var = (s2 / n - (s1 / n) ** 2).clamp_min(0.0)
+        out[name] = float(var.sqrt().mean())
+    return out
 
 
 def _to(labels: RAHFLabels, device) -> RAHFLabels:
@@ -516,11 +539,24 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         nonlocal best
         if not due(step, cfg.eval_every, cfg.steps):
             return
-        loss_dev = dev_loss(raw, processor, dev_data, cfg.batch_size, device, accelerator)
-        run.log({"step": step, "dev_loss": loss_dev})
+        spread: dict[str, float] = {}
+        loss_dev = dev_loss(raw, processor, dev_data, cfg.batch_size, device, accelerator, spread)
+        low = sorted(k for k, v in spread.items() if v < cfg.collapse_spread)
+        run.log({"step": step, "dev_loss": loss_dev, "dev_spread": spread, **({"collapsed": low} if low else {})})
+        collapsed[:] = low
+        if low and main:
+            warnings.warn(
+                f"step {step}: outputs collapsed to constants on the dev split: "
+                + ", ".join(f"{k} spread {spread[k]:.2g}" for k in low)
+                + f" (below collapse_spread {cfg.collapse_spread:g}); the model does not tell these images apart",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if loss_dev < best:  # the same on every process: the dev loss is reduced over them
             best = loss_dev
             run.save(step, write_model, optimizer, {"best_dev_loss": best}, name="best")
+
+    collapsed: list[str] = []  # outputs collapsed at the latest dev evaluation
 
     def checkpoint(step: int) -> None:
         run.save(step, write_model, optimizer, {"best_dev_loss": best})
@@ -542,6 +578,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         "best_dev_loss": best,
         "seconds": time.perf_counter() - started,
         "train_examples": len(train_data),
+        "collapsed_outputs": collapsed,
         "skipped": train_data.skipped + dev_data.skipped,
         "processes": world,
         "global_batch": cfg.batch_size * world,

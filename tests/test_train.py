@@ -207,3 +207,46 @@ def test_channels_last_training_matches_the_default_layout(data_dir, tmp_path, m
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3, msg=k)
+
+
+def test_output_spread_is_zero_for_a_constant_output_only():
+    from rahf.train import output_spread
+
+    constant = torch.full((5, 4), 0.3, dtype=torch.float64)  # five examples, one 4-pixel map each, all equal
+    varying = torch.tensor([[0.0], [1.0], [0.0], [1.0]], dtype=torch.float64)  # a score: 0, 1, 0, 1 (std 0.5)
+    sums = {
+        "map": [constant.sum(0), (constant**2).sum(0)],
+        "score": [varying.sum(0), (varying**2).sum(0)],
+    }
+    spread = output_spread({"map": sums["map"]}, 5) | output_spread({"score": sums["score"]}, 4)
+    assert spread["map"] == pytest.approx(0.0, abs=1e-9)
+    assert spread["score"] == pytest.approx(0.5)
+
+
+def test_training_reports_outputs_collapsed_on_the_dev_split(data_dir, tmp_path):
+    # Two steps from random init: the heads still give (nearly) the same output for every image, and the default
+    # threshold reports all six, with a warning naming them and their spreads.
+    with pytest.warns(RuntimeWarning, match="outputs collapsed to constants on the dev split: aesthetics spread"):
+        summary = train(config(data_dir, tmp_path / "a", steps=2, eval_every=2))
+    names = {"implausibility", "misalignment", "plausibility", "alignment", "aesthetics", "overall"}
+    assert set(summary["collapsed_outputs"]) == names
+    rows = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    dev = [r for r in rows if "dev_loss" in r]
+    assert set(dev[-1]["dev_spread"]) == names and set(dev[-1]["collapsed"]) == names
+    assert all(0.0 < v < 1e-3 for v in dev[-1]["dev_spread"].values())
+    # A threshold of 0 reports nothing for the same run.
+    summary = train(config(data_dir, tmp_path / "b", steps=2, eval_every=2, collapse_spread=0.0))
+    assert summary["collapsed_outputs"] == []
+
+
+def test_the_shipped_model_is_not_collapsed_on_the_synthetic_dev_split(data_dir):
+    from rahf.model import RAHFModel
+    from rahf.processor import RAHFProcessor
+    from rahf.train import dev_loss, load_split
+    from rahf.zoo import SHIPPED_DIR
+
+    model, processor = RAHFModel.from_pretrained(SHIPPED_DIR), RAHFProcessor.from_pretrained(SHIPPED_DIR)
+    spread: dict[str, float] = {}
+    dev_loss(model, processor, load_split(data_dir, "dev", processor), 8, torch.device("cpu"), spread=spread)
+    assert set(spread) == {"implausibility", "misalignment", "plausibility", "alignment", "aesthetics", "overall"}
+    assert min(spread.values()) > 5e-3, spread  # five times the default collapse threshold and more
