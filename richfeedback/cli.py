@@ -477,11 +477,15 @@ def cmd_import_richhf(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from rahf.data.synthetic import write_split
+    if args.world == "alt":
+        from rahf.data.synthetic_alt import write_split
+    else:
+        from rahf.data.synthetic import write_split
 
+    size = args.size or (128 if args.world == "alt" else 64)
     for split, n in (("train", args.train), ("dev", args.dev), ("test", args.test)):
         if n:
-            path = write_split(args.out, split, n, size=args.size, seed=args.seed, per_prompt=args.per_prompt)
+            path = write_split(args.out, split, n, size=size, seed=args.seed, per_prompt=args.per_prompt)
             print(f"{split}: {n} examples -> {path}")
     return 0
 
@@ -828,10 +832,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=2000, help="examples of the train split (0: none)")
     p.add_argument("--dev", type=int, default=200, help="examples of the dev split (0: none)")
     p.add_argument("--test", type=int, default=200, help="examples of the test split (0: none)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--size", type=int, help="image side in pixels (default: 64 for shapes, 128 for alt)")
     p.add_argument("--seed", type=int, default=0, help="example i of a split depends only on (seed, split, i)")
     p.add_argument(
         "--per-prompt", type=int, default=1, help="consecutive examples sharing one prompt (1: a prompt each)"
+    )
+    p.add_argument(
+        "--world",
+        choices=("shapes", "alt"),
+        default="shapes",
+        help="shapes: the world recipes are tuned on; alt: the second world (rings, stars, moons, flowers, cubes on "
+        "textured skies, its own flaws and score rules), for validating recipes only",
     )
     p.set_defaults(func=cmd_synth)
 

@@ -446,21 +446,32 @@ def write_split(
 ) -> Path:
     """Write ``<split>.tfrecord`` (RichHF-18K schema), the images, and ``<split>.jsonl`` (uid, image, prompt,
     flaws) under ``out_dir``; returns the TFRecord path. ``per_prompt``: see :func:`generate`."""
+    return write_samples(
+        out_dir, split, generate(n, size=size, seed=seed, split=split, flaws=flaws, per_prompt=per_prompt)
+    )
+
+
+def write_samples(out_dir: str | Path, split: str, samples: Iterable[Any]) -> Path:
+    """Write samples (anything with ``image``, ``example``, ``prompt`` and ``flaws``, as :class:`SyntheticSample`)
+    as ``<split>.tfrecord``, the images and ``<split>.jsonl`` under ``out_dir``; returns the TFRecord path."""
     out = Path(out_dir)
     (out / split).mkdir(parents=True, exist_ok=True)
-    examples, rows = [], []
-    for sample in generate(n, size=size, seed=seed, split=split, flaws=flaws, per_prompt=per_prompt):
-        sample.image.save(out / sample.example.filename)
-        examples.append(sample.example)
-        rows.append(
-            {
-                "uid": sample.example.uid,
-                "image": sample.example.filename,
-                "prompt": sample.prompt,
-                "flaws": sample.flaws,
-            }
-        )
+    rows = []
+
+    def examples() -> Iterator[RichHFExample]:  # streamed: no sample outlives its record
+        for sample in samples:
+            sample.image.save(out / sample.example.filename)
+            rows.append(
+                {
+                    "uid": sample.example.uid,
+                    "image": sample.example.filename,
+                    "prompt": sample.prompt,
+                    "flaws": sample.flaws,
+                }
+            )
+            yield sample.example
+
     path = out / f"{split}.tfrecord"
-    write_richhf(path, examples)
+    write_richhf(path, examples())
     (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
