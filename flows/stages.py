@@ -62,6 +62,7 @@ from flows.results import (
     RepairPair,
     RepairStageResult,
     RepairTruth,
+    SelectionTruth,
     SelectResult,
 )
 from flows.storage import RunStore
@@ -306,7 +307,9 @@ def select_finetune_data(
     """Best of N per prompt above the thresholds (``config.selection``) -> ``<root>/finetune-data`` (image folder
     + metadata.jsonl, and the run's ``run.json``: the dataset remembers its generator).
 
-    ``ids`` restricts the candidates (e.g. one generation's ids); by default every generated record.
+    ``ids`` restricts the candidates (e.g. one generation's ids); by default every generated record. When the
+    candidates carry the synthetic world's ground truth, ``truth`` measures the selection in truth
+    (:class:`flows.results.SelectionTruth`); it is None otherwise.
     """
     from finetune.dataset import export_dataset
     from finetune.select import select_best
@@ -328,9 +331,25 @@ def select_finetune_data(
         prompts_without_selection=int(summary.get("prompts_without_selection", 0)),
         selection=summary,
         export=exported.to_dict(),
+        truth=_selection_truth(records, result.selected, config),
     )
     store.write_json(selection_key(), out.to_dict())
     return out
+
+
+def _selection_truth(
+    candidates: Sequence[ImageRecord], selected: Sequence[ImageRecord], config: LoopConfig
+) -> SelectionTruth | None:
+    """The selection measured in truth (:func:`compare.loop_gain.selection_gain`, ``config.compare.n_boot``
+    resamples, seed 0); None unless every candidate of a selected prompt carries the synthetic world's truth."""
+    from compare.loop_gain import selection_gain
+
+    gain = selection_gain(candidates, [r.id for r in selected], n_boot=config.compare.n_boot, seed=0)
+    if gain is None:
+        return None
+    sel = config.selection
+    by = sel.score if sel.weights is None else " + ".join(f"{w:g} × {n}" for n, w in sel.ranking_weights().items())
+    return SelectionTruth(gain["prompts"], gain["images"], by, gain["n_boot"], gain["scores"])
 
 
 def finetune_generator(root: str, dataset: str, config: LoopConfig | None = None) -> FinetuneResult:
