@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from common.names import SCORE_NAMES
-from common.records import ImageRecord
 from flows import stages
 from flows.config import LoopConfig
 from flows.results import (
