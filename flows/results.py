@@ -126,8 +126,8 @@ class SelectionTruth(StageResult):
         lines = [
             f"This round's selection in truth (synthetic world): {self.images} images of {self.prompts} prompts, "
             f"selected by RAHF {self.select_by}; random pick = the mean of the prompt's candidates; oracle = the "
-            f"truly best candidate of each prompt; share of oracle gain = (selected − random) / (oracle − random) "
-            f"in truth; 95 % intervals over prompts ({self.n_boot} resamples).",
+            "truly best candidate of each prompt by that score; share of oracle gain = (selected − random) / "
+            f"(oracle − random) in truth; 95 % intervals over prompts ({self.n_boot} resamples).",
             "",
             "| score | RAHF selected | RAHF random pick | RAHF gain | true selected | true random pick | "
             "true oracle pick | true gain [95% CI] | share of oracle gain [95% CI] |",
