@@ -269,6 +269,74 @@ def measure_selection(
     return selected, result
 
 
+def selection_gain(
+    candidates: Sequence[ImageRecord],
+    selected: Sequence[str],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """One selection of a run, measured in truth: the scorer's scores and the true scores of the ``selected``
+    ids against a random pick of the same prompts, and the share of the oracle's true gain. Candidates with an
+    ``error`` or without all four scores are left out.
+
+    Per prompt with a selection (rows of the bootstrap, which resamples prompts): the mean over its selected
+    images; the random pick counted at its expectation (the mean of the prompt's candidates); the oracle's pick
+    (the mean of the prompt's truly best candidates by that score, as many as were selected; ties to the lower
+    seed). Per score, over prompts: ``rahf_selected``, ``rahf_random_pick``, ``rahf_gain``, ``true_selected``,
+    ``true_random_pick``, ``true_oracle_pick``, ``true_gain`` (selected − random, with ``true_gain_ci_low`` /
+    ``_high``) and ``share_of_oracle_gain`` = (selected − random) / (oracle − random) of the means (with
+    ``share_ci_low`` / ``_high``; None where the oracle gains nothing). Returns ``{"prompts", "images", "n_boot",
+    "scores"}``, or None when nothing is selected or a candidate of a selected prompt carries no ground truth
+    (``record.truth["scores"]``, the synthetic world's).
+    """
+    by_id = {r.id: r for r in candidates if not r.error and all(n in r.scores for n in SCORE_NAMES)}
+    unknown = [i for i in selected if i not in by_id]
+    if unknown:
+        raise ValueError(f"selected ids not among the candidates: {unknown[:3]}")
+    chosen: dict[str, list[ImageRecord]] = {}
+    for i in dict.fromkeys(selected):
+        chosen.setdefault(by_id[i].prompt, []).append(by_id[i])
+    groups = {p: [r for r in by_id.values() if r.prompt == p] for p in chosen}
+    if not chosen or any(r.truth is None or "scores" not in r.truth for g in groups.values() for r in g):
+        return None
+    rows: dict[str, np.ndarray] = {}  # score -> (P, 5): rahf sel, rahf random, true sel, true random, oracle
+    for name in SCORE_NAMES:
+        table = []
+        for prompt, picks in chosen.items():
+            cands = groups[prompt]
+            best = sorted(cands, key=lambda r: (-r.truth["scores"][name], r.seed, r.id))[: len(picks)]  # type: ignore[index]
+            table.append(
+                [
+                    np.mean([r.scores[name] for r in picks]),
+                    np.mean([r.scores[name] for r in cands]),
+                    np.mean([r.truth["scores"][name] for r in picks]),  # type: ignore[index]
+                    np.mean([r.truth["scores"][name] for r in cands]),  # type: ignore[index]
+                    np.mean([r.truth["scores"][name] for r in best]),  # type: ignore[index]
+                ]
+            )
+        rows[name] = np.asarray(table, np.float64)
+    scores = {}
+    for name, t in rows.items():
+        gain = _ci(t[:, 2] - t[:, 3], n_boot, seed)
+        share = _ratio_ci(t[:, 2] - t[:, 3], t[:, 4] - t[:, 3], n_boot, seed)
+        scores[name] = {
+            "rahf_selected": float(t[:, 0].mean()),
+            "rahf_random_pick": float(t[:, 1].mean()),
+            "rahf_gain": float((t[:, 0] - t[:, 1]).mean()),
+            "true_selected": float(t[:, 2].mean()),
+            "true_random_pick": float(t[:, 3].mean()),
+            "true_oracle_pick": float(t[:, 4].mean()),
+            "true_gain": gain["mean"],
+            "true_gain_ci_low": gain["ci_low"],
+            "true_gain_ci_high": gain["ci_high"],
+            "share_of_oracle_gain": share["mean"],
+            "share_ci_low": share["ci_low"],
+            "share_ci_high": share["ci_high"],
+        }
+    return {"prompts": len(chosen), "images": sum(map(len, chosen.values())), "n_boot": n_boot, "scores": scores}
+
+
 def measure_generator(
     before: Sequence[GeneratedImage], after: Sequence[GeneratedImage], config: LoopGainConfig, *, seed: int = 0
 ) -> dict[str, dict[str, Any]]:

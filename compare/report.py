@@ -14,7 +14,9 @@ Heatmaps: a ``.png`` is shown as it is (already an overlay); a ``.npy`` (or sing
 The top of the page (and of ``report.md``, the same summary in markdown) names A and B: the generator identity
 the records carry (backend, model, revision) and the LoRA adapter (its content hash from the records, and its
 path when the caller passes ``sides``). A mean difference whose 95 % interval includes 0, or that rounds to
-0.000, is shown as a tie (neutral colour, "tie"), never as a signed win or loss.
+0.000, is shown as a tie (neutral colour, "tie"), never as a signed win or loss. When the records carry ground
+truth (the synthetic world; ``stats.truth``), a second table puts RAHF's and the true statistics side by side
+(per score mean A, mean B, d and its interval; the true implausible area too), in the page and in ``report.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from PIL import Image
 
 from common.atomic import atomic_write_text
 from common.records import ImageRecord
-from compare.stats import BIN_SYMBOLS, BINS, ComparisonStats, PairingReport, PromptStats
+from compare.stats import BIN_SYMBOLS, BINS, ComparisonStats, PairingReport, PromptStats, ScoreStats
 
 #: heatmap kinds shown, with the overlay colour of a ``.npy`` map
 HEATMAP_COLORS = {"implausibility": (255, 0, 0), "misalignment": (0, 90, 255)}
@@ -191,12 +193,34 @@ def report_markdown(
         "|---|---:|---:|---:|---:|---:|",
     ]
     for s in stats.scores.values():
-        d = _num(s.diff) + (" (tie)" if is_tie(s.diff, s.ci_low, s.ci_high) else "")
-        lines.append(
-            f"| {s.name} | {s.mean_a:.3f} | {s.mean_b:.3f} | {d} | [{_num(s.ci_low)}, {_num(s.ci_high)}] | "
-            f"{s.wins} / {s.ties} / {s.losses} |"
-        )
+        lines.append(f"| {s.name} | {' | '.join(_md_cells(s))} | {s.wins} / {s.ties} / {s.losses} |")
+    if stats.truth is not None:
+        lines += [
+            "",
+            "## RAHF and the truth (synthetic world)",
+            "",
+            "| score | RAHF mean A | RAHF mean B | RAHF d | RAHF 95 % interval | true mean A | true mean B | true d | "
+            "true 95 % interval |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, rahf, true in _side_by_side(stats, stats.truth):
+            cells = (_md_cells(rahf) if rahf else ["–"] * 4) + (_md_cells(true) if true else ["–"] * 4)
+            lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
+
+
+def _md_cells(s: ScoreStats) -> list[str]:
+    """mean A, mean B, d (marked a tie) and its interval, as markdown cells."""
+    d = _num(s.diff) + (" (tie)" if is_tie(s.diff, s.ci_low, s.ci_high) else "")
+    return [f"{s.mean_a:.3f}", f"{s.mean_b:.3f}", d, f"[{_num(s.ci_low)}, {_num(s.ci_high)}]"]
+
+
+def _side_by_side(
+    stats: ComparisonStats, truth: ComparisonStats
+) -> list[tuple[str, ScoreStats | None, ScoreStats | None]]:
+    """(name, RAHF's statistics, the true ones) of every name either side compares, RAHF's order first."""
+    names = dict.fromkeys([*stats.scores, *truth.scores])
+    return [(n, stats.scores.get(n), truth.scores.get(n)) for n in names]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,6 +319,36 @@ def _summary_table(stats: ComparisonStats) -> str:
         for s in stats.scores.values()
     ]
     return f'<table class="summary">{head}{"".join(rows)}</table>'
+
+
+def _html_cells(s: ScoreStats | None) -> str:
+    if s is None:
+        return '<td class="zero">–</td>' * 4
+    return (
+        f"<td>{s.mean_a:.3f}</td><td>{s.mean_b:.3f}</td><td>{_mean_diff(s.diff, s.ci_low, s.ci_high)}</td>"
+        f"<td>[{_num(s.ci_low)}, {_num(s.ci_high)}]</td>"
+    )
+
+
+def _truth_table(stats: ComparisonStats) -> str:
+    """RAHF's and the true statistics side by side (empty without truth)."""
+    if stats.truth is None:
+        return ""
+    head = (
+        '<tr><th class="name" rowspan="2">score</th><th colspan="4">RAHF</th><th colspan="4">truth</th></tr>'
+        + "<tr>"
+        + "<th>mean A</th><th>mean B</th><th>d = B − A</th><th>95 % interval</th>" * 2
+        + "</tr>"
+    )
+    rows = "".join(
+        f'<tr data-score="{_e(name)}"><td class="name">{_e(name)}</td>{_html_cells(rahf)}{_html_cells(true)}</tr>'
+        for name, rahf, true in _side_by_side(stats, stats.truth)
+    )
+    return (
+        '<h2>RAHF and the truth (synthetic world)</h2><p class="meta">The images carry their ground truth: the '
+        "true scores and true implausible area, paired the same way.</p>"
+        f'<table class="truth">{head}{rows}</table>'
+    )
 
 
 def _bin_bars(stats: ComparisonStats) -> str:
@@ -444,7 +498,7 @@ def write_report(
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
         f'<style>{_CSS}</style></head><body><h1>{_e(title)}</h1><p class="meta">{meta}</p>'
         f"<h2>A and B</h2>{_sides_table(described)}"
-        f"{_pairing_box(stats.pairing)}<h2>Summary</h2>{_summary_table(stats)}"
+        f"{_pairing_box(stats.pairing)}<h2>Summary</h2>{_summary_table(stats)}{_truth_table(stats)}"
         f"<h2>Five-bin preference (per pair, B vs A)</h2>{_bin_bars(stats)}"
         f"<h2>Prompts, best improvement of {_e(key)} first</h2>{sections}</body></html>\n"
     )

@@ -29,7 +29,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -225,11 +225,15 @@ class ComparisonStats:
     scores: dict[str, ScoreStats]
     prompts: list[PromptStats]
     pairing: PairingReport | None = None
+    #: the same statistics of the true scores and ``implausible_area`` (synthetic world), when every record of
+    #: every pair carries ground truth (:func:`truth_pairs`); None otherwise
+    truth: ComparisonStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bins"] = list(BINS)
         d["pairing"] = self.pairing.to_dict() if self.pairing is not None else None
+        d["truth"] = self.truth.to_dict() if self.truth is not None else None
         return d
 
     @classmethod
@@ -242,6 +246,7 @@ class ComparisonStats:
             scores={k: ScoreStats(**v) for k, v in d["scores"].items()},
             prompts=[PromptStats(**p) for p in d["prompts"]],
             pairing=PairingReport.from_dict(d["pairing"]) if d.get("pairing") else None,
+            truth=ComparisonStats.from_dict(d["truth"]) if d.get("truth") else None,
         )
 
     def write_json(self, path: str | Path) -> Path:
@@ -318,6 +323,27 @@ def _prompt_stats(
     return out
 
 
+#: what the truth side of a comparison compares: the four true scores and the true implausible area
+TRUTH_NAMES = (*SCORE_NAMES, "implausible_area")
+
+
+def truth_pairs(pairs: Sequence[tuple[ImageRecord, ImageRecord]]) -> Pairs | None:
+    """The pairs with each record's scores replaced by its ground truth (``truth["scores"]`` and
+    ``truth["implausible_area"]``, the synthetic world's; :data:`TRUTH_NAMES`), or None when a record has none."""
+    out = []
+    for pair in pairs:
+        sides = []
+        for r in pair:
+            t = r.truth
+            if not t or not all(n in t.get("scores", {}) for n in SCORE_NAMES) or "implausible_area" not in t:
+                return None
+            scores = {**{n: float(t["scores"][n]) for n in SCORE_NAMES}, "implausible_area": t["implausible_area"]}
+            sides.append(replace(r, scores=scores, truth=None))
+        out.append((sides[0], sides[1]))
+    report = getattr(pairs, "report", None)
+    return Pairs(out, report if report is not None else PairingReport(len(out), len(out), len(out)))
+
+
 def compare_scores(
     pairs: Sequence[tuple[ImageRecord, ImageRecord]],
     *,
@@ -335,6 +361,9 @@ def compare_scores(
         seed: seed of ``np.random.default_rng`` for the resampling.
         thresholds: bin thresholds (default :class:`BinThresholds()`).
         score_names: scores to compare; default the first pair's A scores, in :data:`SCORE_NAMES` order.
+
+    When every record carries ground truth (the synthetic world), ``truth`` holds the same statistics of the true
+    scores and implausible area (:func:`truth_pairs`, the same ``n_boot``, ``seed`` and thresholds).
     """
     if not pairs:
         raise ValueError("no pairs to compare (see the pairing report)")
@@ -344,6 +373,7 @@ def compare_scores(
     names = _score_names(pairs, score_names)
     s = score_matrix(pairs, names)
     boot = bootstrap_means(s[1] - s[0], n_boot, seed)
+    true = truth_pairs(pairs)
     return ComparisonStats(
         n_pairs=len(pairs),
         n_boot=n_boot,
@@ -352,4 +382,5 @@ def compare_scores(
         scores={n: _score_stats(n, s[0, :, j], s[1, :, j], boot[:, j], th) for j, n in enumerate(names)},
         prompts=_prompt_stats(pairs, s, names),
         pairing=getattr(pairs, "report", None),
+        truth=compare_scores(true, n_boot=n_boot, seed=seed, thresholds=th, score_names=TRUTH_NAMES) if true else None,
     )

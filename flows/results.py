@@ -104,10 +104,58 @@ class GenerateResult(StageResult):
         return text + ("\n" + self.manifest.to_markdown() if self.manifest else "")
 
 
+def _opt(v: float | None, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+@dataclass(frozen=True)
+class SelectionTruth(StageResult):
+    """One selection measured in truth (synthetic world; :func:`compare.loop_gain.selection_gain`): per score,
+    the RAHF and the true means of the selected images against a random pick of the same prompts (the mean of a
+    prompt's candidates), the oracle's pick (the truly best candidate of each prompt by that score) and the share
+    of the oracle's true gain, (selected − random) / (oracle − random), with bootstrap 95 % intervals over
+    prompts."""
+
+    prompts: int
+    images: int
+    select_by: str
+    n_boot: int
+    scores: dict[str, dict[str, Any]]  # score -> rahf_selected, rahf_random_pick, true_*, share_of_oracle_gain, ...
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"This round's selection in truth (synthetic world): {self.images} images of {self.prompts} prompts, "
+            f"selected by RAHF {self.select_by}; random pick = the mean of the prompt's candidates; oracle = the "
+            "truly best candidate of each prompt by that score; share of oracle gain = (selected − random) / "
+            f"(oracle − random) in truth; 95 % intervals over prompts ({self.n_boot} resamples).",
+            "",
+            "| score | RAHF selected | RAHF random pick | RAHF gain | true selected | true random pick | "
+            "true oracle pick | true gain [95% CI] | share of oracle gain [95% CI] |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, s in self.scores.items():
+            gain = (
+                f"{s['true_gain']:+.3f} [{_opt(s['true_gain_ci_low'], '+.3f')}, {_opt(s['true_gain_ci_high'], '+.3f')}]"
+            )
+            share = "–"
+            if s["share_of_oracle_gain"] is not None:
+                share = (
+                    f"{s['share_of_oracle_gain']:.2f} [{_opt(s['share_ci_low'], '.2f')}, "
+                    f"{_opt(s['share_ci_high'], '.2f')}]"
+                )
+            lines.append(
+                f"| {name} | {s['rahf_selected']:.3f} | {s['rahf_random_pick']:.3f} | {s['rahf_gain']:+.3f} | "
+                f"{s['true_selected']:.3f} | {s['true_random_pick']:.3f} | {s['true_oracle_pick']:.3f} | {gain} | "
+                f"{share} |"
+            )
+        return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class SelectResult(StageResult):
-    """The finetuning set: where it was exported, the selected ids, how many candidates there were and the
-    selection's summary (``finetune.select.SelectionResult.summary()``)."""
+    """The finetuning set: where it was exported, the selected ids, how many candidates there were, the
+    selection's summary (``finetune.select.SelectionResult.summary()``) and, when every candidate carries the
+    synthetic world's ground truth, the selection measured in truth (``truth``; None otherwise)."""
 
     dataset: str
     selected: tuple[str, ...]
@@ -115,12 +163,15 @@ class SelectResult(StageResult):
     prompts_without_selection: int = 0
     selection: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
+    truth: SelectionTruth | None = None
 
-    def to_markdown(self) -> str:
-        return (
+    def to_markdown(self, truth: bool = True) -> str:
+        """The summary line, then (``truth`` and known) the truth table."""
+        text = (
             f"- selected **{len(self.selected)}** images from {self.candidates} candidates "
             f"({self.prompts_without_selection} prompts without a selection) -> `{self.dataset}`"
         )
+        return text + ("\n\n" + self.truth.to_markdown() if truth and self.truth else "")
 
 
 @dataclass(frozen=True)
@@ -155,19 +206,44 @@ class CompareResult(StageResult):
     report: str | None = None
 
     def to_markdown(self) -> str:
-        lines = ["| score | A | B | B − A (95 % CI) | win / tie / loss |", "|---|---:|---:|---:|---:|"]
-        for name, s in self.scores.items():
-            lines.append(
-                f"| {name} | {s['mean_a']:.4f} | {s['mean_b']:.4f} | {s['diff']:+.4f} ({s['ci_low']:+.4f}, "
-                f"{s['ci_high']:+.4f}) | {s['wins']} / {s['ties']} / {s['losses']} |"
-            )
+        """Per score A, B, B − A (95 % CI), win / tie / loss; with ground truth, the true A, B and B − A beside."""
         if self.ground_truth:
-            lines += ["", "Ground truth (synthetic world):", "", "| measure | A | B | B − A |", "|---|---:|---:|---:|"]
-            for name, s in self.ground_truth.items():
-                lines.append(f"| {name} | {s['mean_a']:.4f} | {s['mean_b']:.4f} | {s['diff']:+.4f} |")
+            lines = self._with_truth(self.ground_truth)
+        else:
+            lines = ["| score | A | B | B − A (95 % CI) | win / tie / loss |", "|---|---:|---:|---:|---:|"]
+            for name, s in self.scores.items():
+                lines.append(
+                    f"| {name} | {s['mean_a']:.4f} | {s['mean_b']:.4f} | {_diff_ci(s)} | "
+                    f"{s['wins']} / {s['ties']} / {s['losses']} |"
+                )
         if self.report:
             lines += ["", f"Report: `{self.report}`"]
         return "\n".join(lines)
+
+    def _with_truth(self, truth: dict[str, dict[str, Any]]) -> list[str]:
+        """RAHF's and the true statistics side by side (the true-only measures get "–" on RAHF's side)."""
+        lines = [
+            "RAHF's scores and the true ones (synthetic world), B − A with its paired 95 % interval:",
+            "",
+            "| score | RAHF A | RAHF B | RAHF B − A (95 % CI) | win / tie / loss | true A | true B | "
+            "true B − A (95 % CI) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in dict.fromkeys([*self.scores, *truth]):
+            r, t = self.scores.get(name), truth.get(name)
+            cells = ["–"] * 4 if r is None else [
+                f"{r['mean_a']:.4f}", f"{r['mean_b']:.4f}", _diff_ci(r), f"{r['wins']} / {r['ties']} / {r['losses']}"
+            ]  # fmt: skip
+            cells += ["–"] * 3 if t is None else [f"{t['mean_a']:.4f}", f"{t['mean_b']:.4f}", _diff_ci(t)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return lines
+
+
+def _diff_ci(s: dict[str, Any]) -> str:
+    """``+0.1000 (+0.0500, +0.1500)``, or the difference alone when it has no interval."""
+    if s.get("ci_low") is None:
+        return f"{s['diff']:+.4f}"
+    return f"{s['diff']:+.4f} ({s['ci_low']:+.4f}, {s['ci_high']:+.4f})"
 
 
 @dataclass(frozen=True)
@@ -249,11 +325,13 @@ class LoopResult(StageResult):
     swept: int = 0
 
     def to_markdown(self) -> str:
-        lines = [f"# Feedback loop — `{self.root}`", self.generate.to_markdown(), self.selection.to_markdown()]
+        lines = [f"# Feedback loop — `{self.root}`", self.generate.to_markdown(), self.selection.to_markdown(False)]
         if self.finetune:
             lines.append(self.finetune.to_markdown())
         lines += [f"- {stage}: skipped, {why}" for stage, why in self.skipped.items()]
         lines += [self.repair.to_markdown(), self.manifest.to_markdown()]
         if self.compare:
             lines += ["", "Finetuning, same prompts and seeds (A = before, B = after):", "", self.compare.to_markdown()]
+        if self.selection.truth:  # last: what this round's selection truly gained (synthetic world only)
+            lines += ["", self.selection.truth.to_markdown()]
         return "\n".join(lines)

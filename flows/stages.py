@@ -50,7 +50,7 @@ from common.keys import (
     repair_summary_key,
     selection_key,
 )
-from common.names import HEATMAP_NAMES, SCORE_NAMES
+from common.names import HEATMAP_NAMES
 from common.records import ImageRecord, Scorer, ScoringFailure
 from flows.claims import Claims
 from flows.config import RUN_FILE, LoopConfig, claim_run_folder, resolve_dataset_generator
@@ -62,6 +62,7 @@ from flows.results import (
     RepairPair,
     RepairStageResult,
     RepairTruth,
+    SelectionTruth,
     SelectResult,
 )
 from flows.storage import RunStore
@@ -306,7 +307,9 @@ def select_finetune_data(
     """Best of N per prompt above the thresholds (``config.selection``) -> ``<root>/finetune-data`` (image folder
     + metadata.jsonl, and the run's ``run.json``: the dataset remembers its generator).
 
-    ``ids`` restricts the candidates (e.g. one generation's ids); by default every generated record.
+    ``ids`` restricts the candidates (e.g. one generation's ids); by default every generated record. When the
+    candidates carry the synthetic world's ground truth, ``truth`` measures the selection in truth
+    (:class:`flows.results.SelectionTruth`); it is None otherwise.
     """
     from finetune.dataset import export_dataset
     from finetune.select import select_best
@@ -328,9 +331,25 @@ def select_finetune_data(
         prompts_without_selection=int(summary.get("prompts_without_selection", 0)),
         selection=summary,
         export=exported.to_dict(),
+        truth=_selection_truth(records, result.selected, config),
     )
     store.write_json(selection_key(), out.to_dict())
     return out
+
+
+def _selection_truth(
+    candidates: Sequence[ImageRecord], selected: Sequence[ImageRecord], config: LoopConfig
+) -> SelectionTruth | None:
+    """The selection measured in truth (:func:`compare.loop_gain.selection_gain`, ``config.compare.n_boot``
+    resamples, seed 0); None unless every candidate of a selected prompt carries the synthetic world's truth."""
+    from compare.loop_gain import selection_gain
+
+    gain = selection_gain(candidates, [r.id for r in selected], n_boot=config.compare.n_boot, seed=0)
+    if gain is None:
+        return None
+    sel = config.selection
+    by = sel.score if sel.weights is None else " + ".join(f"{w:g} × {n}" for n, w in sel.ranking_weights().items())
+    return SelectionTruth(gain["prompts"], gain["images"], by, gain["n_boot"], gain["scores"])
 
 
 def finetune_generator(root: str, dataset: str, config: LoopConfig | None = None) -> FinetuneResult:
@@ -624,7 +643,8 @@ def compare_checkpoints(
     """The same prompts and seeds (``config.compare``) through checkpoint A (the run's generator + ``lora_a``) and
     B (``generator_b`` or the same base, + ``lora_b``), scored by the same RAHF; paired statistics to
     ``compare/comparison.json`` and, for a local run, the HTML report (``compare/report/index.html`` unless
-    ``report_dir``). When the images carry ground truth (the synthetic world) the true scores are compared too."""
+    ``report_dir``). When the images carry ground truth (the synthetic world) the true scores are compared too, with
+    the same paired statistics, beside RAHF's in the summary, the JSON and the report."""
     from compare import compare_scores, pair_records, write_report
 
     config = config or LoopConfig()
@@ -643,7 +663,7 @@ def compare_checkpoints(
         failed[side], missing[side] = len(rep.failed), len(rep.missing)
     pairs = pair_records(records["a"], records["b"])
     stats = compare_scores(pairs, n_boot=config.compare.n_boot, seed=0)
-    truth = _truth_comparison(pairs)
+    truth = _truth_comparison(pairs, stats)
     store.write_json(comparison_key(), {**stats.to_dict(), "ground_truth": truth})
     report = None
     if report_dir or store.local:
@@ -665,19 +685,15 @@ def compare_checkpoints(
     return out
 
 
-def _truth_comparison(pairs) -> dict[str, Any] | None:
-    """Mean true scores and implausible area of A and B, when every record carries the world's truth."""
-    if not pairs or any(a.truth is None or b.truth is None for a, b in pairs):
+def _truth_comparison(pairs, stats) -> dict[str, Any] | None:
+    """The true scores and implausible area of A and B, when every record carries the world's truth: per name
+    ``stats.truth``'s mean A, mean B, paired difference with its 95 % interval and win / tie / loss, and the share
+    of images with any implausible region (means only)."""
+    if not pairs or stats.truth is None:
         return None
-    out: dict[str, Any] = {}
-    for name in SCORE_NAMES:
-        a = float(np.mean([p[0].truth["scores"][name] for p in pairs]))
-        b = float(np.mean([p[1].truth["scores"][name] for p in pairs]))
-        out[name] = {"mean_a": a, "mean_b": b, "diff": b - a}
-    area_a = float(np.mean([p[0].truth["implausible_area"] for p in pairs]))
-    area_b = float(np.mean([p[1].truth["implausible_area"] for p in pairs]))
+    keep = ("n", "mean_a", "mean_b", "diff", "ci_low", "ci_high", "wins", "ties", "losses")
+    out: dict[str, Any] = {n: {k: getattr(s, k) for k in keep} for n, s in stats.truth.scores.items()}
     flawed_a = float(np.mean([p[0].truth["implausible_area"] > 0 for p in pairs]))
     flawed_b = float(np.mean([p[1].truth["implausible_area"] > 0 for p in pairs]))
-    out["implausible_area"] = {"mean_a": area_a, "mean_b": area_b, "diff": area_b - area_a}
     out["images_with_implausible_regions"] = {"mean_a": flawed_a, "mean_b": flawed_b, "diff": flawed_b - flawed_a}
     return out

@@ -324,3 +324,34 @@ def test_report_names_sides_from_the_records_alone(report):
     rows = dict(re.findall(r'<tr data-side="(\w)">(.*?)</tr>', text))
     assert '<td>base</td><td class="generator">a</td><td class="adapter">none</td>' in rows["a"]
     assert '<td>finetuned</td><td class="generator">b</td>' in rows["b"]
+
+
+def test_truth_table_beside_rahf_only_when_the_records_have_truth(tmp_path, report):
+    a, b = [], []
+    for seed, (ta, tb) in enumerate([(0.4, 0.6), (0.6, 0.6)]):
+        for side, out, v, t in (("a", a, 0.5, ta), ("b", b, 0.6, tb)):
+            truth = {"scores": {n: t for n in SCORE_NAMES}, "implausible_area": 0.2 if side == "a" else 0.1}
+            scores = {n: v for n in SCORE_NAMES}
+            out.append(ImageRecord(f"{side}{seed}", "p", seed, {"backend": side}, scores=scores, truth=truth))
+    pairs = pair_records(a, b)
+    stats = compare_scores(pairs, n_boot=200)
+    index = write_report(pairs, stats, tmp_path / "out")
+    text = index.read_text()
+    table = text[text.index('<table class="truth">') :]
+    table = table[: table.index("</table>")]
+    row = table[table.index('data-score="overall"') :]
+    row = row[: row.index("</tr>")]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    plain = [re.sub(r"<[^>]+>", "", c) for c in cells]
+    # RAHF: 0.5 -> 0.6 on both pairs; truth: 0.5 -> 0.6, differences 0.2 and 0.0
+    assert plain[:6] == ["overall", "0.500", "0.600", "+0.100", "[+0.100, +0.100]", "0.500"]
+    assert plain[6:] == ["0.600", "+0.100 · tie", "[0.000, +0.200]"]
+    area = table[table.index('data-score="implausible_area"') :]
+    assert "–" in area[: area.index("</tr>")] and "-0.100" in area[: area.index("</tr>")]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "true" in md and "| overall | 0.500 | 0.600 | +0.100 | [+0.100, +0.100] | 0.500 | 0.600 |" in md
+    saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert saved["truth"]["scores"]["overall"]["diff"] == pytest.approx(0.1)
+    # the module's run has no truth: no truth table
+    plain_page = report[2].read_text()
+    assert 'class="truth"' not in plain_page and "true" not in (report[2].parent / "report.md").read_text()

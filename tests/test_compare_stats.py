@@ -222,3 +222,43 @@ def test_bad_inputs():
     missing = pair_records([rec("p", 0, {"overall": 0.5})], [rec("p", 0, {"aesthetics": 0.5})])
     with pytest.raises(ValueError, match="side B: overall = None"):
         compare_scores(missing)
+
+
+def truth_pairs():
+    """Two pairs: RAHF sees +0.1 overall on both; the truth is +0.2 on one and 0 on the other; the implausible area
+    shrinks from 0.3 to 0.1 on the first."""
+    a = [
+        rec("x", 0, same_scores(0.5), truth={"scores": same_scores(0.4), "implausible_area": 0.3}),
+        rec("y", 0, same_scores(0.5), truth={"scores": same_scores(0.6), "implausible_area": 0.0}),
+    ]
+    b = [
+        rec("x", 0, same_scores(0.6), truth={"scores": same_scores(0.6), "implausible_area": 0.1}),
+        rec("y", 0, same_scores(0.6), truth={"scores": same_scores(0.6), "implausible_area": 0.0}),
+    ]
+    return pair_records(a, b)
+
+
+def test_truth_is_compared_beside_the_scores_when_every_record_has_it(tmp_path):
+    st = compare_scores(truth_pairs(), n_boot=500)
+    assert st.scores["overall"].diff == pytest.approx(0.1)
+    t = st.truth
+    assert t is not None and list(t.scores) == [*SCORE_NAMES, "implausible_area"] and t.truth is None
+    o = t.scores["overall"]
+    assert (o.mean_a, o.mean_b, o.diff) == (pytest.approx(0.5), pytest.approx(0.6), pytest.approx(0.1))
+    # two pairs of differences 0.2 and 0.0: resampled means are 0, 0.1 or 0.2
+    assert (o.ci_low, o.ci_high) == (pytest.approx(0.0), pytest.approx(0.2))
+    assert (o.wins, o.ties, o.losses) == (1, 1, 0)
+    area = t.scores["implausible_area"]
+    assert (area.mean_a, area.mean_b, area.diff) == (pytest.approx(0.15), pytest.approx(0.05), pytest.approx(-0.1))
+    path = st.write_json(tmp_path / "comparison.json")
+    d = json.loads(path.read_text())
+    assert d["truth"]["scores"]["overall"]["mean_b"] == pytest.approx(0.6)
+    assert ComparisonStats.from_dict(d) == st
+
+
+def test_no_truth_section_when_a_record_lacks_truth():
+    pairs = truth_pairs()
+    pairs[1][1].truth = None
+    st = compare_scores(pairs, n_boot=50)
+    assert st.truth is None and st.to_dict()["truth"] is None
+    assert compare_scores(random_pairs(2, 2), n_boot=50).truth is None

@@ -111,6 +111,10 @@ def test_feedback_loop_runs_and_reruns_from_its_records(prefect_harness, tmp_pat
     assert summary.repair.considered == 2 and len(list((Path(root) / "repairs").glob("*.json"))) == 2
     assert {p.stem for p in (Path(root) / "repairs").glob("*.json")} <= set(summary.generate.ids)  # this run's
     assert summary.repair.truth is not None  # the synthetic world's ground truth, before and after
+    truth = summary.selection.truth  # this round's selection in truth, the last section of the summary
+    assert truth is not None and (truth.prompts, truth.images) == (3, 3)
+    assert summary.to_markdown().endswith(truth.to_markdown())
+    assert summary.compare.ground_truth["overall"]["ci_low"] <= summary.compare.ground_truth["overall"]["diff"]
     lines = manifest_lines(root)
     assert len(lines) == len({r["id"] for r in lines}) == 12 + len(summary.repair.accepted)
     assert json.loads((Path(root) / "loop.json").read_text()) == json.loads(json.dumps(summary.to_dict()))
@@ -121,6 +125,8 @@ def test_feedback_loop_runs_and_reruns_from_its_records(prefect_harness, tmp_pat
         keys = {"best-per-prompt", "feedback-loop", "comparison", "selection"}
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(keys))))
         assert {"best-per-prompt", "feedback-loop"} <= {a.key for a in found}
+        loop_md = [a.data for a in found if a.key == "feedback-loop"]
+        assert any(md.endswith(truth.to_markdown()) for md in loop_md)  # the Prefect artifact: the same summary
         progress = client.read_artifacts()
         assert any(a.type == "progress" and a.data == 100.0 for a in progress)
     again = _loop(root)

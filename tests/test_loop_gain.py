@@ -245,3 +245,63 @@ def test_cli_bench_loop_writes_the_three_files(tmp_path, capsys):
     assert len(data["curve"]["oracle"]) == 3  # the base world and after each of 2 rounds
     assert (tmp_path / "loop_gain.png").stat().st_size > 0
     assert "(a) Selection" in capsys.readouterr().out
+
+
+# -- one round's selection in truth, from run records ---------------------------------------------------------
+
+
+def _truth_rec(id_: str, prompt: str, seed: int, rahf: dict[str, float], true: dict[str, float]):
+    from common.records import ImageRecord
+
+    others = {n: 0.5 for n in SCORE_NAMES}
+    truth = {"scores": {**others, **true}, "implausible_area": 0.0}
+    return ImageRecord(id_, prompt, seed, {"backend": "synthetic"}, scores={**others, **rahf}, truth=truth)
+
+
+def hand_round():
+    """Two prompts; RAHF picks c1 (truly mediocre) and d1 (truly best). See the test for the hand sums."""
+    r = _truth_rec
+    return [
+        r("c1", "p1", 0, {"overall": 0.9, "plausibility": 0.3}, {"overall": 0.4, "plausibility": 0.2}),
+        r("c2", "p1", 1, {"overall": 0.5, "plausibility": 0.3}, {"overall": 0.8, "plausibility": 0.6}),
+        r("c3", "p1", 2, {"overall": 0.1, "plausibility": 0.3}, {"overall": 0.0, "plausibility": 1.0}),
+        r("d1", "p2", 0, {"overall": 0.6, "plausibility": 0.7}, {"overall": 0.9, "plausibility": 0.5}),
+        r("d2", "p2", 1, {"overall": 0.2, "plausibility": 0.1}, {"overall": 0.3, "plausibility": 0.5}),
+    ]
+
+
+def test_selection_gain_hand_computed():
+    from compare.loop_gain import selection_gain
+
+    out = selection_gain(hand_round(), ["c1", "d1"], n_boot=200, seed=0)
+    assert (out["prompts"], out["images"]) == (2, 2)
+    o, p = out["scores"]["overall"], out["scores"]["plausibility"]
+    # overall: RAHF picked (0.9, 0.6) vs the prompts' means (0.5, 0.4)
+    assert (o["rahf_selected"], o["rahf_random_pick"]) == (pytest.approx(0.75), pytest.approx(0.45))
+    assert o["rahf_gain"] == pytest.approx(0.30)
+    # truly (0.4, 0.9) vs means (0.4, 0.6); the truly best are 0.8 and 0.9
+    assert (o["true_selected"], o["true_random_pick"]) == (pytest.approx(0.65), pytest.approx(0.5))
+    assert (o["true_oracle_pick"], o["true_gain"]) == (pytest.approx(0.85), pytest.approx(0.15))
+    assert o["share_of_oracle_gain"] == pytest.approx(0.15 / 0.35)
+    assert o["true_gain_ci_low"] <= 0.15 <= o["true_gain_ci_high"]
+    assert o["share_ci_low"] <= 0.15 / 0.35 <= o["share_ci_high"]
+    # plausibility: the oracle is the truly most plausible (c3 = 1.0, d1 or d2 = 0.5): RAHF lost plausibility
+    assert (p["rahf_selected"], p["rahf_random_pick"]) == (pytest.approx(0.5), pytest.approx(0.35))
+    assert (p["true_selected"], p["true_random_pick"]) == (pytest.approx(0.35), pytest.approx(0.55))
+    assert p["true_oracle_pick"] == pytest.approx(0.75) and p["share_of_oracle_gain"] == pytest.approx(-1.0)
+    # every candidate alike in truth: no oracle gain to share
+    assert out["scores"]["alignment"]["share_of_oracle_gain"] is None
+    assert out["scores"]["alignment"]["true_gain"] == pytest.approx(0.0)
+
+
+def test_selection_gain_only_with_truth_and_a_selection():
+    from dataclasses import replace
+
+    from compare.loop_gain import selection_gain
+
+    records = hand_round()
+    assert selection_gain(records, [], n_boot=50) is None
+    records[4] = replace(records[4], truth=None)  # one candidate of a selected prompt without truth
+    assert selection_gain(records, ["c1", "d1"], n_boot=50) is None
+    with pytest.raises(ValueError, match="not among the candidates"):
+        selection_gain(hand_round(), ["c1", "zz"], n_boot=50)
