@@ -8,7 +8,10 @@ re-rendering the objects under the mask. Every image carries its exact ground tr
 * ``inpaint``: objects whose footprint (the object and the reach of a blotch, 1.5 radii) meets the mask get their
   distortion drawn anew from the flaw model; the scene is re-rendered and composited through the mask, so pixels
   outside it are the input's exactly. The ground-truth implausibility map is composited the same way; the scores
-  follow from it by the renderer's formulas. The scene travels in the PNG's text chunk ``scene`` (see
+  follow from it by the renderer's formulas. Objects the mask covers whole are also re-rendered as the prompt
+  asks: in their group's prompt colour (a wrong colour at the world's ``wrong_colour`` rate), and an extra object
+  is left out at rate 1 − ``extra`` (:func:`realign` then recomputes the alignment truth). A missing object has
+  no region to mask, so no inpainting adds it back. The scene travels in the PNG's text chunk ``scene`` (see
   :func:`generators.base.encode_png`); an image without one cannot be inpainted by this backend.
 * ``fit``: the finetuning step of this world, a maximum-likelihood update of the flaw rates from selected images'
   ground-truth counts (:func:`~rahf.data.synthetic.fit_flaw_model`). The fitted model is saved as an "adapter"
@@ -42,6 +45,7 @@ from generators.base import (
 )
 from rahf.data.synthetic import (
     _SCALE,
+    COLOURS,
     FlawModel,
     Scene,
     compose,
@@ -145,6 +149,8 @@ class SyntheticGenerator(Generator):
             "image": content_hash_image(image),
             "mask": content_hash_image(mask),
         }
+        covered = self._covered(scene, alpha[..., 0] >= 1.0)
+        colours = _prompt_colours(prompt, scene)
         out = []
         for seed in seeds:
             rng = np.random.default_rng([seed, _prompt_key(prompt), 1])
@@ -152,7 +158,8 @@ class SyntheticGenerator(Generator):
             for k in touched:
                 obj = new_scene.objects[k]
                 obj.distortion = int(rng.integers(2**31)) if rng.random() < self.flaws.distortion[obj.shape] else None
-            new_scene.flaws = [f for f in scene.flaws if not f.startswith("distortion")] + [
+            self._redraw_alignment(new_scene, covered, colours, np.random.default_rng([seed, _prompt_key(prompt), 2]))
+            new_scene.flaws = [f for f in new_scene.flaws if not f.startswith("distortion")] + [
                 f"distortion:{o.shape}" for o in new_scene.objects if o.distortion is not None
             ]
             new_image, new_impl, mis = rasterise(new_scene)
@@ -163,6 +170,40 @@ class SyntheticGenerator(Generator):
             result.info["scene"] = new_scene.to_json()
             result.info["implausibility_map"] = _map_to_info(impl)
             out.append(GeneratedImage(result, prompt, seed, self.identity, params, _truth(new_scene, impl, mis)))
+        return out
+
+    def _redraw_alignment(
+        self, scene: Scene, covered: Sequence[int], colours: Sequence[str], rng: np.random.Generator
+    ) -> None:
+        """Re-render, in place, the objects the mask covers whole as the prompt asks: each in its group's prompt
+        colour (another colour with the world's ``wrong_colour`` rate); a covered extra object (the last of a
+        group with more objects than its count) is left out with probability 1 - ``extra``. Then the scene's
+        misaligned words, object flags and flaw list are recomputed (:func:`realign`)."""
+        if not covered:
+            return
+        drop = set()
+        for k in covered:
+            obj = scene.objects[k]
+            target = colours[obj.group]
+            wrong = rng.random() < self.flaws.wrong_colour
+            obj.colour = str(rng.choice([c for c in COLOURS if c != target])) if wrong else target
+            if rng.random() >= self.flaws.extra and k == _extra_index(scene, obj.group):
+                drop.add(k)
+        scene.objects = [o for k, o in enumerate(scene.objects) if k not in drop]
+        realign(scene)
+
+    @staticmethod
+    def _covered(scene: Scene, full: np.ndarray) -> list[int]:
+        """Indices of objects whose drawn footprint (the misalignment map's 1.1 radii and a pixel of
+        antialiasing) lies wholly inside the (H, W) bool mask of fully repainted pixels."""
+        h, w = full.shape
+        yy, xx = np.mgrid[0:h, 0:w]
+        out = []
+        for k, o in enumerate(scene.objects):
+            cx, cy, reach = o.x / _SCALE, o.y / _SCALE, 1.1 * o.r / _SCALE + 1.0
+            inside = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= reach**2
+            if inside.any() and bool(full[inside].all()):
+                out.append(k)
         return out
 
     @staticmethod
@@ -185,6 +226,56 @@ class SyntheticGenerator(Generator):
             raise ValueError(f"truths {missing[:5]} carry no 'counts' (not made by the synthetic world)")
         flaws = fit_flaw_model([t["counts"] for t in truths], self.flaws, prior_strength)
         return SyntheticGenerator(flaws, self.size)
+
+
+def _prompt_colours(prompt: str, scene: Scene) -> list[str]:
+    """Per group of the scene, the colour the inpainting prompt asks for: the prompt's own groups when it parses
+    into as many groups as the scene has, else the scene's prompt colours."""
+    try:
+        groups = parse_prompt(prompt)
+    except ValueError:
+        groups = []
+    return [g.colour for g in (groups if len(groups) == len(scene.groups) else scene.groups)]
+
+
+def _extra_index(scene: Scene, group: int) -> int | None:
+    """Index of the group's extra object (its last one) when the group has more objects than its count allows
+    (count, one less under a missing-object flaw); None otherwise."""
+    members = [k for k, o in enumerate(scene.objects) if o.group == group]
+    allowed = scene.groups[group].count - int(f"missing:{group}" in scene.flaws)
+    return members[-1] if len(members) > allowed else None
+
+
+def realign(scene: Scene) -> Scene:
+    """Recompute, in place, a scene's alignment truth from its objects (the rules of
+    :func:`rahf.data.synthetic.compose`): a group's colour word is misaligned when any of its objects has
+    another colour; a missing-object flaw (kept from ``flaws``: nothing to point at, so no repair adds one)
+    misaligns its count and shape words; more objects than allowed misalign the count word and flag the last
+    one. Objects are flagged (drawn in the misalignment map) when wrongly coloured or extra; the
+    ``wrong_colour``/``missing``/``extra`` entries of ``flaws`` are rebuilt, distortions kept. On a scene
+    ``compose`` made this changes nothing. Returns ``scene``."""
+    _, roles = prompt_of(scene.groups)
+    misaligned: set[int] = set()
+    group_flaws: list[str] = []
+    for gi, g in enumerate(scene.groups):
+        wrong = any(o.colour != g.colour for o in scene.objects if o.group == gi)
+        missing = f"missing:{gi}" in scene.flaws
+        extra = _extra_index(scene, gi)
+        if wrong:
+            misaligned.add(roles.index(f"colour:{gi}"))
+            group_flaws.append(f"wrong_colour:{gi}")
+        if missing:
+            misaligned.update({roles.index(f"count:{gi}"), roles.index(f"shape:{gi}")})
+            group_flaws.append(f"missing:{gi}")
+        if extra is not None:
+            misaligned.add(roles.index(f"count:{gi}"))
+            group_flaws.append(f"extra:{gi}")
+        for k, o in enumerate(scene.objects):
+            if o.group == gi:
+                o.misaligned = o.colour != g.colour or k == extra
+    scene.misaligned_words = sorted(misaligned)
+    scene.flaws = group_flaws + [f for f in scene.flaws if f.startswith("distortion")]
+    return scene
 
 
 def _map_to_info(m: np.ndarray) -> str:

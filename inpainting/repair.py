@@ -1,4 +1,4 @@
-"""Best-of-N repair of implausible regions (paper §5, Fig. 9).
+"""Best-of-N repair of implausible (or misaligned) regions (paper §5, Fig. 9).
 
 implausibility heatmap -> mask (:mod:`inpainting.masks`) -> N inpainted candidates with recorded seeds (the
 generator pastes untouched pixels back exactly) -> every candidate rescored by RAHF -> the best by the chosen
@@ -8,13 +8,19 @@ mask to at most ``1 - heat_drop`` times the original's (the candidates are then 
 whole-image score is a noisy judge of a small repainted region, the heat over that region a direct one. The
 result keeps every candidate's scores and the decision. An empty mask returns the original, marked "nothing to
 repair".
+
+``map="misalignment"`` repairs what the image gets wrong about its prompt instead (beyond the paper, which repairs
+implausibility only): the mask comes from the predicted misalignment heatmap, the heat check is on that map, and
+:meth:`RepairConfig.for_map` ranks candidates by alignment. The inpainting prompt is the original prompt, which
+carries the misaligned keywords the scorer names (recorded in the result as ``keywords``); no backend takes word
+emphasis, so the keywords are not weighted further.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -24,6 +30,10 @@ from common.names import SCORE_NAMES
 from common.records import Scorer, ScoringFailure
 from generators.base import GeneratedImage, Generator
 from inpainting.masks import MaskConfig, heatmap_to_mask, mask_area, mask_to_image
+
+RepairMap = Literal["implausibility", "misalignment"]
+#: the score a repair by each map is judged by (:meth:`RepairConfig.for_map`)
+MAP_SCORES: dict[str, str] = {"implausibility": "plausibility", "misalignment": "alignment"}
 
 NOTHING_TO_REPAIR = "nothing to repair"
 IMPROVED = "improved"
@@ -40,13 +50,17 @@ class RepairConfig:
     score: str = "plausibility"  # the score that picks the winner ...
     weights: dict[str, float] | None = None  # ... or a weighted combination of scores (overrides ``score``)
     margin: float = 0.02  # accept only if the winner beats the original by more than this
-    #: in [0, 1): a candidate qualifies only if its mean predicted implausibility heat inside the mask is at most
+    #: in [0, 1): a candidate qualifies only if its mean predicted heat (of ``map``) inside the mask is at most
     #: (1 - heat_drop) x the original's; 0 turns the check off (and scores candidates without heatmaps)
     heat_drop: float = 0.0
+    #: the predicted heatmap the mask and the heat check come from; set ``score`` to match (:meth:`for_map`)
+    map: RepairMap = "implausibility"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heat_drop < 1.0:
             raise ValueError(f"heat_drop must be in [0, 1), got {self.heat_drop}")
+        if self.map not in MAP_SCORES:
+            raise ValueError(f"map must be one of {tuple(MAP_SCORES)}, got {self.map!r}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         names = set(self.weights or {self.score: 1.0})
@@ -54,6 +68,13 @@ class RepairConfig:
             raise ValueError(f"unknown score names {sorted(names - set(SCORE_NAMES))}; use {SCORE_NAMES}")
         if self.weights is not None and (any(w < 0 for w in self.weights.values()) or not sum(self.weights.values())):
             raise ValueError(f"weights must be non-negative and not all zero, got {self.weights}")
+
+    def for_map(self, map: str) -> RepairConfig:
+        """This config repairing by ``map``, candidates ranked by the map's score (plausibility for implausibility,
+        alignment for misalignment, :data:`MAP_SCORES`) instead of any ``score`` or ``weights``."""
+        if map not in MAP_SCORES:
+            raise ValueError(f"map must be one of {tuple(MAP_SCORES)}, got {map!r}")
+        return replace(self, map=map, score=MAP_SCORES[map], weights=None)
 
     def value(self, scores: Mapping[str, float]) -> float:
         """The number candidates are ranked by: one score, or the weighted mean of several."""
@@ -77,7 +98,7 @@ class RepairCandidate:
     scores: dict[str, float]
     value: float
     error: str | None = None
-    mask_heat: float | None = None  # mean predicted implausibility inside the mask (when heat_drop > 0)
+    mask_heat: float | None = None  # mean predicted heat of the repair's map inside the mask (when heat_drop > 0)
 
 
 @dataclass
@@ -93,7 +114,10 @@ class RepairResult:
     mask_area: float
     candidates: list[RepairCandidate]
     chosen: int | None  # index into candidates of the best one (accepted or not)
-    original_mask_heat: float | None = None  # the original's mean predicted implausibility inside the mask
+    original_mask_heat: float | None = None  # the original's mean predicted heat of the map inside the mask
+    map: str = "implausibility"  # the heatmap the mask came from
+    #: misaligned keywords the scorer named for the original (misalignment repair); the prompt carries them
+    keywords: list[str] = field(default_factory=list)
 
     @property
     def accepted_candidate(self) -> RepairCandidate | None:
@@ -104,6 +128,8 @@ class RepairResult:
         return {
             "accepted": self.accepted,
             "reason": self.reason,
+            "map": self.map,
+            "keywords": list(self.keywords),
             "original_scores": self.original_scores,
             "original_value": self.original_value,
             "mask_area": self.mask_area,
@@ -132,31 +158,40 @@ def repair(
     *,
     heatmap: np.ndarray | None = None,
     original_scores: Mapping[str, float] | None = None,
+    keywords: Sequence[str] | None = None,
 ) -> RepairResult:
     """Repair one image.
 
     Args:
         image: RGB image to repair.
-        prompt: its prompt.
+        prompt: its prompt; also the inpainting prompt.
         generator: the inpainter (its ``cell_size`` sets the smallest dilation).
-        scorer: RAHF; scores the original (unless both ``heatmap`` and ``original_scores`` are given) and every
-            candidate.
-        heatmap: (h, w) float in [0, 1], the implausibility heatmap at any resolution; predicted when None.
+        scorer: RAHF; scores the original (unless both ``heatmap`` and ``original_scores`` are given, or
+            ``keywords`` for a misalignment repair) and every candidate.
+        heatmap: (h, w) float in [0, 1], the heatmap of ``config.map`` at any resolution; predicted when None.
         original_scores: the original's four scores, when already known.
+        keywords: the original's misaligned keywords, when already known (misalignment repair only; predicted
+            when None).
     """
     config = config or RepairConfig()
     if image.mode != "RGB":
         raise ValueError(f"image must be RGB, got mode {image.mode!r}")
-    if heatmap is None or original_scores is None:
-        fb = scorer.score(prompt, [image], heatmaps=("implausibility",), keywords=False)[0]
-        heatmap = fb.heatmaps["implausibility"] if heatmap is None else heatmap
+    want_words = config.map == "misalignment" and keywords is None
+    if heatmap is None or original_scores is None or want_words:
+        fb = scorer.score(prompt, [image], heatmaps=(config.map,), keywords=want_words)[0]
+        heatmap = fb.heatmaps[config.map] if heatmap is None else heatmap
         original_scores = fb.scores if original_scores is None else original_scores
+        keywords = list(fb.misaligned_keywords) if want_words else keywords
+    words = [str(w) for w in keywords or []] if config.map == "misalignment" else []
     original_scores = {k: float(v) for k, v in original_scores.items()}
     original_value = config.value(original_scores)
     mask = heatmap_to_mask(np.asarray(heatmap, np.float32), image.size, config.mask, generator.cell_size)
     area = mask_area(mask)
     if area == 0.0:
-        return RepairResult(image, False, NOTHING_TO_REPAIR, original_scores, original_value, None, 0.0, [], None)
+        return RepairResult(
+            image, False, NOTHING_TO_REPAIR, original_scores, original_value, None, 0.0, [], None, None, config.map,
+            words,
+        )  # fmt: skip
     mask_image = mask_to_image(mask)
     seeds = [config.seed + k for k in range(config.n)]
     generated = generator.inpaint(image, mask_image, prompt, config.n, seeds)
@@ -182,6 +217,8 @@ def repair(
         candidates,
         chosen,
         original_heat,
+        config.map,
+        words,
     )
 
 
@@ -204,7 +241,7 @@ def _score_candidates(
 ) -> list[RepairCandidate]:
     images = [g.image for g in generated]
     if config.heat_drop > 0:
-        feedback = scorer.score(prompt, images, heatmaps=("implausibility",), keywords=False, errors="return")
+        feedback = scorer.score(prompt, images, heatmaps=(config.map,), keywords=False, errors="return")
     else:
         feedback = scorer.score(prompt, images, scores_only=True, errors="return")
     out = []
@@ -215,6 +252,6 @@ def _score_candidates(
         scores = {k: float(v) for k, v in fb.scores.items()}
         heat = None
         if config.heat_drop > 0:
-            heat = mean_heat_in_mask(np.asarray(fb.heatmaps["implausibility"], np.float32), mask)
+            heat = mean_heat_in_mask(np.asarray(fb.heatmaps[config.map], np.float32), mask)
         out.append(RepairCandidate(g, scores, config.value(scores), mask_heat=heat))
     return out

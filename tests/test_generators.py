@@ -62,6 +62,47 @@ def test_synthetic_inpainting_keeps_outside_pixels_and_recomputes_truth():
     assert src.truth["implausible_area"] > 0 and src.truth["scores"]["plausibility"] < 1.0
 
 
+def test_realign_leaves_composed_scenes_unchanged():
+    """The alignment truth recomputed from a scene's objects equals what compose drew, for every flaw mix."""
+    from generators.synthetic import realign
+    from rahf.data.synthetic import Scene
+
+    g = SyntheticGenerator(FlawModel(dict.fromkeys(("circle", "square", "triangle", "diamond"), 0.3), 0.4, 0.5, 0.5))
+    prompts = [*PROMPTS, "three green triangles at the top", "two white diamonds at the right"]
+    for im in g.generate(prompts, 12):
+        scene = Scene.from_json(im.image.info["scene"])
+        assert realign(Scene.from_json(im.image.info["scene"])) == scene
+
+
+def test_synthetic_inpainting_redraws_covered_objects_as_the_prompt_asks():
+    """A whole-image mask with a flawless world: a wrong colour is repainted in the prompt's colour and the extra
+    object is left out, so alignment becomes 1 and no misaligned area is left; a half-covered object keeps its
+    colour (pixels outside the mask cannot change); a missing object stays missing."""
+    wrong_and_extra = SyntheticGenerator(FlawModel(dict.fromkeys(("circle", "square", "triangle", "diamond"), 0.0), 1, 0, 1))
+    clean = SyntheticGenerator(FlawModel(dict.fromkeys(("circle", "square", "triangle", "diamond"), 0.0), 0, 0, 0))
+    prompt = "two red circles at the left"
+    src = wrong_and_extra.generate([prompt], 1)[0]
+    assert src.truth["scores"]["alignment"] == pytest.approx(1 / 3) and src.truth["counts"]["extra"] == 1
+    full = Image.new("L", src.image.size, 255)
+    fixed = clean.inpaint(src.image, full, prompt, 1, seeds=[0])[0]
+    assert fixed.truth["scores"]["alignment"] == 1.0 and fixed.truth["maps"]["misalignment"].max() == 0.0
+    assert fixed.truth["counts"]["wrong_colour"] == 0 and fixed.truth["counts"]["extra"] == 0
+    assert len(parse_prompt(prompt)) == 1 and fixed.truth["words"] == src.truth["words"]
+    # a mask over the left half of the image only: an object it cuts keeps its colour
+    from rahf.data.synthetic import Scene
+
+    scene = Scene.from_json(src.image.info["scene"])
+    half = np.zeros((64, 64), np.uint8)
+    x0 = int(scene.objects[0].x / 2)  # drawing coordinates are twice the image's
+    half[:, :x0] = 255
+    cut = clean.inpaint(src.image, Image.fromarray(half), prompt, 1, seeds=[0])[0]
+    assert Scene.from_json(cut.image.info["scene"]).objects[0].colour == scene.objects[0].colour
+    missing = SyntheticGenerator(FlawModel(dict.fromkeys(("circle", "square", "triangle", "diamond"), 0.0), 0, 1, 0))
+    gap = missing.generate([prompt], 1)[0]
+    again = clean.inpaint(gap.image, full, prompt, 1, seeds=[0])[0]
+    assert again.truth["counts"]["missing"] == 1 and again.truth["scores"] == gap.truth["scores"]
+
+
 def test_synthetic_inpainting_needs_its_own_images():
     g = SyntheticGenerator()
     with pytest.raises(ValueError, match="synthetic generator"):
