@@ -30,6 +30,12 @@ resampling prompts or images):
 (c) repair: the true implausible area of the repaired images before and after (after = the accepted candidate,
     or the original when rejected), the acceptance rate, and the share of accepted repairs that are truly worse
     (true implausible area grew: false accepts).
+(d) misalignment repair (with ``misalignment_repair``; beyond the paper): the ``repair_limit`` held-out images the
+    scorer finds least aligned, repaired by its misalignment map (:meth:`inpainting.repair.RepairConfig.for_map`:
+    the mask and the heat check from that map, candidates ranked by alignment, the original prompt with its
+    misaligned keywords); measured on the held-out images themselves, apart from (c): true alignment and true
+    misaligned area (mean of the true misalignment map) before and after with paired intervals, the acceptance
+    rate and the false accepts (accepted and truly less aligned). Every image's numbers are kept in ``records``.
 
 Output: ``loop_gain.json`` (every number), ``loop_gain.md`` (the tables) and ``loop_gain.png`` (true overall and
 plausibility of the held-out output against round, per scorer; needs matplotlib, the ``bench`` extra).
@@ -50,7 +56,7 @@ import numpy as np
 from PIL import Image
 
 from common.atomic import atomic_write_bytes, atomic_write_text
-from common.names import SCORE_NAMES
+from common.names import HEATMAP_NAMES, SCORE_NAMES
 from common.records import ImageRecord, RichFeedback, ScoringFailure
 from compare.stats import bootstrap_means, compare_scores, pair_records
 from finetune.select import SelectionConfig, select_best
@@ -83,6 +89,8 @@ class LoopGainConfig:
     repair: RepairConfig = field(default_factory=loop_repair_config)
     seed: int = 0  # the prompts' seed; repair candidate k gets seed + k
     n_boot: int = 2000  # bootstrap resamples of every interval
+    #: also repair the ``repair_limit`` least aligned held-out images by the misalignment map (table (d))
+    misalignment_repair: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prompts", "per_prompt", "heldout_prompts", "heldout_per_prompt", "rounds", "n_boot"):
@@ -97,6 +105,8 @@ class LoopGainConfig:
             raise ValueError(f"select_by must be one of {SCORE_NAMES}, got {self.select_by!r}")
         if self.prior_strength < 0:
             raise ValueError(f"prior_strength must be >= 0, got {self.prior_strength}")
+        if not isinstance(self.misalignment_repair, bool):
+            raise ValueError(f"misalignment_repair must be a bool, got {self.misalignment_repair!r}")
         if not isinstance(self.repair, RepairConfig):
             raise ValueError(f"repair must be a RepairConfig, got {type(self.repair).__name__}")
 
@@ -107,7 +117,8 @@ class LoopGainConfig:
 
 class RandomScorer:
     """The chance baseline, through the same ``score`` call as ``RAHFScorer``: four scores uniform in [0, 1] and
-    an implausibility map of ``grid`` x ``grid`` uniform values upsampled (bilinear) to the image size. Every
+    an implausibility and a misalignment map, each of ``grid`` x ``grid`` uniform values upsampled (bilinear) to
+    the image size; no misaligned keywords. Every
     number is a function of (seed, prompt, pixels) only, so the order and batching of calls change nothing."""
 
     def __init__(self, seed: int = 0, grid: int = 4) -> None:
@@ -137,11 +148,11 @@ class RandomScorer:
             digest = hashlib.sha256(p.encode() + image.tobytes() + f"{image.mode}{image.size}".encode()).digest()
             rng = np.random.default_rng([self.seed, int.from_bytes(digest[:8], "little")])
             scores = {n: float(v) for n, v in zip(SCORE_NAMES, rng.random(len(SCORE_NAMES)))}
-            coarse = Image.fromarray(rng.random((self.grid, self.grid)).astype(np.float32), mode="F")
+            coarse = [rng.random((self.grid, self.grid)).astype(np.float32) for _ in range(2)]
             maps = {}
             if not scores_only:
-                heat = np.asarray(coarse.resize(image.size, Image.BILINEAR), np.float32)
-                maps = {"implausibility": np.clip(heat, 0.0, 1.0), "misalignment": np.zeros_like(heat)}
+                heat = [np.asarray(Image.fromarray(c, mode="F").resize(image.size, Image.BILINEAR)) for c in coarse]
+                maps = {n: np.clip(h, 0.0, 1.0).astype(np.float32) for n, h in zip(HEATMAP_NAMES, heat)}
             out.append(RichFeedback(p, scores, maps, []))
         return out
 
@@ -413,6 +424,90 @@ def measure_repair(
     return out
 
 
+def _misaligned_area(g: GeneratedImage) -> float:
+    """Mean of a world image's true misalignment map, in [0, 1]."""
+    return float(np.mean(g.truth["maps"]["misalignment"]))  # type: ignore[index]
+
+
+def measure_misalignment_repair(
+    images: Sequence[GeneratedImage],
+    predicted: Sequence[Mapping[str, float]],
+    generator: SyntheticGenerator,
+    scorer: Any,
+    config: LoopGainConfig,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Repair the ``repair_limit`` images of lowest predicted alignment (ties: input order) by the scorer's
+    misalignment map and measure, in truth, what the repairs did (module docstring, part (d)). ``records`` holds
+    each image's prompt, seed, keywords, decision, true alignment, misaligned area and plausibility before and
+    after; every mean of the result is a mean over them."""
+    order = sorted(range(len(images)), key=lambda k: (predicted[k]["alignment"], k))[: config.repair_limit]
+    rconfig = config.repair_config().for_map("misalignment")
+    records = []
+    for k in order:
+        g = images[k]
+        result = repair(g.image, g.prompt, generator, scorer, rconfig)
+        new = result.accepted_candidate.generated if result.accepted_candidate is not None else g
+        records.append(
+            {
+                "prompt": g.prompt,
+                "seed": g.seed,
+                "keywords": list(result.keywords),
+                "reason": result.reason,
+                "accepted": result.reason == IMPROVED,
+                "mask_area": result.mask_area,
+                **{f"{n}_before": v for n, v in _alignment_truth(g).items()},
+                **{f"{n}_after": v for n, v in _alignment_truth(new).items()},
+            }
+        )
+    n = len(records)
+    out: dict[str, Any] = {"attempted": n, "nothing_to_repair": sum(r["reason"] == NOTHING_TO_REPAIR for r in records)}
+    if not n:
+        return {
+            **out,
+            "accepted": 0,
+            "accept_rate": None,
+            "false_accepts": 0,
+            "false_accept_share": None,
+            "records": [],
+        }
+    acc = np.array([r["accepted"] for r in records], bool)
+    col = {
+        key: np.array([r[key] for r in records], np.float64)
+        for key in records[0]
+        if key.endswith(("_before", "_after"))
+    }
+    worse = acc & (col["alignment_after"] < col["alignment_before"] - WORSE_TOL)
+    true = {}
+    for name in ("alignment", "misaligned_area", "plausibility"):
+        b, a = col[f"{name}_before"], col[f"{name}_after"]
+        d = _ci(a - b, config.n_boot, seed)
+        true[name] = {
+            "before": float(b.mean()),
+            "after": float(a.mean()),
+            "diff": d["mean"],
+            "ci_low": d["ci_low"],
+            "ci_high": d["ci_high"],
+        }
+    out |= {
+        "accepted": int(acc.sum()),
+        "accept_rate": float(acc.mean()),
+        "accept_rate_ci": [_ci(acc.astype(np.float64), config.n_boot, seed)[k] for k in ("ci_low", "ci_high")],
+        "false_accepts": int(worse.sum()),
+        "false_accept_share": float(worse.sum() / acc.sum()) if acc.any() else None,
+        "truly_better": int((acc & (col["alignment_after"] > col["alignment_before"] + WORSE_TOL)).sum()),
+        "true": true,
+        "records": records,
+    }
+    return out
+
+
+def _alignment_truth(g: GeneratedImage) -> dict[str, float]:
+    t = _true(g)
+    return {"alignment": t["alignment"], "misaligned_area": _misaligned_area(g), "plausibility": t["plausibility"]}
+
+
 def _level(images: Sequence[GeneratedImage], n_boot: int, seed: int) -> dict[str, dict[str, float]]:
     return {n: _ci(np.array([_true(g)[n] for g in images]), n_boot, seed) for n in [*SCORE_NAMES, "implausible_area"]}
 
@@ -454,7 +549,8 @@ def run_loop_gain(
             tuned = gen.fit([g.truth for g in selected], prior_strength=config.prior_strength)  # type: ignore[misc]
             after = tuned.generate(heldout, config.heldout_per_prompt, heldout_seeds)
             generator = measure_generator(before, after, config, seed=config.seed)
-            repaired = measure_repair(after, _predict(scorer, after), tuned, scorer, config, seed=config.seed)
+            predicted_after = _predict(scorer, after)
+            repaired = measure_repair(after, predicted_after, tuned, scorer, config, seed=config.seed)
             state[name] = (tuned, after)
             curve[name].append(_level(after, config.n_boot, config.seed))
             seconds[name] += time.perf_counter() - t0
@@ -464,6 +560,10 @@ def run_loop_gain(
                 "repair": repaired,
                 "flaws": tuned.flaws.to_dict(),
             }
+            if config.misalignment_repair:
+                row["scorers"][name]["misalignment_repair"] = measure_misalignment_repair(
+                    after, predicted_after, tuned, scorer, config, seed=config.seed
+                )
             s = selection["true"][config.select_by]
             log(
                 f"round {r + 1} {name}: selected true {config.select_by} {s['selected']:.3f} vs random pick "
@@ -500,7 +600,8 @@ def _interval(mean: float | None, lo: float | None, hi: float | None, fmt: str =
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The benchmark's tables: (a) selection, (b) generator before/after, (c) repair, within-prompt ranking."""
+    """The benchmark's tables: (a) selection, (b) generator before/after, (c) repair, (d) misalignment repair
+    (when run), within-prompt ranking."""
     c = result["config"]
     by = c["select_by"]
     r, m = c["repair"], c["repair"]["mask"]
@@ -577,6 +678,8 @@ def markdown(result: dict[str, Any]) -> str:
                 )
                 + " |"
             )
+    if any("misalignment_repair" in m for row in result["rounds"] for m in row["scorers"].values()):
+        out += _misalignment_table(result)
     within = {
         f"round {row['round']}, {s}": m["selection"]["within_prompt"]
         for row in result["rounds"]
@@ -589,6 +692,40 @@ def markdown(result: dict[str, Any]) -> str:
         *within_prompt_markdown(within),
     ]
     return "\n".join(out) + "\n"
+
+
+def _misalignment_table(result: dict[str, Any]) -> list[str]:
+    """Table (d): the misalignment repair, one row per round and scorer that ran it."""
+    out = [
+        "",
+        f"**(d) Misalignment repair** of the {result['config']['repair_limit']} least aligned held-out images (by "
+        "the scorer), masked by its misalignment map, candidates ranked by alignment — true alignment and true "
+        "misaligned area (mean of the true misalignment map) before → after; false accepts = accepted repairs "
+        "that are truly less aligned",
+        "",
+        "| round | scorer | repaired | nothing to repair | accepted (rate) | false accepts (share of accepted) | "
+        "true alignment | Δ [95% CI] | true misaligned area | Δ [95% CI] | true plausibility Δ [95% CI] |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rounds"]:
+        for s, m in row["scorers"].items():
+            r = m.get("misalignment_repair")
+            if r is None:
+                continue
+            if not r["attempted"]:
+                out.append(f"| {row['round']} | {s} | 0 | – | – | – | – | – | – | – | – |")
+                continue
+            al, ar, pl = r["true"]["alignment"], r["true"]["misaligned_area"], r["true"]["plausibility"]
+            out.append(
+                f"| {row['round']} | {s} | {r['attempted']} | {r['nothing_to_repair']} | "
+                f"{r['accepted']} ({r['accept_rate']:.0%}) | "
+                f"{r['false_accepts']} ({_f(r['false_accept_share'], '.0%')}) | "
+                f"{al['before']:.3f} → {al['after']:.3f} | {_interval(al['diff'], al['ci_low'], al['ci_high'])} | "
+                f"{ar['before']:.4f} → {ar['after']:.4f} | "
+                f"{_interval(ar['diff'], ar['ci_low'], ar['ci_high'], '+.4f')} | "
+                f"{_interval(pl['diff'], pl['ci_low'], pl['ci_high'])} |"
+            )
+    return out
 
 
 def plot_png(result: dict[str, Any]) -> bytes:

@@ -474,7 +474,7 @@ def repair_images(
     for n, rec in enumerate(todo, start=1):
         try:
             image = decode_png(store.read_bytes(image_key(rec.id)))
-            heat = read_heatmap(store, heatmap_key(rec.id, "implausibility"))
+            heat = read_heatmap(store, heatmap_key(rec.id, rconfig.map))  # the map the repair masks by
             result = repair(image, rec.prompt, gen, scorer, rconfig, heatmap=heat, original_scores=rec.scores)
         except Exception as e:
             log.exception("repair of %s failed", rec.id)

@@ -653,6 +653,7 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
         repair=config_from_args(args, BENCH_REPAIR_FLAGS).repair,
         seed=args.seed,
         n_boot=args.n_boot,
+        misalignment_repair=args.misalignment_repair,
     )
     scorers = {}
     for name in names:
@@ -953,6 +954,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-by", default="overall", help="the score that picks the best candidate per prompt")
     p.add_argument("--repair-limit", type=int, default=8, help="held-out images repaired per round, least plausible")
     add_config_flags(p, "BENCH_REPAIR_FLAGS")  # the feedback loop's repair settings, shared with the benchmark
+    p.add_argument(
+        "--misalignment-repair",
+        action="store_true",
+        help="also repair the least aligned held-out images by the misalignment map (table (d))",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, images and the random scorer")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--device", default="cpu", help="device of the RAHF scorer: cpu, cuda, ...")

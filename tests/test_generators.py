@@ -78,7 +78,9 @@ def test_synthetic_inpainting_redraws_covered_objects_as_the_prompt_asks():
     """A whole-image mask with a flawless world: a wrong colour is repainted in the prompt's colour and the extra
     object is left out, so alignment becomes 1 and no misaligned area is left; a half-covered object keeps its
     colour (pixels outside the mask cannot change); a missing object stays missing."""
-    wrong_and_extra = SyntheticGenerator(FlawModel(dict.fromkeys(("circle", "square", "triangle", "diamond"), 0.0), 1, 0, 1))
+    wrong_and_extra = SyntheticGenerator(
+        FlawModel(dict.fromkeys(("circle", "square", "triangle", "diamond"), 0.0), 1, 0, 1)
+    )
     clean = SyntheticGenerator(FlawModel(dict.fromkeys(("circle", "square", "triangle", "diamond"), 0.0), 0, 0, 0))
     prompt = "two red circles at the left"
     src = wrong_and_extra.generate([prompt], 1)[0]

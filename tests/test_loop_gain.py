@@ -121,7 +121,7 @@ def tiny_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     config = LoopGainConfig(
         prompts=4, per_prompt=8, heldout_prompts=4, heldout_per_prompt=2, rounds=1, size=64, repair_limit=4,
-        select_by="plausibility", n_boot=200,
+        select_by="plausibility", n_boot=200, misalignment_repair=True,
     )  # fmt: skip
     scorers = {
         "random": RandomScorer(seed=0),
@@ -165,6 +165,50 @@ def test_bench_oracle_repair_reduces_true_implausible_area(tiny_bench):
     assert rep["area_after"] < rep["area_before"]
     assert rep["false_accepts"] == 0 and rep["false_accept_share"] == 0.0
     assert rep["accept_rate"] == pytest.approx(rep["accepted"] / rep["attempted"])
+
+
+@pytest.mark.slow  # the shared fixture runs the benchmark once: about 15 s
+def test_bench_misalignment_repair_table_agrees_with_its_records(tiny_bench):
+    result, out = tiny_bench
+    for s in ("random", "rahf", "oracle"):
+        rep = result["rounds"][0]["scorers"][s]["misalignment_repair"]
+        recs = rep["records"]
+        assert rep["attempted"] == len(recs) == 4
+        assert rep["accepted"] == sum(r["accepted"] for r in recs)
+        assert rep["nothing_to_repair"] == sum(r["reason"] == "nothing to repair" for r in recs)
+        for name in ("alignment", "misaligned_area", "plausibility"):
+            t = rep["true"][name]
+            assert t["before"] == pytest.approx(np.mean([r[f"{name}_before"] for r in recs]))
+            assert t["after"] == pytest.approx(np.mean([r[f"{name}_after"] for r in recs]))
+            assert t["diff"] == pytest.approx(t["after"] - t["before"]) and t["ci_low"] <= t["diff"] <= t["ci_high"]
+        worse = sum(r["accepted"] and r["alignment_after"] < r["alignment_before"] for r in recs)
+        assert rep["false_accepts"] == worse
+        for r in recs:  # a rejected repair keeps the original
+            if not r["accepted"]:
+                assert r["alignment_after"] == r["alignment_before"]
+                assert r["misaligned_area_after"] == r["misaligned_area_before"]
+    # the oracle repairs the truly least aligned images and never accepts a truly less aligned one
+    oracle = result["rounds"][0]["scorers"]["oracle"]["misalignment_repair"]
+    assert oracle["false_accepts"] == 0 and oracle["accepted"] >= 1
+    assert oracle["true"]["alignment"]["after"] > oracle["true"]["alignment"]["before"]
+    assert oracle["true"]["misaligned_area"]["after"] < oracle["true"]["misaligned_area"]["before"]
+    md = (out / "loop_gain.md").read_text()
+    assert "(d) Misalignment repair" in md
+    a = oracle["true"]["alignment"]
+    assert f"| 1 | oracle | 4 | {oracle['nothing_to_repair']} | {oracle['accepted']} (" in md
+    assert f"{a['before']:.3f} → {a['after']:.3f}" in md
+
+
+def test_random_scorer_maps_both_heatmaps_and_keeps_its_implausibility_draws():
+    from compare.loop_gain import RandomScorer
+    from generators.synthetic import SyntheticGenerator
+
+    im = SyntheticGenerator(size=32).generate(["a red circle in the middle"], 1)[0].image
+    fb = RandomScorer(seed=1).score("a red circle in the middle", [im])[0]
+    impl, mis = fb.heatmaps["implausibility"], fb.heatmaps["misalignment"]
+    assert impl.shape == mis.shape == (32, 32) and mis.dtype == np.float32
+    assert mis.min() >= 0.0 and mis.max() <= 1.0 and mis.std() > 0.01 and not np.allclose(impl, mis)
+    assert fb.misaligned_keywords == []
 
 
 @pytest.mark.slow  # the shared fixture runs the benchmark once: about 15 s
@@ -220,9 +264,11 @@ def test_cli_bench_loop_takes_the_repair_settings_from_the_config(tmp_path, monk
     monkeypatch.setattr(loop_gain, "run_loop_gain", lambda config, scorers, out, log: seen.update(config=config))
     (tmp_path / "loop_gain.md").write_text("")
     args = ["bench-loop", "--out", str(tmp_path), "--scorers", "random", "--mask-floor", "0.2", "--repair-n", "2"]
+    args.append("--misalignment-repair")
     assert main(args) == 0
     r = seen["config"].repair
     assert (r.mask.floor, r.n, r.mask.threshold, r.heat_drop) == (0.2, 2, 0.4, 0.02)
+    assert seen["config"].misalignment_repair is True
 
 
 def test_cli_bench_loop_rejects_unknown_scorers(capsys):
