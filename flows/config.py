@@ -203,6 +203,8 @@ FLAG_HELP: dict[str, str] = {
     "repair.margin": "a candidate must beat the original's plausibility by more than this",
     "repair.heat_drop": "a candidate must cut the mean predicted implausibility inside the mask by this fraction "
     "(0: off)",
+    "repair.guard": "a candidate may lower no other predicted score (alignment, aesthetics, overall for a "
+    "plausibility repair) by more than this (default: no guard)",
     "repair.mask.threshold": "implausibility heat that enters the repair mask (see --mask-threshold-mode)",
     "repair.mask.threshold_mode": "absolute: heat > threshold; quantile: above the map's threshold-quantile; "
     "relative: above threshold x the map's own maximum",
@@ -247,7 +249,9 @@ LOOP_FLAGS = (
             ("--repair-n", "repair.n"),
             ("--repair-margin", "repair.margin"),
             ("--repair-heat-drop", "repair.heat_drop"),
-        ]
+            ("--repair-guard", "repair.guard"),
+        ],
+        **{"repair.guard": float},
     )
     + MASK_FLAGS
     + _flags([("--finetune-steps", "finetune.steps")], **{"finetune.steps": int})
@@ -262,7 +266,9 @@ REPAIR_FLAGS = (
             ("--n", "repair.n"),
             ("--margin", "repair.margin"),
             ("--heat-drop", "repair.heat_drop"),
-        ]
+            ("--guard", "repair.guard"),
+        ],
+        **{"repair.guard": float},
     )
     + MASK_FLAGS
 )
@@ -271,7 +277,13 @@ COMPARE_FLAGS = SOURCE_FLAGS + _flags([("--per-prompt", "compare.per_prompt")])
 #: ``richfeedback bench-loop``: the repair settings (the benchmark's own RepairConfig)
 BENCH_REPAIR_FLAGS = (
     _flags(
-        [("--repair-n", "repair.n"), ("--repair-margin", "repair.margin"), ("--repair-heat-drop", "repair.heat_drop")]
+        [
+            ("--repair-n", "repair.n"),
+            ("--repair-margin", "repair.margin"),
+            ("--repair-heat-drop", "repair.heat_drop"),
+            ("--repair-guard", "repair.guard"),
+        ],
+        **{"repair.guard": float},
     )
     + MASK_FLAGS
 )

@@ -55,6 +55,16 @@ class RepairConfig:
     heat_drop: float = 0.0
     #: the predicted heatmap the mask and the heat check come from; set ``score`` to match (:meth:`for_map`)
     map: RepairMap = "implausibility"
+    #: a candidate qualifies only if none of the scores it is not ranked by (``guarded``) falls below the
+    #: original's by more than this; None turns the guard off. Inpainting can fix one flaw and make another
+    #: (recolour an object it redraws): the guard keeps a plausibility gain from costing alignment.
+    guard: float | None = None
+
+    @property
+    def guarded(self) -> tuple[str, ...]:
+        """The scores the guard watches: every score but the ones candidates are ranked by."""
+        ranked = set(self.weights or {self.score: 1.0})
+        return tuple(n for n in SCORE_NAMES if n not in ranked) if self.guard is not None else ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heat_drop < 1.0:
@@ -63,6 +73,8 @@ class RepairConfig:
             raise ValueError(f"map must be one of {tuple(MAP_SCORES)}, got {self.map!r}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.guard is not None and not self.guard >= 0.0:
+            raise ValueError(f"guard must be >= 0 or None, got {self.guard}")
         names = set(self.weights or {self.score: 1.0})
         if names - set(SCORE_NAMES):
             raise ValueError(f"unknown score names {sorted(names - set(SCORE_NAMES))}; use {SCORE_NAMES}")
@@ -202,6 +214,9 @@ def repair(
         original_heat = mean_heat_in_mask(np.asarray(heatmap, np.float32), mask)
         limit = (1.0 - config.heat_drop) * original_heat
         valid = [i for i in valid if candidates[i].mask_heat is not None and candidates[i].mask_heat <= limit]
+    for name in config.guarded:  # no other score may fall by more than the guard
+        floor = original_scores[name] - float(config.guard or 0.0)
+        valid = [i for i in valid if candidates[i].scores[name] >= floor]
     chosen = max(valid, key=lambda i: (candidates[i].value, -candidates[i].generated.seed)) if valid else None
     accepted = chosen is not None and candidates[chosen].value > original_value + config.margin
     result_image = candidates[chosen].generated.image if accepted else image

@@ -235,3 +235,50 @@ def test_bad_map():
     with pytest.raises(ValueError, match="map"):
         RepairConfig().for_map("aesthetics")
     assert RepairConfig().for_map("implausibility").score == "plausibility"
+
+
+class _TradeScorer:
+    """Candidates trade alignment for plausibility: candidate k has plausibility 0.6 + 0.1 k and alignment
+    0.8 − ``costs[k]``; the original has plausibility 0.5 and alignment 0.8."""
+
+    def __init__(self, costs):
+        self.costs, self.calls = list(costs), 0
+
+    def score(self, prompt, images, **kwargs):
+        from common.records import RichFeedback
+
+        self.calls += 1
+        out = []
+        for k in range(len(images)):
+            if self.calls == 1:
+                s = {"plausibility": 0.5, "alignment": 0.8, "aesthetics": 0.5, "overall": 0.6}
+            else:
+                s = {"plausibility": 0.6 + 0.1 * k, "alignment": 0.8 - self.costs[k], "aesthetics": 0.5, "overall": 0.6}
+            out.append(RichFeedback(prompt, s, {"implausibility": np.full((8, 8), 0.5, np.float32)}, []))
+        return out
+
+
+def test_guard_refuses_candidates_that_cost_another_score():
+    gen = SyntheticGenerator(FlawModel(dict.fromkeys(SHAPES, 1.0), 0.0, 0.0, 0.0))
+    im = gen.generate(PROMPTS[:1], 1)[0]
+    mask_cfg = MaskConfig(threshold=0.1, min_area_frac=0.0)
+    costs = [0.0, 0.01, 0.2]  # the most plausible candidate (2) costs 0.2 alignment
+    # no guard: the most plausible wins
+    plain = repair(im.image, im.prompt, SyntheticGenerator(), _TradeScorer(costs),
+                   RepairConfig(mask=mask_cfg, n=3, margin=0.0))  # fmt: skip
+    assert plain.accepted and plain.chosen == 2
+    # guard 0.02: candidate 2 is out; candidate 1 (alignment −0.01) is the best that qualifies
+    config = RepairConfig(mask=mask_cfg, n=3, margin=0.0, guard=0.02)
+    assert config.guarded == ("alignment", "aesthetics", "overall")
+    guarded = repair(im.image, im.prompt, SyntheticGenerator(), _TradeScorer(costs), config)
+    assert guarded.accepted and guarded.chosen == 1
+    # guard 0: only candidate 0 keeps the original's alignment
+    strict = repair(im.image, im.prompt, SyntheticGenerator(), _TradeScorer(costs),
+                    RepairConfig(mask=mask_cfg, n=3, margin=0.0, guard=0.0))  # fmt: skip
+    assert strict.chosen == 0 and strict.accepted
+    # every candidate costs too much: the original is kept
+    kept = repair(im.image, im.prompt, SyntheticGenerator(), _TradeScorer([0.1, 0.1, 0.1]), config)
+    assert not kept.accepted and kept.chosen is None and kept.reason == NOT_BETTER
+    with pytest.raises(ValueError, match="guard must be >= 0"):
+        RepairConfig(guard=-0.1)
+    assert RepairConfig(weights={"plausibility": 1, "overall": 1}, guard=0.0).guarded == ("alignment", "aesthetics")
