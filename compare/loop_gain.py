@@ -37,6 +37,15 @@ resampling prompts or images):
     misaligned area (mean of the true misalignment map) before and after with paired intervals, the acceptance
     rate and the false accepts (accepted and truly less aligned). Every image's numbers are kept in ``records``.
 
+Heatmap-weighted finetuning (``heatmap_weighted_fit``, a tuple of k; off when empty): beside best-of-``per_prompt``
+each scorer also runs, from the same base world, a chain of rounds that fits on the top-k candidates per prompt of
+the first ``prompts / k`` training prompts — the same number of finetuning images as best-of-``per_prompt`` over
+all ``prompts`` — and leaves out of the fit's per-shape object and distortion counts every object whose mean
+PREDICTED implausibility (the scorer's map over the object's disc) is above ``heat_threshold``
+(:func:`heat_trusted_counts`): the fit learns from the regions the scorer trusts. k = 1 is the exclusion alone,
+on the same picks as best-of-``per_prompt``. Measured: part (b) on the same held-out prompts and seeds, and how many
+objects (and truly distorted ones) were left out.
+
 Output: ``loop_gain.json`` (every number), ``loop_gain.md`` (the tables) and ``loop_gain.png`` (true overall and
 plausibility of the held-out output against round, per scorer; needs matplotlib, the ``bench`` extra).
 """
@@ -63,7 +72,7 @@ from finetune.select import SelectionConfig, select_best
 from generators.base import GeneratedImage
 from generators.synthetic import SyntheticGenerator
 from inpainting.repair import IMPROVED, NOTHING_TO_REPAIR, RepairConfig, loop_repair_config, repair
-from rahf.data.synthetic import parse_prompt, sample_prompts
+from rahf.data.synthetic import Scene, flaw_counts, object_heat, parse_prompt, sample_prompts
 from rahf.evaluate import within_prompt_markdown, within_prompt_metrics
 
 HELDOUT_SEED = 1_000_000  # held-out images use seeds HELDOUT_SEED + k, apart from every training seed
@@ -91,8 +100,21 @@ class LoopGainConfig:
     n_boot: int = 2000  # bootstrap resamples of every interval
     #: also repair the ``repair_limit`` least aligned held-out images by the misalignment map (table (d))
     misalignment_repair: bool = False
+    #: k of each heatmap-weighted variant (top-k of prompts / k prompts, hot objects left out of the fit); () = off
+    heatmap_weighted_fit: tuple[int, ...] = ()
+    heat_threshold: float = 0.15  # an object is left out when its mean predicted implausibility is above this
 
     def __post_init__(self) -> None:
+        self.heatmap_weighted_fit = tuple(self.heatmap_weighted_fit)
+        for k in self.heatmap_weighted_fit:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.per_prompt:
+                raise ValueError(f"heatmap_weighted_fit takes ints in [1, per_prompt={self.per_prompt}], got {k!r}")
+            if self.prompts % k:
+                raise ValueError(f"heatmap_weighted_fit k={k} must divide prompts={self.prompts} (same image count)")
+        if len(set(self.heatmap_weighted_fit)) != len(self.heatmap_weighted_fit):
+            raise ValueError(f"heatmap_weighted_fit repeats a k: {self.heatmap_weighted_fit}")
+        if not 0.0 <= self.heat_threshold < 1.0:
+            raise ValueError(f"heat_threshold must lie in [0, 1), got {self.heat_threshold}")
         for name in ("prompts", "per_prompt", "heldout_prompts", "heldout_per_prompt", "rounds", "n_boot"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -508,6 +530,71 @@ def _alignment_truth(g: GeneratedImage) -> dict[str, float]:
     return {"alignment": t["alignment"], "misaligned_area": _misaligned_area(g), "plausibility": t["plausibility"]}
 
 
+def heat_trusted_counts(
+    images: Sequence[GeneratedImage], heatmaps: Sequence[np.ndarray], threshold: float
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The fit's counts of world images with every object under predicted heat left out.
+
+    ``heatmaps``: one (size, size) predicted implausibility map in [0, 1] per image. An object is left out of its
+    image's per-shape object and distortion counts (:func:`rahf.data.synthetic.flaw_counts` with ``exclude``) when
+    the map's mean over its disc (:func:`rahf.data.synthetic.object_heat`) is above ``threshold``. Returns the
+    counts and ``{"objects", "excluded", "distorted", "excluded_distorted"}`` (distorted: in truth).
+    """
+    if len(heatmaps) != len(images):
+        raise ValueError(f"got {len(heatmaps)} heatmaps for {len(images)} images")
+    counts, stats = [], dict.fromkeys(("objects", "excluded", "distorted", "excluded_distorted"), 0)
+    for g, heat in zip(images, heatmaps):
+        if "scene" not in g.image.info:
+            raise ValueError(f"image {g.id} carries no scene (not made by the synthetic world)")
+        scene = Scene.from_json(g.image.info["scene"])
+        hot = [h > threshold for h in object_heat(scene, heat)]
+        counts.append(flaw_counts(scene, hot))
+        bad = [o.distortion is not None for o in scene.objects]
+        stats["objects"] += len(hot)
+        stats["excluded"] += sum(hot)
+        stats["distorted"] += sum(bad)
+        stats["excluded_distorted"] += sum(h and b for h, b in zip(hot, bad))
+    return counts, stats
+
+
+def _implausibility(scorer: Any, images: Sequence[GeneratedImage]) -> list[np.ndarray]:
+    """The scorer's implausibility map of each image, at the image's size."""
+    feedback = scorer.score([g.prompt for g in images], [g.image for g in images], heatmaps=["implausibility"])
+    out = []
+    for g, fb in zip(images, feedback):
+        if isinstance(fb, ScoringFailure):
+            raise RuntimeError(f"scoring failed for {g.prompt!r} seed {g.seed}: {fb.error}")
+        out.append(np.asarray(fb.heatmaps["implausibility"], np.float32))
+    return out
+
+
+def heatmap_weighted_round(
+    gen: SyntheticGenerator,
+    scorer: Any,
+    train: Sequence[str],
+    round_index: int,
+    k: int,
+    config: LoopGainConfig,
+) -> tuple[SyntheticGenerator, dict[str, Any]]:
+    """One round of the heatmap-weighted variant: the top-``k`` candidates (by the scorer's ``select_by``) of each
+    of the first ``len(train) / k`` prompts, the fit on their heat-trusted counts. Returns the fitted world and
+    ``{"k", "prompts", "images", "exclusion": heat_trusted_counts' stats}``."""
+    prompts = list(train[: len(train) // k])
+    seeds = [round_index * config.per_prompt + j for _ in prompts for j in range(config.per_prompt)]
+    candidates = gen.generate(prompts, config.per_prompt, seeds)
+    sel_config = SelectionConfig(score=config.select_by, thresholds={}, top_k=k, expected_per_prompt=None)
+    by_id = {g.id: g for g in candidates}
+    records = [_record(g, p) for g, p in zip(candidates, _predict(scorer, candidates))]
+    picked = [by_id[r.id] for r in select_best(records, sel_config).selected]
+    counts, stats = heat_trusted_counts(picked, _implausibility(scorer, picked), config.heat_threshold)
+    tuned = gen.fit([{"counts": c} for c in counts], prior_strength=config.prior_strength)
+    return tuned, {"k": k, "prompts": len(prompts), "images": len(picked), "exclusion": stats}
+
+
+def _variant(name: str, k: int) -> str:
+    return f"{name}, heat-weighted top-{k}"
+
+
 def _level(images: Sequence[GeneratedImage], n_boot: int, seed: int) -> dict[str, dict[str, float]]:
     return {n: _ci(np.array([_true(g)[n] for g in images]), n_boot, seed) for n in [*SCORE_NAMES, "implausible_area"]}
 
@@ -536,6 +623,9 @@ def run_loop_gain(
     base_heldout = base.generate(heldout, config.heldout_per_prompt, heldout_seeds)
     state = {s: (base, base_heldout) for s in scorers}
     curve = {s: [_level(base_heldout, config.n_boot, config.seed)] for s in scorers}
+    ks = config.heatmap_weighted_fit
+    hw_state = {(s, k): (base, base_heldout) for s in scorers for k in ks}
+    hw_curve = {_variant(s, k): [_level(base_heldout, config.n_boot, config.seed)] for s in scorers for k in ks}
     seconds = dict.fromkeys(scorers, 0.0)
     rounds = []
     for r in range(config.rounds):
@@ -564,6 +654,18 @@ def run_loop_gain(
                 row["scorers"][name]["misalignment_repair"] = measure_misalignment_repair(
                     after, predicted_after, tuned, scorer, config, seed=config.seed
                 )
+            variants = {}
+            for k in ks:
+                hw_gen, hw_before = hw_state[name, k]
+                hw_tuned, info = heatmap_weighted_round(hw_gen, scorer, train, r, k, config)
+                hw_after = hw_tuned.generate(heldout, config.heldout_per_prompt, heldout_seeds)
+                info["generator"] = measure_generator(hw_before, hw_after, config, seed=config.seed)
+                info["flaws"] = hw_tuned.flaws.to_dict()
+                hw_state[name, k] = (hw_tuned, hw_after)
+                hw_curve[_variant(name, k)].append(_level(hw_after, config.n_boot, config.seed))
+                variants[str(k)] = info
+            if ks:
+                row["scorers"][name]["heatmap_weighted"] = variants
             s = selection["true"][config.select_by]
             log(
                 f"round {r + 1} {name}: selected true {config.select_by} {s['selected']:.3f} vs random pick "
@@ -579,6 +681,8 @@ def run_loop_gain(
         "curve": curve,
         "seconds": seconds,
     }
+    if ks:
+        result["curve_heatmap_weighted"] = hw_curve
     if out_dir is not None:
         write_outputs(result, out_dir)
     return result
@@ -597,6 +701,46 @@ def _interval(mean: float | None, lo: float | None, hi: float | None, fmt: str =
     if mean is None:
         return "–"
     return f"{format(mean, fmt)} [{_f(lo, fmt)}, {_f(hi, fmt)}]"
+
+
+def _generator_cells(m: dict[str, Any]) -> list[str]:
+    """Cells of one (b) row: before → after and Δ [95% CI] of overall, plausibility and implausible area."""
+    cells = []
+    for n in ("overall", "plausibility", "implausible_area"):
+        g = m["generator"][n]
+        fmt = ".4f" if n == "implausible_area" else ".3f"
+        cells.append(f"{format(g['mean_a'], fmt)} → {format(g['mean_b'], fmt)}")
+        cells.append(_interval(g["diff"], g["ci_low"], g["ci_high"], "+" + fmt))
+    return cells
+
+
+def _heatmap_weighted_markdown(result: dict[str, Any]) -> list[str]:
+    """The heatmap-weighted variants' table (empty when there are none)."""
+    c = result["config"]
+    rows = [
+        (row["round"], s, k, v)
+        for row in result["rounds"]
+        for s, m in row["scorers"].items()
+        for k, v in m.get("heatmap_weighted", {}).items()
+    ]
+    if not rows:
+        return []
+    out = [
+        "",
+        f"**Heatmap-weighted finetuning** — top-k of prompts / k prompts, the same number of finetuning images as "
+        f"best-of-{c['per_prompt']} ({c['prompts']}); objects with mean predicted implausibility above "
+        f"{c['heat_threshold']} left out of the fit (their rows in (b) above)",
+        "",
+        "| round | variant | prompts | images | objects | left out | truly distorted | of them left out |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r, s, k, v in rows:
+        e = v["exclusion"]
+        out.append(
+            f"| {r} | {_variant(s, int(k))} | {v['prompts']} | {v['images']} | {e['objects']} | {e['excluded']} | "
+            f"{e['distorted']} | {e['excluded_distorted']} |"
+        )
+    return out
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -644,13 +788,11 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for row in result["rounds"]:
         for s, m in row["scorers"].items():
-            cells = []
-            for n in ("overall", "plausibility", "implausible_area"):
-                g = m["generator"][n]
-                fmt = ".4f" if n == "implausible_area" else ".3f"
-                cells.append(f"{format(g['mean_a'], fmt)} → {format(g['mean_b'], fmt)}")
-                cells.append(_interval(g["diff"], g["ci_low"], g["ci_high"], "+" + fmt))
+            cells = _generator_cells(m)
             out.append(f"| {row['round']} | {s} | " + " | ".join(cells) + " |")
+            for k, v in m.get("heatmap_weighted", {}).items():
+                out.append(f"| {row['round']} | {_variant(s, int(k))} | " + " | ".join(_generator_cells(v)) + " |")
+    out += _heatmap_weighted_markdown(result)
     out += [
         "",
         "**(c) Repair** of the least plausible held-out images (by the scorer) — true implausible area before → "
@@ -740,8 +882,9 @@ def plot_png(result: dict[str, Any]) -> bytes:
         raise ImportError("the loop-gain plot needs matplotlib: pip install -e '.[bench]'") from err
     fig, axes = plt.subplots(1, len(PLOT_SCORES), figsize=(5 * len(PLOT_SCORES), 3.6), constrained_layout=True)
     for ax, name in zip(np.atleast_1d(axes), PLOT_SCORES):
-        for k, (s, levels) in enumerate(result["curve"].items()):
-            x = np.arange(len(levels)) + (k - (len(result["curve"]) - 1) / 2) * 0.04
+        curves = {**result["curve"], **result.get("curve_heatmap_weighted", {})}
+        for k, (s, levels) in enumerate(curves.items()):
+            x = np.arange(len(levels)) + (k - (len(curves) - 1) / 2) * 0.04
             m = np.array([lv[name]["mean"] for lv in levels])
             err = np.array([[m[i] - lv[name]["ci_low"], lv[name]["ci_high"] - m[i]] for i, lv in enumerate(levels)]).T
             ax.errorbar(x, m, yerr=err, marker="o", capsize=3, label=s)

@@ -6,6 +6,9 @@ The folder is what diffusers' text-to-image training scripts and the ``datasets`
     <out>/metadata.jsonl    one JSON object per image, sorted by (text, id):
                             file_name, text (the prompt), plausibility, alignment, aesthetics, overall,
                             seed, generator, rahf, id, selection
+    <out>/heatmaps/<id>.png  with ``heatmap=NAME``: the record's RAHF heatmap NAME (8-bit grey, 0..255 = 0..1),
+                            named in the row's ``heatmap`` column, with ``heatmap_source`` = {"name", "uri"}
+                            (the model is the row's ``rahf``); LoRA finetuning reads it as a per-region weight
 
 ``out`` is a local folder or any fsspec URL (``s3://bucket/prefix``, ``memory://...``). Every write is atomic:
 locally a temporary file in the same folder then ``os.replace``; elsewhere one ``pipe_file`` (a single PUT).
@@ -103,11 +106,25 @@ def _json_value(v: Any) -> Any:
     return v
 
 
-def metadata_row(record: ImageRecord) -> dict[str, Any]:
-    """The ``metadata.jsonl`` object of one record; every score name is a column (None when absent)."""
+HEATMAP_DIR = "heatmaps"
+
+
+def dataset_heatmap_name(id: str) -> str:
+    """``heatmaps/<id>.png``: the file name of an image's heatmap inside an exported finetuning folder."""
+    return f"{HEATMAP_DIR}/{dataset_image_name(id)}"
+
+
+def metadata_row(record: ImageRecord, heatmap: str | None = None) -> dict[str, Any]:
+    """The ``metadata.jsonl`` object of one record; every score name is a column (None when absent). With
+    ``heatmap`` (a heatmap name the record carries) the row names its copy and where it came from."""
     row: dict[str, Any] = {"file_name": dataset_image_name(record.id), "text": record.prompt}
     row.update({name: record.scores.get(name) for name in SCORE_NAMES})
     row.update(seed=record.seed, generator=record.generator, rahf=record.rahf, id=record.id, selection=record.selection)
+    if heatmap is not None:
+        row.update(
+            heatmap=dataset_heatmap_name(record.id),
+            heatmap_source={"name": heatmap, "uri": record.heatmap_uris[heatmap]},
+        )
     return _json_value(row)
 
 
@@ -175,7 +192,11 @@ def read_image_bytes(out: str, file_name: str) -> bytes:
 
 
 def export_dataset(
-    selected: Sequence[ImageRecord], out: str, *, read_image: Callable[[str], bytes] | None = None
+    selected: Sequence[ImageRecord],
+    out: str,
+    *,
+    read_image: Callable[[str], bytes] | None = None,
+    heatmap: str | None = None,
 ) -> ExportResult:
     """Write ``selected`` as an image folder with ``metadata.jsonl`` at ``out`` (local path or fsspec URL).
 
@@ -184,6 +205,8 @@ def export_dataset(
             (the later record's metadata wins).
         out: destination folder, e.g. ``runs/r1/finetune-data`` or ``s3://bucket/run/finetune-data``.
         read_image: bytes of an ``image_uri``; default reads it with fsspec (local paths, ``s3://``, ...).
+        heatmap: also copy each record's heatmap of this name (``heatmap_uris[heatmap]``, e.g.
+            ``"implausibility"``) to ``heatmaps/<id>.png``; a record without it fails (reported, left out).
     Returns:
         an :class:`ExportResult`; ``rows`` is the number of lines of the rewritten ``metadata.jsonl``.
     """
@@ -195,9 +218,10 @@ def export_dataset(
     rows = _existing_rows(fs, root, present)
     result = ExportResult(out=out)
     for record in {r.id: r for r in selected}.values():
-        error = _export_image(fs, root, present, record, read_image, result)
+        error = _export_heatmap(fs, root, record, heatmap, read_image) if heatmap is not None else None
+        error = error or _export_image(fs, root, present, record, read_image, result)
         if error is None:
-            rows[dataset_image_name(record.id)] = metadata_row(record)
+            rows[dataset_image_name(record.id)] = metadata_row(record, heatmap)
         else:
             result.failed.append((record.id, error))
     _write_atomic(fs, posixpath.join(root, METADATA_FILE), _encode_rows(list(rows.values())))
@@ -220,6 +244,30 @@ def _existing_rows(fs: fsspec.AbstractFileSystem, root: str, present: set[str]) 
         return {}
     path = posixpath.join(root, METADATA_FILE)
     return {r["file_name"]: r for r in _parse_rows(fs.cat_file(path), path) if r["file_name"] in present}
+
+
+def _export_heatmap(
+    fs: fsspec.AbstractFileSystem, root: str, record: ImageRecord, name: str, read_image: Callable[[str], bytes]
+) -> str | None:
+    """Copy the record's heatmap ``name`` to ``<root>/heatmaps/<id>.png`` (as 8-bit grey); the error text when it
+    cannot."""
+    if not _SAFE_ID.fullmatch(record.id):
+        return f"id {record.id!r} is not a safe file name"
+    uri = record.heatmap_uris.get(name)
+    if not uri:
+        return f"record has no {name!r} heatmap"
+    try:
+        with Image.open(io.BytesIO(read_image(uri))) as im:
+            im.load()
+            grey = im.convert("L")
+        buf = io.BytesIO()
+        grey.save(buf, format="PNG")
+    except Exception as e:  # any unreadable heatmap is reported, never raised
+        return f"{type(e).__name__}: {e}"
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.join(root, HEATMAP_DIR), exist_ok=True)
+    _write_atomic(fs, posixpath.join(root, dataset_heatmap_name(record.id)), buf.getvalue())
+    return None
 
 
 def _export_image(

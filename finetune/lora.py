@@ -10,6 +10,11 @@ loss -> checkpoint every N steps -> save the adapter in the diffusers LoRA forma
 * aMUSEd: masked-token cross-entropy. Per image a mask ratio r = cos(π/2 · u), u ~ U(0, 1) (aMUSEd's cosine
   schedule); round(r · L) tokens (at least one) are replaced by the mask token and predicted.
 * Stable Diffusion: noise-prediction MSE (or v-prediction, as the scheduler says) at a uniform random timestep.
+* ``heatmap_weighting``: each example's loss is weighted per region by 1 − its RAHF implausibility heatmap (the
+  folder's ``heatmaps/<id>.png``, :func:`finetune.dataset.export_dataset` with ``heatmap="implausibility"``),
+  area-pooled to the denoiser's grid: aMUSEd weights each masked token's cross-entropy, SD each latent cell's
+  squared error (all channels), and the loss is the weighted mean (a map of ones gives the unweighted loss; a
+  region of weight 0 adds no gradient). Off by default.
 * The synthetic world has no LoRA: its finetuning is a fit of its flaw rates, with its own config and function
   (:mod:`finetune.synthetic`); :func:`finetune` hands ``generator="synthetic"`` over to it.
 
@@ -73,6 +78,7 @@ class LoraTrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
     prior_strength: float = 2.0  # generator "synthetic" only: passed on to finetune.synthetic.SyntheticFitConfig
+    heatmap_weighting: bool = False  # weight the loss by 1 - the folder's implausibility heatmaps (module docstring)
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -110,6 +116,32 @@ def load_folder(data_dir: str) -> tuple[list[Image.Image], list[str]]:
     return images, prompts
 
 
+def load_heatmaps(data_dir: str) -> list[np.ndarray]:
+    """The (H, W) float maps in [0, 1] of an exported folder's ``heatmap`` column, in metadata order; raises
+    ``ValueError`` naming the first row without one (export with ``heatmap="implausibility"``)."""
+    out = []
+    for row in read_metadata(data_dir):
+        if not row.get("heatmap"):
+            raise ValueError(f"{data_dir}: row {row['file_name']!r} has no heatmap (export with heatmap=...)")
+        with Image.open(io.BytesIO(read_image_bytes(data_dir, row["heatmap"]))) as im:
+            out.append(np.asarray(im.convert("L"), np.float32) / 255.0)
+    return out
+
+
+def heat_weights(heatmaps: list[np.ndarray], grid: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) float weights 1 − (each (H, W) map in [0, 1] area-pooled to ``grid``)."""
+    pooled = [
+        F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(m, np.float32))[None, None], grid)[0, 0] for m in heatmaps
+    ]
+    return (1.0 - torch.stack(pooled)).clamp(0.0, 1.0)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(weights · values) / sum(weights) (0 when every weight is 0); weights broadcast to ``values``."""
+    w = weights.expand_as(values).to(values.dtype)
+    return (w * values).sum() / w.sum().clamp(min=torch.finfo(values.dtype).tiny)
+
+
 def _pixels(images: list[Image.Image], size: int, normalize: bool) -> torch.Tensor:
     """(N, 3, size, size) float: [0, 1], or [-1, 1] when ``normalize``."""
     arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) for im in images])
@@ -138,7 +170,14 @@ def _prompt_ids(pipe, prompts: list[str], device: torch.device) -> torch.Tensor:
 class _AmusedTask:
     """Masked-token cross-entropy on the VQ tokens of the images."""
 
-    def __init__(self, gen, images: list[Image.Image], prompts: list[str], device: torch.device):
+    def __init__(
+        self,
+        gen,
+        images: list[Image.Image],
+        prompts: list[str],
+        device: torch.device,
+        heatmaps: list[np.ndarray] | None = None,
+    ):
         pipe = gen.pipe
         self.denoiser = pipe.transformer
         self.mask_id = int(pipe.scheduler.config.mask_token_id)
@@ -150,6 +189,7 @@ class _AmusedTask:
             self.tokens = idx.reshape(len(images), latents.shape[-2], latents.shape[-1])
             out = pipe.text_encoder(_prompt_ids(pipe, prompts, device), return_dict=True, output_hidden_states=True)
             self.pooled, self.hidden = out.text_embeds, out.hidden_states[-2]
+        self.weights = None if heatmaps is None else heat_weights(heatmaps, tuple(self.tokens.shape[-2:])).to(device)
 
     def loss(self, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         tokens = self.tokens[index]
@@ -167,13 +207,23 @@ class _AmusedTask:
             encoder_hidden_states=self.hidden[index],
         )  # (B, codebook, h, w)
         labels = torch.where(masked, tokens, torch.full_like(tokens, -100))
-        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+        if self.weights is None:
+            return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+        per_token = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")  # (B, h, w)
+        return weighted_mean(per_token, self.weights[index] * masked)
 
 
 class _StableDiffusionTask:
     """Noise-prediction MSE on VAE latents."""
 
-    def __init__(self, gen, images: list[Image.Image], prompts: list[str], device: torch.device):
+    def __init__(
+        self,
+        gen,
+        images: list[Image.Image],
+        prompts: list[str],
+        device: torch.device,
+        heatmaps: list[np.ndarray] | None = None,
+    ):
         pipe = gen.pipe
         self.denoiser = pipe.unet
         self.scheduler = pipe.scheduler
@@ -182,6 +232,7 @@ class _StableDiffusionTask:
             dist = pipe.vae.encode(px).latent_dist
             self.latents = dist.mean * pipe.vae.config.scaling_factor  # the mean: deterministic, cacheable
             self.hidden = pipe.text_encoder(_prompt_ids(pipe, prompts, device))[0]
+        self.weights = None if heatmaps is None else heat_weights(heatmaps, tuple(self.latents.shape[-2:])).to(device)
 
     def loss(self, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         latents = self.latents[index]
@@ -194,7 +245,10 @@ class _StableDiffusionTask:
             target = self.scheduler.get_velocity(latents, noise, t)
         else:
             target = noise
-        return F.mse_loss(pred.float(), target.float())
+        if self.weights is None:
+            return F.mse_loss(pred.float(), target.float())
+        per_cell = (pred.float() - target.float()) ** 2  # (B, C, h, w)
+        return weighted_mean(per_cell, self.weights[index][:, None])
 
 
 @torch.no_grad()
@@ -294,7 +348,7 @@ def finetune(
     gen = build_generator(cfg.generator, device=device)
     images, prompts = load_folder(cfg.data_dir)
     task_cls = _AmusedTask if gen.backend == "amused" else _StableDiffusionTask
-    task = task_cls(gen, images, prompts, device)
+    task = task_cls(gen, images, prompts, device, load_heatmaps(cfg.data_dir) if cfg.heatmap_weighting else None)
     model = task.denoiser
 
     # -- LoRA on the denoiser; everything else frozen

@@ -320,7 +320,8 @@ def select_finetune_data(
     records = [r for r in store.records() if r.stage == "generated" and (wanted is None or r.id in wanted)]
     result = select_best(records, config.selection)
     data_uri = store.uri(finetune_data_key())
-    exported = export_dataset(result.selected, data_uri)
+    heatmap = "implausibility" if config.finetune.get("heatmap_weighting") else None  # LoRA's per-region weights
+    exported = export_dataset(result.selected, data_uri, heatmap=heatmap)
     if store.exists(RUN_FILE):
         store.write_bytes(dataset_run_key(), store.read_bytes(RUN_FILE))
     summary = result.summary()

@@ -654,6 +654,8 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
         seed=args.seed,
         n_boot=args.n_boot,
         misalignment_repair=args.misalignment_repair,
+        heatmap_weighted_fit=tuple(int(k) for k in args.heatmap_weighted_fit.split(",") if k.strip()),
+        heat_threshold=args.heat_threshold,
     )
     scorers = {}
     for name in names:
@@ -953,6 +955,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="image side of the synthetic world")
     p.add_argument("--select-by", default="overall", help="the score that picks the best candidate per prompt")
     p.add_argument("--repair-limit", type=int, default=8, help="held-out images repaired per round, least plausible")
+    p.add_argument(
+        "--heatmap-weighted-fit",
+        default="",
+        metavar="K[,K...]",
+        help="also fit on the top-K of prompts/K prompts (same image count) with hot objects left out; '' = off",
+    )
+    p.add_argument(
+        "--heat-threshold", type=float, default=0.15, help="mean predicted implausibility that leaves an object out"
+    )
     add_config_flags(p, "BENCH_REPAIR_FLAGS")  # the feedback loop's repair settings, shared with the benchmark
     p.add_argument(
         "--misalignment-repair",

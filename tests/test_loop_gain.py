@@ -351,3 +351,85 @@ def test_selection_gain_only_with_truth_and_a_selection():
     assert selection_gain(records, ["c1", "d1"], n_boot=50) is None
     with pytest.raises(ValueError, match="not among the candidates"):
         selection_gain(hand_round(), ["c1", "zz"], n_boot=50)
+
+
+# -- heatmap-weighted finetuning ---------------------------------------------------------------------------------
+
+
+def test_heat_trusted_counts_leave_out_exactly_the_truly_distorted_under_the_oracle_map():
+    from compare.loop_gain import heat_trusted_counts
+    from generators.synthetic import SyntheticGenerator
+    from rahf.data.synthetic import Scene, flaw_counts, sample_prompts
+
+    images = SyntheticGenerator().generate(sample_prompts(4, seed=5), 2)
+    maps = [g.truth["maps"]["implausibility"] for g in images]
+    counts, stats = heat_trusted_counts(images, maps, 0.15)
+    full = [g.truth["counts"] for g in images]
+    n_obj = sum(sum(c["objects"].values()) for c in full)
+    n_bad = sum(sum(c["distorted"].values()) for c in full)
+    assert n_bad > 0
+    assert stats == {"objects": n_obj, "excluded": n_bad, "distorted": n_bad, "excluded_distorted": n_bad}
+    assert all(sum(c["distorted"].values()) == 0 for c in counts)
+    assert sum(sum(c["objects"].values()) for c in counts) == n_obj - n_bad
+    # a map of zeros leaves the counts as they are
+    zero, stats0 = heat_trusted_counts(images, [np.zeros_like(m) for m in maps], 0.15)
+    assert zero == full and stats0["excluded"] == 0
+    assert full == [flaw_counts(Scene.from_json(g.image.info["scene"])) for g in images]
+
+
+def test_loop_gain_config_checks_the_heatmap_weighted_ks():
+    from compare.loop_gain import LoopGainConfig
+
+    assert LoopGainConfig(prompts=4, heatmap_weighted_fit=[1, 2]).heatmap_weighted_fit == (1, 2)
+    with pytest.raises(ValueError, match="divide"):
+        LoopGainConfig(prompts=4, heatmap_weighted_fit=(3,))
+    with pytest.raises(ValueError, match="per_prompt"):
+        LoopGainConfig(prompts=4, per_prompt=2, heatmap_weighted_fit=(4,))
+    with pytest.raises(ValueError, match="heat_threshold"):
+        LoopGainConfig(heat_threshold=1.0)
+
+
+def test_heatmap_weighted_variant_fits_on_the_same_image_count_and_reports_its_rows(tmp_path):
+    from compare.loop_gain import LoopGainConfig, run_loop_gain
+    from generators.synthetic import GroundTruthScorer
+    from rahf.data.synthetic import SHAPES, FlawModel
+
+    config = LoopGainConfig(
+        prompts=4, per_prompt=3, heldout_prompts=2, heldout_per_prompt=2, rounds=1, repair_limit=0, n_boot=50,
+        heatmap_weighted_fit=(1, 2),
+    )  # fmt: skip
+    result = run_loop_gain(config, {"oracle": GroundTruthScorer()}, None)
+    m = result["rounds"][0]["scorers"]["oracle"]
+    hw = m["heatmap_weighted"]
+    assert (hw["1"]["prompts"], hw["1"]["images"], hw["2"]["prompts"], hw["2"]["images"]) == (4, 4, 2, 4)
+    prior = FlawModel()
+    for v in hw.values():
+        e = v["exclusion"]
+        assert e["excluded"] == e["distorted"] == e["excluded_distorted"]  # the oracle's map: exactly the flawed
+        # no distorted object is counted: every fitted distortion rate is the prior shrunk by the clean trials
+        for sh in SHAPES:
+            rate = v["flaws"]["distortion"][sh]
+            assert rate <= prior.distortion[sh] + 1e-12
+        assert v["generator"]["overall"]["n"] == 4
+        assert v["generator"]["overall"]["mean_a"] == pytest.approx(m["generator"]["overall"]["mean_a"])
+    # k = 1 picks what best-of-3 picks; its alignment flaw rates are fitted from the same groups
+    assert hw["1"]["flaws"]["wrong_colour"] == pytest.approx(m["flaws"]["wrong_colour"])
+    assert len(result["curve_heatmap_weighted"]["oracle, heat-weighted top-2"]) == 2
+    from compare.loop_gain import markdown
+
+    md = markdown(result)
+    assert "| 1 | oracle, heat-weighted top-2 |" in md and "Heatmap-weighted finetuning" in md
+
+
+def test_cli_bench_loop_passes_the_heatmap_weighted_ks(tmp_path, monkeypatch):
+    from compare import loop_gain
+    from richfeedback.cli import main
+
+    seen = {}
+    monkeypatch.setattr(loop_gain, "run_loop_gain", lambda config, scorers, out, log: seen.update(config=config))
+    (tmp_path / "loop_gain.md").write_text("")
+    args = ["bench-loop", "--out", str(tmp_path), "--scorers", "random", "--heatmap-weighted-fit", "1,2"]
+    assert main([*args, "--heat-threshold", "0.3"]) == 0
+    assert seen["config"].heatmap_weighted_fit == (1, 2) and seen["config"].heat_threshold == 0.3
+    assert main(["bench-loop", "--out", str(tmp_path), "--scorers", "random"]) == 0
+    assert seen["config"].heatmap_weighted_fit == ()

@@ -161,3 +161,102 @@ def test_config_errors():
         LoraTrainConfig("d", "o", mixed_precision="fp8")
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         finetune(LoraTrainConfig("d", "o"), keep_checkpoints=0)
+
+
+# -- heatmap weighting -------------------------------------------------------------------------------------------
+
+
+def make_heat_folder(tmp_path, images, heats) -> str:
+    """An exported folder with each image's implausibility heatmap (``heatmaps/<id>.png``)."""
+    from PIL import Image
+
+    records = []
+    for g, heat in zip(images, heats):
+        src = tmp_path / "src"
+        src.mkdir(parents=True, exist_ok=True)
+        (src / f"{g.id}.png").write_bytes(encode_png(g.image))
+        Image.fromarray(np.rint(heat * 255).astype(np.uint8)).save(src / f"{g.id}-heat.png")
+        rec = ImageRecord.from_generated(g, str(src / f"{g.id}.png"))
+        rec.heatmap_uris = {"implausibility": str(src / f"{g.id}-heat.png")}
+        records.append(rec)
+    out = tmp_path / "data"
+    result = export_dataset(records, str(out), heatmap="implausibility")
+    assert result.failed == []
+    return str(out)
+
+
+def test_export_writes_heatmaps_with_provenance_and_they_read_back(four_images, tmp_path):
+    from finetune.dataset import read_metadata
+    from finetune.lora import heat_weights, load_heatmaps
+
+    heats = [np.zeros((64, 64), np.float32) for _ in four_images]
+    heats[0][:32] = 1.0  # the top half of the first image is implausible
+    data = make_heat_folder(tmp_path, four_images, heats)
+    rows = read_metadata(data)
+    assert all(r["heatmap"] == f"heatmaps/{r['id']}.png" for r in rows)
+    assert all(r["heatmap_source"]["name"] == "implausibility" for r in rows)
+    maps = {r["id"]: m for r, m in zip(rows, load_heatmaps(data))}
+    assert maps[four_images[0].id][:32].min() == 1.0 and maps[four_images[0].id][32:].max() == 0.0
+    w = heat_weights([maps[four_images[0].id]], (4, 4))
+    assert torch.equal(w[0], torch.tensor([[0.0] * 4] * 2 + [[1.0] * 4] * 2))
+    # a record without the heatmap fails the export; a folder without the column cannot be weighted
+    bare = ImageRecord.from_generated(four_images[1], "unused")
+    failed = export_dataset([bare], str(tmp_path / "bare"), heatmap="implausibility").failed
+    assert failed[0][1].startswith("record has no")
+    with pytest.raises(ValueError, match="no heatmap"):
+        load_heatmaps(make_folder(tmp_path / "plain", four_images))
+
+
+@pytest.mark.slow  # builds both tiny generators: about 25 s
+@pytest.mark.parametrize("preset", ["amused-tiny", "sd-tiny"])
+def test_heatmap_weights_of_one_keep_the_loss_and_zero_weight_removes_a_region(preset, four_images):
+    from finetune.lora import _AmusedTask, _StableDiffusionTask, heat_weights
+    from generators import build_generator
+
+    torch.manual_seed(0)
+    gen = build_generator(preset)
+    task_cls = _AmusedTask if preset == "amused-tiny" else _StableDiffusionTask
+    images, prompts = [g.image for g in four_images], [g.prompt for g in four_images]
+    plain = task_cls(gen, images, prompts, torch.device("cpu"))
+    index = torch.arange(4)
+
+    def loss_and_grad(task):
+        seen = {}
+
+        def hook(module, args, output):
+            out = output if torch.is_tensor(output) else output.sample
+            out.retain_grad()
+            seen["out"] = out
+
+        handle = task.denoiser.register_forward_hook(hook)
+        loss = task.loss(index, torch.Generator().manual_seed(5))
+        handle.remove()
+        loss.backward()
+        task.denoiser.zero_grad()
+        return loss.detach(), seen["out"].grad
+
+    ref, _ = loss_and_grad(plain)
+    ones = task_cls(gen, images, prompts, torch.device("cpu"), [np.zeros((64, 64), np.float32)] * 4)
+    assert torch.allclose(loss_and_grad(ones)[0], ref, rtol=1e-6, atol=0)
+    # heat 1 on the top half of every image: weight 0 on the top half of the grid
+    heat = np.zeros((64, 64), np.float32)
+    heat[:32] = 1.0
+    half = task_cls(gen, images, prompts, torch.device("cpu"), [heat] * 4)
+    grid = tuple(half.weights.shape[-2:])
+    assert torch.equal(half.weights, heat_weights([heat] * 4, grid))
+    loss, grad = loss_and_grad(half)
+    top, bottom = grad[..., : grid[0] // 2, :], grad[..., grid[0] // 2 :, :]
+    assert float(top.abs().max()) == 0.0 and float(bottom.abs().max()) > 0.0  # no gradient from the zeroed region
+    assert not torch.allclose(loss, ref)
+
+
+def test_finetune_with_heatmap_weighting_trains_and_needs_the_heatmaps(four_images, tmp_path):
+    heats = [np.full((64, 64), 0.5, np.float32) for _ in four_images]
+    data = make_heat_folder(tmp_path, four_images, heats)
+    common = dict(generator="amused-tiny", steps=2, batch_size=2, checkpoint_every=2, heatmap_weighting=True)
+    summary = finetune(LoraTrainConfig(data, str(tmp_path / "run"), **common), progress=False)
+    assert summary["step"] == 2 and all(np.isfinite(summary["losses"])) and summary["adapter"]
+    assert json.loads((tmp_path / "run" / "finetune_config.json").read_text())["heatmap_weighting"] is True
+    plain = make_folder(tmp_path / "plain", four_images)
+    with pytest.raises(ValueError, match="no heatmap"):
+        finetune(LoraTrainConfig(plain, str(tmp_path / "run2"), **common), progress=False)

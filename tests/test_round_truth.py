@@ -167,3 +167,19 @@ def test_comparison_stage_truth_has_intervals(tmp_path, one_torch_thread):
     assert stored["truth"]["scores"]["overall"]["mean_a"] == pytest.approx(gt["overall"]["mean_a"])
     html = (tmp_path / "cmp" / "compare" / "report" / "index.html").read_text()
     assert 'class="truth"' in html
+
+
+def test_selection_stage_exports_the_heatmaps_when_finetuning_weights_by_them(synthetic_run, tmp_path):
+    from finetune.dataset import read_metadata
+    from finetune.lora import load_heatmaps
+
+    root, generated = synthetic_run
+    plain = read_metadata(stages.select_finetune_data(root, _config(), ids=list(generated.ids)).dataset)
+    assert all("heatmap" not in r for r in plain)
+    cfg = _config(finetune={"heatmap_weighting": True})
+    data = stages.select_finetune_data(root, cfg, ids=list(generated.ids)).dataset
+    rows = read_metadata(data)
+    assert len(rows) == 2 and all(r["heatmap"] == f"heatmaps/{r['id']}.png" for r in rows)
+    records = {r.id: r for r in RunStore(root).records()}
+    assert all(r["heatmap_source"]["uri"] == records[r["id"]].heatmap_uris["implausibility"] for r in rows)
+    assert [m.shape for m in load_heatmaps(data)] == [(64, 64), (64, 64)]

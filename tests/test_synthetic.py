@@ -85,3 +85,43 @@ def test_synth_command_writes_a_readable_split(tmp_path):
 def test_renderer_imports_without_torch():
     code = "import sys; import rahf.data.synthetic; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _two_object_scene():
+    from rahf.data.synthetic import Group, Scene, SceneObject
+
+    objects = [
+        SceneObject("circle", "red", 20.0, 20.0, 8.0, 0, distortion=7),  # image centre (10, 10), radius 4 px
+        SceneObject("square", "blue", 90.0, 90.0, 8.0, 1),  # image centre (45, 45)
+    ]
+    groups = [Group(1, "red", "circle", "at the top"), Group(1, "blue", "square", "at the bottom")]
+    return Scene(64, (200, 220, 235), groups, objects, [], ["distortion:circle"])
+
+
+def test_object_heat_is_the_map_mean_over_each_disc():
+    from rahf.data.synthetic import object_heat
+
+    scene = _two_object_scene()
+    heat = np.zeros((64, 64), np.float32)
+    heat[:32, :32] = 0.8  # covers the circle's disc entirely, the square's not at all
+    heat[45, 45] = 1.0  # one of the square's pixels
+    h = object_heat(scene, heat)
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    n_square = int(((xx - 45) ** 2 + (yy - 45) ** 2 <= 16).sum())
+    assert h[0] == pytest.approx(0.8)
+    assert h[1] == pytest.approx(1.0 / n_square)
+    with pytest.raises(ValueError, match="shape"):
+        object_heat(scene, heat[:32])
+
+
+def test_flaw_counts_leave_out_excluded_objects_only():
+    from rahf.data.synthetic import flaw_counts
+
+    scene = _two_object_scene()
+    full = flaw_counts(scene)
+    assert (full["objects"]["circle"], full["distorted"]["circle"], full["objects"]["square"]) == (1, 1, 1)
+    cut = flaw_counts(scene, [True, False])
+    assert (cut["objects"]["circle"], cut["distorted"]["circle"], cut["objects"]["square"]) == (0, 0, 1)
+    assert cut["groups"] == full["groups"] == 2  # group-level counts are kept
+    with pytest.raises(ValueError, match="flags"):
+        flaw_counts(scene, [True])

@@ -28,7 +28,7 @@ Scores (all in [0, 1], higher is better), from the flaws alone:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,11 +361,33 @@ def _distort(
     ImageDraw.Draw(mask).ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=255)
 
 
-def flaw_counts(scene: Scene) -> dict[str, Any]:
-    """The sufficient statistics of a scene for fitting a :class:`FlawModel`: trials and successes per flaw."""
+def object_heat(scene: Scene, heat: np.ndarray) -> list[float]:
+    """Mean of an (size, size) map over each object's disc (pixel centres within its radius), in object order;
+    0.0 for an object that covers no pixel centre."""
+    heat = np.asarray(heat, np.float64)
+    if heat.shape != (scene.size, scene.size):
+        raise ValueError(f"heat map shape {heat.shape} differs from the scene's ({scene.size}, {scene.size})")
+    yy, xx = np.mgrid[0 : scene.size, 0 : scene.size] + 0.5
+    out = []
+    for o in scene.objects:
+        inside = (xx - o.x / _SCALE) ** 2 + (yy - o.y / _SCALE) ** 2 <= (o.r / _SCALE) ** 2
+        out.append(float(heat[inside].mean()) if inside.any() else 0.0)
+    return out
+
+
+def flaw_counts(scene: Scene, exclude: Sequence[bool] | None = None) -> dict[str, Any]:
+    """The sufficient statistics of a scene for fitting a :class:`FlawModel`: trials and successes per flaw.
+
+    ``exclude`` (one bool per object) leaves those objects out of the per-shape object and distortion counts
+    (the heatmap-weighted fit: objects under predicted implausibility are not learnt from); the group-level
+    counts are kept."""
+    if exclude is not None and len(exclude) != len(scene.objects):
+        raise ValueError(f"exclude has {len(exclude)} flags for {len(scene.objects)} objects")
     objects = dict.fromkeys(SHAPES, 0)
     distorted = dict.fromkeys(SHAPES, 0)
-    for o in scene.objects:
+    for k, o in enumerate(scene.objects):
+        if exclude is not None and exclude[k]:
+            continue
         objects[o.shape] += 1
         distorted[o.shape] += o.distortion is not None
     kinds = [f.split(":")[0] for f in scene.flaws]
