@@ -754,6 +754,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"selection by {by}; {c['heldout_prompts']} held-out prompts × {c['heldout_per_prompt']} seeds; "
         f"{c['rounds']} round(s); repair of the {c['repair_limit']} least plausible held-out images "
         f"({r['n']} candidates, margin {r['margin']}, heat drop {r['heat_drop']}, "
+        f"guard {'off' if r.get('guard') is None else r['guard']}, "
         f"mask threshold {m['threshold']} {m['threshold_mode']} floor {m['floor']}, dilation {m['dilate_frac']}); "
         f"bootstrap 95 % intervals ({c['n_boot']} resamples). Scorers: "
         + "; ".join(f"{s} = {i.get('source', '?')}" for s, i in result["scorers"].items())

@@ -204,7 +204,7 @@ FLAG_HELP: dict[str, str] = {
     "repair.heat_drop": "a candidate must cut the mean predicted implausibility inside the mask by this fraction "
     "(0: off)",
     "repair.guard": "a candidate may lower no other predicted score (alignment, aesthetics, overall for a "
-    "plausibility repair) by more than this (default: no guard)",
+    "plausibility repair) by more than this",
     "repair.mask.threshold": "implausibility heat that enters the repair mask (see --mask-threshold-mode)",
     "repair.mask.threshold_mode": "absolute: heat > threshold; quantile: above the map's threshold-quantile; "
     "relative: above threshold x the map's own maximum",

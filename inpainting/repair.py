@@ -99,9 +99,10 @@ def loop_repair_config() -> RepairConfig:
     """The repair settings the loop-gain benchmark supports (docs/results.md "Repair levers"), the defaults of the
     feedback loop and of ``richfeedback bench-loop``: a mask of the heat above 0.4 x the map's own maximum and
     above 0.1, dilated by 6 % of the image side; a candidate must lower the mean predicted heat inside the mask by
-    2 % and beat the original's plausibility (margin 0: the heat check guards against false accepts)."""
+    2 % and beat the original's plausibility (margin 0: the heat check guards against false accepts), and no
+    other predicted score may fall (guard 0: an inpainter that redraws an object can recolour it)."""
     mask = MaskConfig(threshold=0.4, threshold_mode="relative", floor=0.1, dilate_frac=0.06)
-    return RepairConfig(mask=mask, margin=0.0, heat_drop=0.02)
+    return RepairConfig(mask=mask, margin=0.0, heat_drop=0.02, guard=0.0)
 
 
 @dataclass

@@ -696,7 +696,22 @@ FINETUNE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("log_every", int, "steps between log lines (default: 10)"),
     ("device", str, "auto | cpu | cuda (default: auto)"),
     ("prior_strength", float, "synthetic world only: pseudo-trials toward the current flaw rates (default: 2.0)"),
+    (
+        "heatmap_weighting",
+        bool,
+        "true: weight the loss by 1 - the implausibility heatmap each image has in the folder (default: False)",
+    ),
 )
+
+
+def _flag_bool(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no) for a boolean config flag."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 class _ConfigFlagsParser(argparse.ArgumentParser):
@@ -772,7 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="LoraTrainConfig as JSON; flags override it")
     p.add_argument("--target-modules", help="comma-separated module names (default: attention projections)")
     for name, typ, text in FINETUNE_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
+        kind = _flag_bool if typ is bool else typ
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("compare", help="compare two checkpoints on the same prompts and seeds (stats + report)")
