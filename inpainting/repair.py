@@ -20,20 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from common.names import SCORE_NAMES
+from common.names import HEATMAP_NAMES, SCORE_NAMES
 from common.records import Scorer, ScoringFailure
 from generators.base import GeneratedImage, Generator
 from inpainting.masks import MaskConfig, heatmap_to_mask, mask_area, mask_to_image
 
-RepairMap = Literal["implausibility", "misalignment"]
-#: the score a repair by each map is judged by (:meth:`RepairConfig.for_map`)
-MAP_SCORES: dict[str, str] = {"implausibility": "plausibility", "misalignment": "alignment"}
+#: the score a repair by each map (a name of HEATMAP_NAMES) is judged by (:meth:`RepairConfig.for_map`)
+MAP_SCORES: dict[str, str] = dict(zip(HEATMAP_NAMES, ("plausibility", "alignment"), strict=True))
 
 NOTHING_TO_REPAIR = "nothing to repair"
 IMPROVED = "improved"
@@ -54,7 +53,7 @@ class RepairConfig:
     #: (1 - heat_drop) x the original's; 0 turns the check off (and scores candidates without heatmaps)
     heat_drop: float = 0.0
     #: the predicted heatmap the mask and the heat check come from; set ``score`` to match (:meth:`for_map`)
-    map: RepairMap = "implausibility"
+    map: str = "implausibility"
     #: a candidate qualifies only if none of the scores it is not ranked by (``guarded``) falls below the
     #: original's by more than this; None turns the guard off. Inpainting can fix one flaw and make another
     #: (recolour an object it redraws): the guard keeps a plausibility gain from costing alignment.

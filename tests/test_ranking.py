@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.names import SCORE_NAMES
 from rahf.data.synthetic import generate
 from rahf.model import ranking_pairs, within_prompt_rank_loss
 from rahf.presets import build_rahf
@@ -99,7 +100,7 @@ def test_rank_parts_recombine_across_processes(grouped_dir):
 
     index = torch.arange(8)  # two prompts of four images; each process holds one prompt's four
     full, full_terms = run(index)
-    assert {f"rank/{n}" for n in ("plausibility", "alignment", "aesthetics", "overall")} <= set(full.loss_parts)
+    assert {f"rank/{n}" for n in SCORE_NAMES} <= set(full.loss_parts)
     total = sum(coef * full.loss_parts[k] for k, (coef, _) in full_terms.items())
     torch.testing.assert_close(total, full.loss)
     halves = [run(index[:4]), run(index[4:])]

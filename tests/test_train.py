@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.names import HEATMAP_NAMES, SCORE_NAMES
 from rahf.train import TrainConfig, train
 from richfeedback.cli import main
 from tests.conftest import synthetic_split_folder
@@ -228,7 +229,7 @@ def test_training_reports_outputs_collapsed_on_the_dev_split(data_dir, tmp_path)
     # threshold reports all six, with a warning naming them and their spreads.
     with pytest.warns(RuntimeWarning, match="outputs collapsed to constants on the dev split: aesthetics spread"):
         summary = train(config(data_dir, tmp_path / "a", steps=2, eval_every=2))
-    names = {"implausibility", "misalignment", "plausibility", "alignment", "aesthetics", "overall"}
+    names = {*HEATMAP_NAMES, *SCORE_NAMES}
     assert set(summary["collapsed_outputs"]) == names
     rows = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     dev = [r for r in rows if "dev_loss" in r]
@@ -248,5 +249,5 @@ def test_the_shipped_model_is_not_collapsed_on_the_synthetic_dev_split(data_dir)
     model, processor = RAHFModel.from_pretrained(SHIPPED_DIR), RAHFProcessor.from_pretrained(SHIPPED_DIR)
     spread: dict[str, float] = {}
     dev_loss(model, processor, load_split(data_dir, "dev", processor), 8, torch.device("cpu"), spread=spread)
-    assert set(spread) == {"implausibility", "misalignment", "plausibility", "alignment", "aesthetics", "overall"}
+    assert set(spread) == {*HEATMAP_NAMES, *SCORE_NAMES}
     assert min(spread.values()) > 5e-3, spread  # five times the default collapse threshold and more
