@@ -212,6 +212,18 @@ def _ci(values: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
     return {"mean": float(v.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": int(v.size)}
 
 
+def _paired(before: np.ndarray, after: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    """Means before and after, and the paired difference with its bootstrap 95 % interval."""
+    d = _ci(after - before, n_boot, seed)
+    return {
+        "before": float(before.mean()),
+        "after": float(after.mean()),
+        "diff": d["mean"],
+        "ci_low": d["ci_low"],
+        "ci_high": d["ci_high"],
+    }
+
+
 def _ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) -> dict[str, float | None]:
     """mean(num) / mean(den) over paired rows, with a bootstrap 95 % interval of the ratio (same resampled rows
     for both); None where the denominator's mean is 0."""
@@ -417,16 +429,7 @@ def measure_repair(
     worse = acc & (a > b + WORSE_TOL)
     diff = _ci(a - b, config.n_boot, seed)
     sb, sa = np.array(scores_before), np.array(scores_after)
-    true_scores = {}
-    for j, name in enumerate(SCORE_NAMES):
-        d = _ci(sa[:, j] - sb[:, j], config.n_boot, seed)
-        true_scores[name] = {
-            "before": float(sb[:, j].mean()),
-            "after": float(sa[:, j].mean()),
-            "diff": d["mean"],
-            "ci_low": d["ci_low"],
-            "ci_high": d["ci_high"],
-        }
+    true_scores = {name: _paired(sb[:, j], sa[:, j], config.n_boot, seed) for j, name in enumerate(SCORE_NAMES)}
     out |= {
         "accepted": int(acc.sum()),
         "accept_rate": float(acc.mean()),
@@ -501,17 +504,10 @@ def measure_misalignment_repair(
         if key.endswith(("_before", "_after"))
     }
     worse = acc & (col["alignment_after"] < col["alignment_before"] - WORSE_TOL)
-    true = {}
-    for name in ("alignment", "misaligned_area", "plausibility"):
-        b, a = col[f"{name}_before"], col[f"{name}_after"]
-        d = _ci(a - b, config.n_boot, seed)
-        true[name] = {
-            "before": float(b.mean()),
-            "after": float(a.mean()),
-            "diff": d["mean"],
-            "ci_low": d["ci_low"],
-            "ci_high": d["ci_high"],
-        }
+    true = {
+        name: _paired(col[f"{name}_before"], col[f"{name}_after"], config.n_boot, seed)
+        for name in ("alignment", "misaligned_area", "plausibility")
+    }
     out |= {
         "accepted": int(acc.sum()),
         "accept_rate": float(acc.mean()),
