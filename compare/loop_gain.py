@@ -36,6 +36,14 @@ resampling prompts or images):
     misaligned keywords); measured on the held-out images themselves, apart from (c): true alignment and true
     misaligned area (mean of the true misalignment map) before and after with paired intervals, the acceptance
     rate and the false accepts (accepted and truly less aligned). Every image's numbers are kept in ``records``.
+(e) independent judge (with a judge, ``judge`` or ``--judge``; a guard against reward hacking): a second scorer
+    trained apart from the loop's (:mod:`compare.judge`) re-checks each round's picks and accepted repairs. A pick
+    is flagged when the judge's ``select_by`` score of it is below the judge's mean of its prompt's candidates by
+    more than ``judge_margin``; an accepted repair when the judge's plausibility of the accepted candidate is
+    below its plausibility of the original by more than ``judge_margin``. Reported: flagged counts and the true
+    gain (pick − the prompt's true mean) or true implausible-area change of flagged against kept items; with
+    ``judge_drop`` flagged picks are left out of the fit and flagged repairs reverted (then (b) and (c) show the
+    guarded loop).
 
 Heatmap-weighted finetuning (``heatmap_weighted_fit``, a tuple of k; off when empty): beside best-of-``per_prompt``
 each scorer also runs, from the same base world, a chain of rounds that fits on the top-k candidates per prompt of
@@ -103,6 +111,11 @@ class LoopGainConfig:
     #: k of each heatmap-weighted variant (top-k of prompts / k prompts, hot objects left out of the fit); () = off
     heatmap_weighted_fit: tuple[int, ...] = ()
     heat_threshold: float = 0.15  # an object is left out when its mean predicted implausibility is above this
+    #: independent judge (table (e)): "" = off, "cnn" = the cached CNN judge of :mod:`compare.judge`, or a RAHF
+    #: folder; a judge object given to :func:`run_loop_gain` takes its place
+    judge: str = ""
+    judge_margin: float = 0.05  # a pick / accepted repair is flagged when the judge sees it worse by more than this
+    judge_drop: bool = False  # leave flagged picks out of the fit and revert flagged repairs
 
     def __post_init__(self) -> None:
         self.heatmap_weighted_fit = tuple(self.heatmap_weighted_fit)
@@ -131,6 +144,10 @@ class LoopGainConfig:
             raise ValueError(f"misalignment_repair must be a bool, got {self.misalignment_repair!r}")
         if not isinstance(self.repair, RepairConfig):
             raise ValueError(f"repair must be a RepairConfig, got {type(self.repair).__name__}")
+        if not self.judge_margin >= 0:
+            raise ValueError(f"judge_margin must be >= 0, got {self.judge_margin}")
+        if not isinstance(self.judge_drop, bool):
+            raise ValueError(f"judge_drop must be a bool, got {self.judge_drop!r}")
 
     def repair_config(self) -> RepairConfig:
         """The :class:`~inpainting.repair.RepairConfig` of the repair step: ``repair`` with the benchmark's seed."""
@@ -314,6 +331,61 @@ def measure_selection(
     return selected, result
 
 
+def _group(values: Sequence[float], n_boot: int, seed: int) -> dict[str, Any]:
+    """Mean of (N,) values, with its bootstrap 95 % interval when N >= 2 (None entries where undefined)."""
+    v = np.asarray(values, np.float64)
+    if v.size < 2:
+        return {"mean": float(v[0]) if v.size else None, "ci_low": None, "ci_high": None, "n": int(v.size)}
+    return _ci(v, n_boot, seed)
+
+
+def judge_selection(
+    candidates: Sequence[GeneratedImage],
+    selected: Sequence[GeneratedImage],
+    judged: Sequence[float],
+    config: LoopGainConfig,
+    *,
+    seed: int = 0,
+) -> tuple[list[GeneratedImage], dict[str, Any]]:
+    """Re-check the picks with an independent judge (table (e)).
+
+    ``judged``: the judge's ``select_by`` score of every candidate. A pick is flagged when the judge scores it
+    below the judge's mean of its prompt's candidates by more than ``judge_margin`` (the judge sees it as worse
+    than a random pick). True gain of a pick = its true ``select_by`` − the mean true ``select_by`` of its prompt's
+    candidates; a gain <= 0 is not real. Returns the kept picks (in order) and ``{"picks", "flagged",
+    "flagged_ids", "flagged_gain", "kept_gain" (mean [95% CI] of true gain), "flagged_not_real",
+    "kept_not_real"}``.
+    """
+    if len(judged) != len(candidates):
+        raise ValueError(f"got {len(judged)} judge scores for {len(candidates)} candidates")
+    by = config.select_by
+    groups: dict[str, list[int]] = {}
+    for k, g in enumerate(candidates):
+        groups.setdefault(g.prompt, []).append(k)
+    index = {g.id: k for k, g in enumerate(candidates)}
+    kept, flagged_ids, gains, flags = [], [], [], []
+    for g in selected:
+        ks = groups[g.prompt]
+        advantage = judged[index[g.id]] - float(np.mean([judged[k] for k in ks]))
+        gains.append(_true(g)[by] - float(np.mean([_true(candidates[k])[by] for k in ks])))
+        flags.append(advantage < -config.judge_margin)
+        if flags[-1]:
+            flagged_ids.append(g.id)
+        else:
+            kept.append(g)
+    gain, flag = np.array(gains, np.float64), np.array(flags, bool)
+    stats = {
+        "picks": len(selected),
+        "flagged": int(flag.sum()),
+        "flagged_ids": flagged_ids,
+        "flagged_gain": _group(gain[flag], config.n_boot, seed),
+        "kept_gain": _group(gain[~flag], config.n_boot, seed),
+        "flagged_not_real": int((flag & (gain <= 0)).sum()),
+        "kept_not_real": int((~flag & (gain <= 0)).sum()),
+    }
+    return kept, stats
+
+
 def selection_gain(
     candidates: Sequence[ImageRecord],
     selected: Sequence[str],
@@ -404,25 +476,56 @@ def measure_repair(
     config: LoopGainConfig,
     *,
     seed: int = 0,
+    judge: Any = None,
 ) -> dict[str, Any]:
     """Repair the ``repair_limit`` images of lowest predicted plausibility (ties: input order) and measure, in
-    truth, what the repairs did (see the module docstring, part (c))."""
+    truth, what the repairs did (see the module docstring, part (c)).
+
+    With a ``judge`` (table (e)), every accepted repair is re-checked: flagged when the judge's plausibility of
+    the accepted candidate is below its plausibility of the original by more than ``judge_margin``; with
+    ``judge_drop`` a flagged repair is reverted (the original kept, counted as not accepted). ``out["judge"]``:
+    ``{"checked", "flagged", "reverted", "flagged_area_change", "kept_area_change" (mean [95% CI] of the true
+    implausible area after − before, before any revert), "flagged_worse", "kept_worse" (truly worse)}``."""
     order = sorted(range(len(images)), key=lambda k: (predicted[k]["plausibility"], k))[: config.repair_limit]
     rconfig = config.repair_config()
     before, after, accepted, nothing = [], [], [], 0
     scores_before, scores_after = [], []
+    checks: list[tuple[bool, float]] = []  # (flagged by the judge, true area change) of each accepted repair
+    reverted = 0
     for k in order:
         g = images[k]
         result = repair(g.image, g.prompt, generator, scorer, rconfig)
         new = result.accepted_candidate.generated if result.accepted_candidate is not None else g
+        ok = result.reason == IMPROVED
+        if judge is not None and ok:
+            fb = judge.score(g.prompt, [g.image, new.image], scores_only=True)
+            if any(isinstance(f, ScoringFailure) for f in fb):
+                raise RuntimeError(f"the judge failed on a repair of {g.prompt!r} seed {g.seed}")
+            delta = new.truth["implausible_area"] - g.truth["implausible_area"]  # type: ignore[index]
+            flag = fb[1].scores["plausibility"] - fb[0].scores["plausibility"] < -config.judge_margin
+            checks.append((flag, delta))
+            if flag and config.judge_drop:
+                new, ok, reverted = g, False, reverted + 1
         before.append(g.truth["implausible_area"])  # type: ignore[index]
         after.append(new.truth["implausible_area"])  # type: ignore[index]
         scores_before.append([_true(g)[n] for n in SCORE_NAMES])
         scores_after.append([_true(new)[n] for n in SCORE_NAMES])
-        accepted.append(result.reason == IMPROVED)
+        accepted.append(ok)
         nothing += result.reason == NOTHING_TO_REPAIR
     n = len(order)
     out: dict[str, Any] = {"attempted": n, "nothing_to_repair": nothing}
+    if judge is not None:
+        flag = np.array([c[0] for c in checks], bool)
+        change = np.array([c[1] for c in checks], np.float64)
+        out["judge"] = {
+            "checked": len(checks),
+            "flagged": int(flag.sum()),
+            "reverted": reverted,
+            "flagged_area_change": _group(change[flag], config.n_boot, seed),
+            "kept_area_change": _group(change[~flag], config.n_boot, seed),
+            "flagged_worse": int((flag & (change > WORSE_TOL)).sum()),
+            "kept_worse": int((~flag & (change > WORSE_TOL)).sum()),
+        }
     if not n:
         return {**out, "accepted": 0, "accept_rate": None, "false_accepts": 0, "false_accept_share": None}
     b, a, acc = np.array(before), np.array(after), np.array(accepted, bool)
@@ -606,12 +709,19 @@ def run_loop_gain(
     out_dir: str | Path | None = None,
     *,
     log: Any = None,
+    judge: Any = None,
 ) -> dict[str, Any]:
     """Run the benchmark for every scorer (name -> object with RAHFScorer's ``score``) and, when ``out_dir`` is
-    given, write ``loop_gain.json``, ``loop_gain.md`` and ``loop_gain.png`` there. Returns the JSON's content."""
+    given, write ``loop_gain.json``, ``loop_gain.md`` and ``loop_gain.png`` there. Returns the JSON's content.
+    ``judge``: the independent judge of table (e) (an object with the same ``score``); None builds
+    ``config.judge`` when set (:func:`compare.judge.build_judge`)."""
     if not scorers:
         raise ValueError("no scorers to benchmark")
     log = log or (lambda msg: None)
+    if judge is None and config.judge:
+        from compare.judge import build_judge
+
+        judge = build_judge(config.judge, log=log)
     all_prompts = sample_prompts(config.prompts + config.heldout_prompts, seed=config.seed)
     train, heldout = all_prompts[: config.prompts], all_prompts[config.prompts :]
     heldout_seeds = [HELDOUT_SEED + k for _ in heldout for k in range(config.heldout_per_prompt)]
@@ -632,11 +742,19 @@ def run_loop_gain(
             gen, before = state[name]
             candidates = gen.generate(train, config.per_prompt, seeds)
             selected, selection = measure_selection(candidates, _predict(scorer, candidates), config, seed=config.seed)
-            tuned = gen.fit([g.truth for g in selected], prior_strength=config.prior_strength)  # type: ignore[misc]
+            fit_on = selected
+            if judge is not None:
+                judged = [p[config.select_by] for p in _predict(judge, candidates)]
+                kept, selection["judge"] = judge_selection(candidates, selected, judged, config, seed=config.seed)
+                fit_on = kept if config.judge_drop else selected
+                selection["judge"]["fit_images"] = len(fit_on)
+            # nothing left to fit on (every pick dropped by the judge): the world stays as it was
+            truths = [g.truth for g in fit_on]
+            tuned = gen.fit(truths, prior_strength=config.prior_strength) if truths else gen  # type: ignore[arg-type]
             after = tuned.generate(heldout, config.heldout_per_prompt, heldout_seeds)
             generator = measure_generator(before, after, config, seed=config.seed)
             predicted_after = _predict(scorer, after)
-            repaired = measure_repair(after, predicted_after, tuned, scorer, config, seed=config.seed)
+            repaired = measure_repair(after, predicted_after, tuned, scorer, config, seed=config.seed, judge=judge)
             state[name] = (tuned, after)
             curve[name].append(_level(after, config.n_boot, config.seed))
             seconds[name] += time.perf_counter() - t0
@@ -677,6 +795,8 @@ def run_loop_gain(
         "curve": curve,
         "seconds": seconds,
     }
+    if judge is not None:
+        result["judge"] = dict(getattr(judge, "identity", {}) or {})
     if ks:
         result["curve_heatmap_weighted"] = hw_curve
     if out_dir is not None:
@@ -819,6 +939,8 @@ def markdown(result: dict[str, Any]) -> str:
             )
     if any("misalignment_repair" in m for row in result["rounds"] for m in row["scorers"].values()):
         out += _misalignment_table(result)
+    if "judge" in result:
+        out += _judge_table(result)
     within = {
         f"round {row['round']}, {s}": m["selection"]["within_prompt"]
         for row in result["rounds"]
@@ -831,6 +953,56 @@ def markdown(result: dict[str, Any]) -> str:
         *within_prompt_markdown(within),
     ]
     return "\n".join(out) + "\n"
+
+
+def _judge_table(result: dict[str, Any]) -> list[str]:
+    """Table (e): the independent judge's flags on each round's picks and accepted repairs."""
+    c = result["config"]
+    drop = c.get("judge_drop", False)
+    out = [
+        "",
+        f"**(e) Independent judge** ({result['judge'].get('source', '?')}) — a pick is flagged when the judge scores "
+        f"it below its mean of the prompt's candidates (in {c['select_by']}) by more than {c['judge_margin']}; an "
+        f"accepted repair when the judge's plausibility of it is below the original's by more than "
+        f"{c['judge_margin']}. True gain = true {c['select_by']} of the pick − the prompt's true mean (not real: "
+        "<= 0); true area Δ = true implausible area after − before (worse: > 0). "
+        + (
+            "Flagged picks are left out of the fit and flagged repairs reverted."
+            if drop
+            else "Nothing is dropped (report only)."
+        ),
+        "",
+        "| round | scorer | picks flagged | flagged: true gain [95% CI] | not real | kept: true gain [95% CI] | "
+        "not real | repairs flagged | flagged: true area Δ [95% CI] | worse | kept: true area Δ [95% CI] | worse |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rounds"]:
+        for s, m in row["scorers"].items():
+            j = m["selection"].get("judge")
+            if j is None:
+                continue
+            fg, kg = j["flagged_gain"], j["kept_gain"]
+            cells = [
+                f"{j['flagged']}/{j['picks']}",
+                _interval(fg["mean"], fg["ci_low"], fg["ci_high"]),
+                f"{j['flagged_not_real']}/{j['flagged']}",
+                _interval(kg["mean"], kg["ci_low"], kg["ci_high"]),
+                f"{j['kept_not_real']}/{j['picks'] - j['flagged']}",
+            ]
+            r = m["repair"].get("judge")
+            if r is None:
+                cells += ["–"] * 5
+            else:
+                fa, ka = r["flagged_area_change"], r["kept_area_change"]
+                cells += [
+                    f"{r['flagged']}/{r['checked']}",
+                    _interval(fa["mean"], fa["ci_low"], fa["ci_high"], "+.4f"),
+                    f"{r['flagged_worse']}/{r['flagged']}",
+                    _interval(ka["mean"], ka["ci_low"], ka["ci_high"], "+.4f"),
+                    f"{r['kept_worse']}/{r['checked'] - r['flagged']}",
+                ]
+            out.append(f"| {row['round']} | {s} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _misalignment_table(result: dict[str, Any]) -> list[str]:

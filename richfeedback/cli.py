@@ -656,6 +656,9 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
         misalignment_repair=args.misalignment_repair,
         heatmap_weighted_fit=tuple(int(k) for k in args.heatmap_weighted_fit.split(",") if k.strip()),
         heat_threshold=args.heat_threshold,
+        judge=args.judge,
+        judge_margin=args.judge_margin,
+        judge_drop=args.judge_drop,
     )
     scorers = {}
     for name in names:
@@ -985,6 +988,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--misalignment-repair",
         action="store_true",
         help="also repair the least aligned held-out images by the misalignment map (table (d))",
+    )
+    p.add_argument(
+        "--judge",
+        default="",
+        help="independent judge of picks and repairs (table (e)): 'cnn' (small CNN, trained once and cached) or a "
+        "RAHF folder; '' = off",
+    )
+    p.add_argument("--judge-margin", type=float, default=0.05, help="disagreement beyond which the judge flags")
+    p.add_argument(
+        "--judge-drop", action="store_true", help="leave flagged picks out of the fit and revert flagged repairs"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, images and the random scorer")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
