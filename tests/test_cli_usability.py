@@ -343,3 +343,16 @@ def test_data_pair_refuses_labels_without_captions(labelled, capsys):
     assert main(["data", "pair", "--labels", str(root / "nope.tfrecord"), *rest]) == 2
     assert "labels not found" in capsys.readouterr().err
     assert not (root / "y").exists()
+
+
+def test_boolean_finetune_flag_parses_true_and_false_and_refuses_others(capsys):
+    from richfeedback.cli import build_parser
+
+    parser = build_parser()
+    base = ["finetune", "--data-dir", "d", "--out-dir", "o"]
+    assert parser.parse_args([*base, "--heatmap-weighting", "true"]).heatmap_weighting is True
+    assert parser.parse_args([*base, "--heatmap-weighting", "False"]).heatmap_weighting is False
+    assert parser.parse_args(base).heatmap_weighting is None  # the config's default applies
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--heatmap-weighting", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err

@@ -155,3 +155,16 @@ def test_training_logs_the_rank_parts_of_grouped_batches(grouped_dir, tmp_path):
     # every batch holds two prompts of four: pairs exist, so the parts sit near ln 2 at random init, not at 0
     for r in steps:
         assert 0.4 < r["rank/overall"] < 1.0, r
+
+
+def test_synth_command_writes_groups_of_one_prompt(tmp_path):
+    import json
+
+    from richfeedback.cli import main
+
+    assert (
+        main(["synth", "--out", str(tmp_path), "--train", "6", "--dev", "0", "--test", "0", "--per-prompt", "3"]) == 0
+    )
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(prompts) == 6 and prompts[:3] == [prompts[0]] * 3 and prompts[3:] == [prompts[3]] * 3
+    assert prompts[0] != prompts[3]

@@ -428,6 +428,11 @@ def fit_flaw_model(counts: Iterable[dict[str, Any]], prior: FlawModel, prior_str
     )
 
 
+def split_seed(split: str) -> int:
+    """A split name's number in the seed sequence of its samples (stable across runs and machines)."""
+    return sum(ord(c) * 31**k for k, c in enumerate(split)) % 2**31
+
+
 def generate(
     n: int,
     *,
@@ -445,7 +450,7 @@ def generate(
     """
     if per_prompt < 1:
         raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
-    split_id = sum(ord(c) * 31**k for k, c in enumerate(split)) % 2**31
+    split_id = split_seed(split)
     for i in range(n):
         uid = f"{split}/{split}-{seed}-{i:06d}"
         rng = np.random.default_rng([seed, split_id, i])

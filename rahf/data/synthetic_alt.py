@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from rahf.data.richhf import RichHFExample
-from rahf.data.synthetic import write_samples
+from rahf.data.synthetic import split_seed, write_samples
 
 SUPERSAMPLE = 2  # drawing pixels per image pixel along each side
 KINDS = ("ring", "star", "moon", "flower", "cube")
@@ -541,10 +541,6 @@ def sample_of(scene: AltScene, uid: str = "sample") -> AltSample:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _split_id(split: str) -> int:
-    return sum(ord(c) * 31**k for k, c in enumerate(split)) % 2**31
-
-
 def _uid(split: str, seed: int, i: int) -> str:
     return f"{split}/alt-{split}-{seed}-{i:06d}"
 
@@ -563,7 +559,7 @@ def scenes(
         raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
-    sid = _split_id(split)
+    sid = split_seed(split)
     for i in range(n):
         rng = np.random.default_rng([seed, sid, i, _WORLD])
         prompt_rng = rng if per_prompt == 1 else np.random.default_rng([seed, sid, i // per_prompt, per_prompt, _WORLD])
