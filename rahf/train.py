@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -225,9 +225,6 @@ def prompt_groups(prompts: Sequence[str]) -> torch.Tensor:
     return torch.tensor([first.setdefault(p, len(first)) for p in prompts], dtype=torch.int64)
 
 
-_GROUPED_ORDERS: dict[tuple[int, int, int, int], tuple[Sequence[str], torch.Tensor]] = {}
-
-
 def grouped_epoch_order(prompts: Sequence[str], group: int, seed: int, epoch: int) -> torch.Tensor:
     """A permutation of range(len(prompts)) in which the images of one prompt come in runs of up to ``group``.
 
@@ -236,10 +233,11 @@ def grouped_epoch_order(prompts: Sequence[str], group: int, seed: int, epoch: in
     epoch). Cut into consecutive batches of a multiple of ``group``, a batch holds whole runs, so the
     within-prompt ranking loss sees pairs of the same prompt in every batch.
     """
-    key = (id(prompts), group, seed, epoch)
-    cached = _GROUPED_ORDERS.get(key)
-    if cached is not None and cached[0] is prompts:
-        return cached[1]
+    return _grouped_epoch_order(tuple(prompts), group, seed, epoch)
+
+
+@lru_cache(maxsize=1)  # batches are drawn epoch by epoch: one epoch's order is computed once
+def _grouped_epoch_order(prompts: tuple[str, ...], group: int, seed: int, epoch: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     members: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -254,8 +252,6 @@ def grouped_epoch_order(prompts: Sequence[str], group: int, seed: int, epoch: in
         rest = torch.cat([pieces[r] for r in torch.randperm(len(pieces), generator=gen).tolist()])
         runs += list(rest.split(group))
     order = torch.cat([runs[r] for r in torch.randperm(len(runs), generator=gen).tolist()])
-    _GROUPED_ORDERS.clear()  # one epoch's order kept: batches are drawn epoch by epoch
-    _GROUPED_ORDERS[key] = (prompts, order)
     return order
 
 
