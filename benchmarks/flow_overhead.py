@@ -5,8 +5,9 @@
 finetune -> compare -> repair -> manifest), on the synthetic world scored by ``rahf-tiny`` at random init, N prompts
 × 8 images, selection threshold plausibility 0.0. Every run is a child process of its own (no model cache carries
 over) writing into a fresh run folder. The Prefect child gets its own ``PREFECT_HOME`` in a temporary folder and
-first runs a trivial flow, which starts the temporary API server, then the same flow again (the fixed cost of one
-flow run with the server up); both are reported apart and not counted.
+the temporary API server the command line starts (``flows.server``); it first runs a trivial flow, which starts
+that server, then the same flow again (the fixed cost of one flow run with the server up); both are reported apart
+and not counted.
 Direct and Prefect runs alternate ``--repeats`` times; the medians give the overhead (goal ≤ 10 %).
 
 (b) ``flows.stages.generate_and_score`` (synthetic world + rahf-tiny, batch 16) at each of ``--sizes`` images
@@ -84,6 +85,9 @@ def child_loop(spec: dict) -> dict:
     from prefect import flow
 
     from flows.loop import feedback_loop
+    from flows.server import guard_temporary_server
+
+    guard_temporary_server()  # the temporary server `richfeedback loop` starts (flows.server), not Prefect's plain one
 
     @flow(name="server-start")
     def trivial() -> int:

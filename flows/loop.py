@@ -12,8 +12,9 @@ Every flow takes ``config``: the dict form of :class:`flows.config.LoopConfig` (
 unknown keys refused), so the command line, the flows and ``prefect.yaml`` share one set of defaults. Every flow
 returns the typed result of :mod:`flows.results` and publishes its ``to_markdown()`` as an artifact.
 
-GPU work carries the ``gpu`` tag; :func:`ensure_gpu_limit` (``config["gpu_slots"]``) creates the tag's
-concurrency limit (a limit that does not exist limits nothing; acquiring a slot costs about 2 s per task).
+GPU work carries the ``gpu`` tag when the tag's concurrency limit exists or ``config["gpu_slots"]`` creates it
+(:func:`gpu_tagged`); without a limit the tasks go untagged, since a tagged task pays an API round trip for a
+slot even when no limit exists.
 Transient I/O is retried inside the run store; tasks add a retry on top, for transient errors only
 (:func:`retry_transient`): a refused permission, a missing path or a bad input fails the task at once. Every flow
 starts by sweeping the temporary files that killed writers left under a local root.
@@ -69,42 +70,69 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def ensure_gpu_limit(slots: int = 1) -> None:
-    """Create the ``gpu`` tag concurrency limit (``slots`` tasks at a time) if it does not exist."""
+def gpu_tagged(slots: int | None = None) -> bool:
+    """Whether this flow run's accelerator tasks carry the ``gpu`` tag: yes when the tag's concurrency limit
+    exists (made by an earlier run or ``prefect concurrency-limit create gpu N``) or ``slots`` is set (the limit is
+    then created with ``slots``). One API call per flow run; an untagged task skips the slot acquisition, an API
+    round trip per task that limits nothing when no limit exists."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
             client.read_concurrency_limit_by_tag(GPU_TAG)
-        except Exception:
+            return True
+        except ObjectNotFound:
+            if not slots:
+                return False
             client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=slots)
+            return True
+
+
+def on_gpu(task_: Any, tagged: bool) -> Any:
+    """``task_`` with the ``gpu`` tag when ``tagged`` (see :func:`gpu_tagged`), else unchanged."""
+    return task_.with_options(tags={GPU_TAG}) if tagged else task_
 
 
 #: Seconds between two updates of a progress artifact (each is a call to the Prefect API); the last always goes.
-PROGRESS_EVERY_S = 2.0
+PROGRESS_EVERY_S = 5.0
 
 
 def _progress(description: str, every_s: float = PROGRESS_EVERY_S):
     """A progress artifact and a console bar, updated with (done, total); the artifact at most every ``every_s``
-    seconds and at the end, so a run of many small batches does not pay an API call per batch."""
+    seconds and at the end, so a run of many small batches does not pay an API call per batch. The updates go
+    out from a background thread (one at a time; one due while another is in flight is skipped), so the stage
+    never waits for the API; the last (100 %) is awaited, so the task ends with its artifact complete. A failed
+    update is logged, never raised: progress is a display."""
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     artifact = create_progress_artifact(0.0, description=description)
     bar = tqdm(desc=description, unit="img", leave=False)
-    last = [time.monotonic()]
+    sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-artifact")
+    state = {"last": time.monotonic(), "inflight": None}
+
+    def send(percent: float) -> None:
+        try:
+            update_progress_artifact(artifact, percent)
+        except Exception as err:  # a display must not fail the stage
+            log.warning("progress artifact %r not updated: %s", description, err)
 
     def update(done: int, total: int) -> None:
         bar.total = total
         bar.n = done
         bar.refresh()
         now = time.monotonic()
-        if done >= total or now - last[0] >= every_s:
-            update_progress_artifact(artifact, 100.0 * done / max(1, total))
-            last[0] = now
+        busy = state["inflight"] is not None and not state["inflight"].done()
         if done >= total:
+            sender.submit(send, 100.0 * done / max(1, total))
+            sender.shutdown(wait=True)
             bar.close()
+        elif now - state["last"] >= every_s and not busy:
+            state["inflight"] = sender.submit(send, 100.0 * done / max(1, total))
+            state["last"] = now
 
     return update
 
@@ -114,7 +142,7 @@ def _progress(description: str, every_s: float = PROGRESS_EVERY_S):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def generate_and_score_task(
     root: str, prompts: list[str], config: LoopConfig, lora: str | None = None
 ) -> GenerateResult:
@@ -128,13 +156,13 @@ def select_task(root: str, config: LoopConfig, ids: list[str] | None) -> SelectR
     return stages.select_finetune_data(root, config, ids=ids)
 
 
-@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def finetune_task(root: str, dataset: str, config: LoopConfig) -> FinetuneResult:
     """Finetune; returns the adapter URI."""
     return stages.finetune_generator(root, dataset, config)
 
 
-@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def repair_task(
     root: str, config: LoopConfig, ids: list[str] | None = None, lora: str | None = None
 ) -> RepairStageResult:
@@ -142,7 +170,7 @@ def repair_task(
     return stages.repair_images(root, config, ids=ids, lora=lora, progress=_progress("repair"))
 
 
-@task(tags=[GPU_TAG], retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def compare_task(
     root: str,
     prompts: list[str],
@@ -199,10 +227,9 @@ def generate_and_score(
     on one root, on any workers, do no image twice. ``config["gpu_slots"]`` creates the ``gpu`` tag's limit."""
     swept = stages.sweep_temps(root)
     cfg = _claimed(root, config)
-    if cfg.gpu_slots:
-        ensure_gpu_limit(cfg.gpu_slots)
+    generate = on_gpu(generate_and_score_task, gpu_tagged(cfg.gpu_slots))
     chunks = [prompts[i : i + cfg.chunk_prompts] for i in range(0, len(prompts), cfg.chunk_prompts)]
-    parts = [f.result() for f in [generate_and_score_task.submit(root, chunk, cfg, lora) for chunk in chunks]]
+    parts = [f.result() for f in [generate.submit(root, chunk, cfg, lora) for chunk in chunks]]
     ids = [x for p in parts for x in p.ids]
     create_table_artifact(_best_table(root, ids), key="best-per-prompt", description="best image per prompt")
     result = GenerateResult(
@@ -229,7 +256,8 @@ def select_finetune_data(root: str, config: dict[str, Any] | None = None, ids: l
 @flow(name="finetune-generator")
 def finetune_generator(root: str, dataset: str, config: dict[str, Any] | None = None) -> FinetuneResult:
     """LoRA-finetune the generator on a selected folder (the generator the dataset records, by default)."""
-    result = finetune_task(root, dataset, LoopConfig.from_dict(config))
+    cfg = LoopConfig.from_dict(config)
+    result = on_gpu(finetune_task, gpu_tagged(cfg.gpu_slots))(root, dataset, cfg)
     create_markdown_artifact(result.to_markdown(), key="finetune")
     return result
 
@@ -241,7 +269,8 @@ def repair_images(
     """Repair the images below ``config["repair_below"]`` (worst first, at most ``config["repair_limit"]``) among
     ``ids``, or among every generated record of the folder (on demand)."""
     stages.sweep_temps(root)
-    result = repair_task(root, _claimed(root, config), ids, lora)
+    cfg = _claimed(root, config)
+    result = on_gpu(repair_task, gpu_tagged(cfg.gpu_slots))(root, cfg, ids, lora)
     manifest_task(root)
     create_markdown_artifact(result.to_markdown(), key="repair")
     return result
@@ -258,7 +287,8 @@ def compare_checkpoints(
 ) -> CompareResult:
     """Same prompts and seeds through checkpoints A and B; paired statistics and the report."""
     stages.sweep_temps(root)
-    result = compare_task(root, prompts, _claimed(root, config), lora_a, lora_b, generator_b)
+    cfg = _claimed(root, config)
+    result = on_gpu(compare_task, gpu_tagged(cfg.gpu_slots))(root, prompts, cfg, lora_a, lora_b, generator_b)
     create_markdown_artifact(result.to_markdown(), key="comparison")
     return result
 
@@ -279,14 +309,14 @@ def feedback_loop(
     is also written to ``loop.json``.
 
     ``gpu_slots`` creates the ``gpu`` tag's concurrency limit when it is missing (for workers that share GPUs);
-    a tagged task then pays about 2 s to acquire its slot, so single-machine runs leave it unset.
+    the accelerator tasks carry the tag whenever the limit exists (:func:`gpu_tagged`). A tagged task pays an API
+    round trip for its slot, so single-machine runs leave the limit off.
     """
     logger = get_run_logger()
     swept = stages.sweep_temps(root)
     cfg = _claimed(root, config)
-    if gpu_slots or cfg.gpu_slots:
-        ensure_gpu_limit(gpu_slots or cfg.gpu_slots)
-    generated = generate_and_score_task(root, prompts, cfg)
+    tagged = gpu_tagged(gpu_slots or cfg.gpu_slots)
+    generated = on_gpu(generate_and_score_task, tagged)(root, prompts, cfg)
     logger.info(
         "generated %d, scored %d, skipped %d finished, %d failed",
         len(generated.generated),
@@ -300,12 +330,12 @@ def feedback_loop(
     tuned = comparison = None
     skipped: dict[str, str] = {}
     if selected.selected:
-        tuned = finetune_task(root, selected.dataset, cfg)
-        comparison = compare_task(root, prompts, cfg, None, tuned.adapter, None)
+        tuned = on_gpu(finetune_task, tagged)(root, selected.dataset, cfg)
+        comparison = on_gpu(compare_task, tagged)(root, prompts, cfg, None, tuned.adapter, None)
     else:
         logger.warning("no image cleared the selection thresholds: finetuning and the comparison are skipped")
         skipped = dict(NOTHING_SELECTED_SKIPS)
-    repaired = repair_task(root, cfg, ids)
+    repaired = on_gpu(repair_task, tagged)(root, cfg, ids)
     manifest = manifest_task(root, ids)
     result = LoopResult(
         root=root,

@@ -5,7 +5,8 @@ Without a ``PREFECT_API_URL``, Prefect runs flows against a temporary server: a 
 SIGKILL never reaches that exit, and the child would keep running. :func:`guard_temporary_server` registers a
 server whose child runs this module instead of plain ``uvicorn``: it serves the same app and exits as soon as its
 parent process is gone (it checks ``os.getppid()`` every 0.2 s, which works from any thread of the parent and
-on every POSIX system). Prefect itself still finds, starts and stops the server as usual.
+on every POSIX system), and it runs at a lower scheduling priority than the run (:data:`SERVER_NICENESS`).
+Prefect itself still finds, starts and stops the server as usual.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings
 
 WATCH_INTERVAL_S = 0.2  # how often the server looks for its parent
+#: Scheduling priority the server lowers itself by (``os.nice``): its bookkeeping (recording events and task runs)
+#: then yields the CPU to the run's torch threads instead of stalling them; it still gets the CPU whenever the
+#: run waits for an answer.
+SERVER_NICENESS = 10
 SHUTDOWN_GRACE_S = 5.0  # after SIGTERM, a server that has not stopped is ended with os._exit
 
 
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if os.getppid() != args.parent:  # the parent died before this process got here
         return
+    os.nice(SERVER_NICENESS)
     threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True, name="watch-parent").start()
     import uvicorn
 

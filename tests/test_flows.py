@@ -129,9 +129,31 @@ def test_feedback_loop_runs_and_reruns_from_its_records(prefect_harness, tmp_pat
         assert any(md.endswith(truth.to_markdown()) for md in loop_md)  # the Prefect artifact: the same summary
         progress = client.read_artifacts()
         assert any(a.type == "progress" and a.data == 100.0 for a in progress)
+        from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterTags
+
+        gpu = TaskRunFilter(tags=TaskRunFilterTags(all_=["gpu"]))
+        assert client.read_task_runs(task_run_filter=gpu) == []  # no gpu limit: no task asks for a slot
     again = _loop(root)
     assert len(again.generate.generated) == 0 and again.generate.skipped == 12
     assert again.finetune.reused and again.repair.skipped == 2 - len(again.repair.no_mask)
+
+
+def test_gpu_tag_only_where_a_gpu_limit_exists(prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    from flows.loop import GPU_TAG, gpu_tagged, on_gpu, repair_task
+
+    assert on_gpu(repair_task, False) is repair_task and GPU_TAG not in repair_task.tags
+    assert on_gpu(repair_task, True).tags == {GPU_TAG}
+    with get_client(sync_client=True) as client:
+        try:
+            assert gpu_tagged() is False  # no limit, none asked for
+            assert gpu_tagged(2) is True  # created with 2 slots
+            assert client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit == 2
+            assert gpu_tagged() is True and gpu_tagged(5) is True  # an existing limit is kept as it is
+            assert client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit == 2
+        finally:
+            client.delete_concurrency_limit_by_tag(GPU_TAG)
 
 
 def test_loop_on_s3_matches_the_local_run_and_survives_an_outage(prefect_harness, tmp_path, s3_server):  # noqa: F811

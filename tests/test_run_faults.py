@@ -321,3 +321,16 @@ def test_read_only_run_folder_fails_at_once(tmp_path):
             stages.generate_and_score(str(root), PROMPTS[:1], ONE)
     finally:
         root.chmod(0o700)
+
+
+def test_the_temporary_server_runs_at_a_lower_priority(monkeypatch):
+    import uvicorn
+
+    from flows import server
+
+    calls = []
+    monkeypatch.setattr(os, "nice", lambda inc: calls.append(("nice", inc)))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(("serve", k["port"])))
+    monkeypatch.setattr(server, "_watch_parent", lambda parent: None)
+    server.main(["--parent", str(os.getppid()), "--port", "4321"])
+    assert calls == [("nice", server.SERVER_NICENESS), ("serve", 4321)] and server.SERVER_NICENESS > 0
