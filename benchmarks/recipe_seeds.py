@@ -1,0 +1,128 @@
+"""Two training recipes against each other over seeds: the 25 numbers of Tables 1-4 and the within-prompt ranking.
+
+Each recipe is given as evaluation folders (``metrics.json`` of ``richfeedback eval``), one per seed. For every
+number the table shows each recipe's mean and its spread (max - min over its seeds), the difference of the means
+in the number's better direction, and whether the new recipe wins by more than the larger of the two spreads
+(``firm``) — a difference the seeds alone do not make.
+
+Usage: python benchmarks/recipe_seeds.py --base runs/eval-a-s0 runs/eval-a-s1 ... --new runs/eval-b-s0 ...
+       [--base-name A] [--new-name B] [--model NAME] [--out table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+#: (table, path into metrics.json, higher is better) for the 25 numbers of Tables 1-4.
+TABLE_NUMBERS: list[tuple[str, tuple[str, ...], bool]] = [
+    *[
+        ("1 scores", ("scores", s, m), True)
+        for s in ("plausibility", "alignment", "aesthetics", "overall")
+        for m in ("plcc", "srcc")
+    ],
+    *[
+        (f"{t} {h}", ("heatmaps", h, m), m not in ("mse", "mse_gt0", "kld"))
+        for t, h in (("2", "implausibility"), ("3", "misalignment"))
+        for m in ("mse", "mse_gt0", "cc", "kld", "sim", "nss", "auc_judd")
+    ],
+    *[("4 keywords", ("keywords", m), True) for m in ("precision", "recall", "f1")],
+]
+#: Within-prompt ranking numbers (present when the evaluated split has groups of images of one prompt).
+RANKING_NUMBERS: list[tuple[str, tuple[str, ...], bool]] = [
+    ("within-prompt", ("within_prompt", s, m, "mean"), m != "top1_regret")
+    for s in ("plausibility", "alignment", "aesthetics", "overall")
+    for m in ("spearman", "pairwise_accuracy", "top1_regret")
+]
+
+
+def load(folder: str | Path, model: str | None = None) -> dict:
+    """The tables of one model in ``folder/metrics.json`` (the only model, or ``model``)."""
+    tables = json.loads((Path(folder) / "metrics.json").read_text())
+    if model is None:
+        if len(tables) != 1:
+            raise ValueError(f"{folder} holds {sorted(tables)}: name one with --model")
+        return next(iter(tables.values()))
+    return tables[model]
+
+
+def value(tables: dict, path: tuple[str, ...]) -> float | None:
+    for key in path:
+        if not isinstance(tables, dict) or key not in tables:
+            return None
+        tables = tables[key]
+    return float(tables)
+
+
+def compare(base: list[dict], new: list[dict], numbers=TABLE_NUMBERS) -> list[dict]:
+    """One row per number: both recipes' values over seeds, the gain (new - base in the better direction) of the
+    means, the larger spread, and ``firm`` (gain > that spread); a number missing in a folder is skipped."""
+    rows = []
+    for table, path, higher in numbers:
+        a = [value(t, path) for t in base]
+        b = [value(t, path) for t in new]
+        if any(v is None for v in a + b):
+            continue
+        sign = 1.0 if higher else -1.0
+        gain = sign * (statistics.fmean(b) - statistics.fmean(a))
+        spread = max(max(a) - min(a), max(b) - min(b))
+        rows.append(
+            {
+                "table": table,
+                "metric": "/".join(path[1:]).removesuffix("/mean"),
+                "higher": higher,
+                "base": a,
+                "new": b,
+                "gain": gain,
+                "spread": spread,
+                "firm": gain > spread,
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], base_name: str, new_name: str) -> str:
+    def cell(vs: list[float]) -> str:
+        mean = statistics.fmean(vs)
+        return f"{mean:.4g} ± {(max(vs) - min(vs)) / 2:.2g}" if len(vs) > 1 else f"{mean:.4g}"
+
+    lines = [
+        f"| table | metric | better | {base_name} (mean ± half spread) | {new_name} | gain | larger spread | firm |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['table']} | {r['metric']} | {'higher' if r['higher'] else 'lower'} | {cell(r['base'])} | "
+            f"{cell(r['new'])} | {r['gain']:+.4g} | {r['spread']:.3g} | {'**yes**' if r['firm'] else 'no'} |"
+        )
+    wins = sum(r["gain"] > 0 for r in rows)
+    firm = sum(r["firm"] for r in rows)
+    lines += ["", f"{new_name} better on {wins} of {len(rows)}; by more than the seeds' spread on {firm}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", nargs="+", required=True, help="evaluation folders of the base recipe, one per seed")
+    p.add_argument("--new", nargs="+", required=True, help="evaluation folders of the new recipe, one per seed")
+    p.add_argument("--base-name", default="base")
+    p.add_argument("--new-name", default="new")
+    p.add_argument("--model", help="the model's name in metrics.json when a folder holds several")
+    p.add_argument("--ranking", action="store_true", help="compare the within-prompt ranking numbers instead")
+    p.add_argument("--out", help="also write the markdown table here")
+    args = p.parse_args()
+    base = [load(f, args.model) for f in args.base]
+    new = [load(f, args.model) for f in args.new]
+    text = markdown(
+        compare(base, new, RANKING_NUMBERS if args.ranking else TABLE_NUMBERS), args.base_name, args.new_name
+    )
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
