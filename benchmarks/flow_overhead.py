@@ -85,9 +85,9 @@ def child_loop(spec: dict) -> dict:
     from prefect import flow
 
     from flows.loop import feedback_loop
-    from flows.server import guard_temporary_server
+    from flows.server import use_temporary_server
 
-    guard_temporary_server()  # the temporary server `richfeedback loop` starts (flows.server), not Prefect's plain one
+    use_temporary_server()  # the temporary server as `richfeedback loop` sets it up (flows.server)
 
     @flow(name="server-start")
     def trivial() -> int:

@@ -5,8 +5,8 @@ Without a ``PREFECT_API_URL``, Prefect runs flows against a temporary server: a 
 SIGKILL never reaches that exit, and the child would keep running. :func:`guard_temporary_server` registers a
 server whose child runs this module instead of plain ``uvicorn``: it serves the same app and exits as soon as its
 parent process is gone (it checks ``os.getppid()`` every 0.2 s, which works from any thread of the parent and
-on every POSIX system), and it runs at a lower scheduling priority than the run (:data:`SERVER_NICENESS`).
-Prefect itself still finds, starts and stops the server as usual.
+on every POSIX system). Prefect itself still finds, starts and stops the server as usual.
+:func:`use_temporary_server` is the set-up of a run against it: the guard, and flow-run heartbeats off.
 """
 
 from __future__ import annotations
@@ -24,10 +24,6 @@ from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings
 
 WATCH_INTERVAL_S = 0.2  # how often the server looks for its parent
-#: Scheduling priority the server lowers itself by (``os.nice``): its bookkeeping (recording events and task runs)
-#: then yields the CPU to the run's torch threads instead of stalling them; it still gets the CPU whenever the
-#: run waits for an answer.
-SERVER_NICENESS = 10
 SHUTDOWN_GRACE_S = 5.0  # after SIGTERM, a server that has not stopped is ended with os._exit
 
 
@@ -61,6 +57,28 @@ def guard_temporary_server() -> GuardedServer | None:
     return server
 
 
+def use_temporary_server() -> GuardedServer | None:
+    """Set up this process's flow runs against the temporary server (nothing when ``PREFECT_API_URL`` names a
+    server): :func:`guard_temporary_server`, and :func:`no_heartbeats` for the rest of the process. Heartbeats let
+    a lasting server mark a silent run Crashed; the temporary server ends with this process, so nothing would ever
+    read them, and each flow run would wait up to a second at its end for the heartbeat thread to stop."""
+    server = guard_temporary_server()
+    if server is not None:
+        no_heartbeats().__enter__()  # for the process's lifetime
+    return server
+
+
+def no_heartbeats():
+    """A Prefect settings context (``with no_heartbeats(): ...``) in which flow runs send no heartbeats. None
+    ("off") passes no settings validation (environment, ``prefect.toml`` and ``temporary_settings`` all fall back
+    to the default of 180 s), so the current settings are copied with the field set."""
+    from prefect.context import SettingsContext
+
+    context = SettingsContext.get()
+    flows = context.settings.flows.model_copy(update={"heartbeat_frequency": None})
+    return SettingsContext(profile=context.profile, settings=context.settings.model_copy(update={"flows": flows}))
+
+
 def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(WATCH_INTERVAL_S)
@@ -77,7 +95,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if os.getppid() != args.parent:  # the parent died before this process got here
         return
-    os.nice(SERVER_NICENESS)
     threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True, name="watch-parent").start()
     import uvicorn
 

@@ -221,9 +221,9 @@ def _prefect_home(out: str) -> None:
     # the temporary server migrates a fresh database first: slow on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
     if not os.environ.get("PREFECT_API_URL"):
-        from flows.server import guard_temporary_server
+        from flows.server import use_temporary_server
 
-        guard_temporary_server()  # the temporary server exits with this process, even one killed with SIGKILL
+        use_temporary_server()  # it exits with this process, even one killed with SIGKILL; no flow-run heartbeats
 
 
 def _checked_folder(out: str, config) -> tuple[str, str] | None:

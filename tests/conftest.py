@@ -67,11 +67,11 @@ def prefect_harness(tmp_path_factory):
     under the test folder, heartbeats off."""
     home = tmp_path_factory.mktemp("prefect-home")
     os.environ["PREFECT_HOME"] = str(home)
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    no_heartbeat = temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-    with prefect_test_harness(server_startup_timeout=300), no_heartbeat:
+    from flows.server import no_heartbeats
+
+    with prefect_test_harness(server_startup_timeout=300), no_heartbeats():
         yield home
 
 

@@ -323,14 +323,25 @@ def test_read_only_run_folder_fails_at_once(tmp_path):
         root.chmod(0o700)
 
 
-def test_the_temporary_server_runs_at_a_lower_priority(monkeypatch):
-    import uvicorn
+def test_runs_against_the_temporary_server_send_no_heartbeats(monkeypatch):
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
 
     from flows import server
 
-    calls = []
-    monkeypatch.setattr(os, "nice", lambda inc: calls.append(("nice", inc)))
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(("serve", k["port"])))
-    monkeypatch.setattr(server, "_watch_parent", lambda parent: None)
-    server.main(["--parent", str(os.getppid()), "--port", "4321"])
-    assert calls == [("nice", server.SERVER_NICENESS), ("serve", 4321)] and server.SERVER_NICENESS > 0
+    monkeypatch.setattr(SubprocessASGIServer, "_instances", {})  # no temporary server set up yet
+    heartbeats_on = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}  # Prefect's default (the session's server is off)
+    with temporary_settings(heartbeats_on, restore_defaults={PREFECT_API_URL}):
+        assert get_current_settings().flows.heartbeat_frequency == 180
+        assert isinstance(server.use_temporary_server(), server.GuardedServer)
+        assert get_current_settings().flows.heartbeat_frequency is None
+    with temporary_settings(heartbeats_on):
+        assert get_current_settings().flows.heartbeat_frequency == 180  # the process-long scope ended with the block
+        with server.no_heartbeats():
+            assert get_current_settings().flows.heartbeat_frequency is None
+        assert get_current_settings().flows.heartbeat_frequency == 180
