@@ -126,9 +126,10 @@ def _progress(description: str, every_s: float = PROGRESS_EVERY_S):
         bar.refresh()
         now = time.monotonic()
         busy = state["inflight"] is not None and not state["inflight"].done()
-        if done >= total:
-            sender.submit(send, 100.0 * done / max(1, total))
-            sender.shutdown(wait=True)
+        if done >= total:  # awaited (a stage may report several passes, each ending at its total)
+            state["inflight"] = sender.submit(send, 100.0 * done / max(1, total))
+            state["inflight"].result()
+            state["last"] = now
             bar.close()
         elif now - state["last"] >= every_s and not busy:
             state["inflight"] = sender.submit(send, 100.0 * done / max(1, total))

@@ -36,6 +36,8 @@ def test_progress_updates_do_not_block_the_stage_and_skip_while_one_is_in_flight
     release.set()
     update(4, 4)  # the last is awaited
     assert sent == [25.0, 100.0]
+    update(2, 2)  # a second pass of the same stage (compare: A, then B) reports on the same artifact
+    assert sent == [25.0, 100.0, 100.0]
 
 
 def test_a_failing_progress_update_is_logged_not_raised(monkeypatch, caplog):
