@@ -16,16 +16,14 @@ import json
 import statistics
 from pathlib import Path
 
+from common.names import HEATMAP_NAMES, SCORE_NAMES
+
 #: (table, path into metrics.json, higher is better) for the 25 numbers of Tables 1-4.
 TABLE_NUMBERS: list[tuple[str, tuple[str, ...], bool]] = [
-    *[
-        ("1 scores", ("scores", s, m), True)
-        for s in ("plausibility", "alignment", "aesthetics", "overall")
-        for m in ("plcc", "srcc")
-    ],
+    *[("1 scores", ("scores", s, m), True) for s in SCORE_NAMES for m in ("plcc", "srcc")],
     *[
         (f"{t} {h}", ("heatmaps", h, m), m not in ("mse", "mse_gt0", "kld"))
-        for t, h in (("2", "implausibility"), ("3", "misalignment"))
+        for t, h in zip(("2", "3"), HEATMAP_NAMES, strict=True)
         for m in ("mse", "mse_gt0", "cc", "kld", "sim", "nss", "auc_judd")
     ],
     *[("4 keywords", ("keywords", m), True) for m in ("precision", "recall", "f1")],
@@ -33,7 +31,7 @@ TABLE_NUMBERS: list[tuple[str, tuple[str, ...], bool]] = [
 #: Within-prompt ranking numbers (present when the evaluated split has groups of images of one prompt).
 RANKING_NUMBERS: list[tuple[str, tuple[str, ...], bool]] = [
     ("within-prompt", ("within_prompt", s, m, "mean"), m != "top1_regret")
-    for s in ("plausibility", "alignment", "aesthetics", "overall")
+    for s in SCORE_NAMES
     for m in ("spearman", "pairwise_accuracy", "top1_regret")
 ]
 
