@@ -335,7 +335,7 @@ def test_runs_against_the_temporary_server_send_no_heartbeats(monkeypatch):
     from flows import server
 
     monkeypatch.setattr(SubprocessASGIServer, "_instances", {})  # no temporary server set up yet
-    heartbeats_on = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}  # Prefect's default (the session's server is off)
+    heartbeats_on = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}  # Prefect's default (the test harness turns it off)
     with temporary_settings(heartbeats_on, restore_defaults={PREFECT_API_URL}):
         assert get_current_settings().flows.heartbeat_frequency == 180
         assert isinstance(server.use_temporary_server(), server.GuardedServer)
