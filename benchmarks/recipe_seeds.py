@@ -39,10 +39,10 @@ RANKING_NUMBERS: list[tuple[str, tuple[str, ...], bool]] = [
 def load(folder: str | Path, model: str | None = None) -> dict:
     """The tables of one model in ``folder/metrics.json`` (the only model, or ``model``)."""
     tables = json.loads((Path(folder) / "metrics.json").read_text())
-    if model is None:
-        if len(tables) != 1:
-            raise ValueError(f"{folder} holds {sorted(tables)}: name one with --model")
+    if model is None and len(tables) == 1:
         return next(iter(tables.values()))
+    if model not in tables:
+        raise ValueError(f"{folder}/metrics.json holds {sorted(tables)}: name one of them with --model")
     return tables[model]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.recipe_seeds import TABLE_NUMBERS, compare, load, markdown
 
 
@@ -27,3 +29,8 @@ def test_the_25_numbers_and_loading(tmp_path):
     assert len(TABLE_NUMBERS) == 25
     (tmp_path / "metrics.json").write_text(json.dumps({"m": _tables(0.5, 0.01)}))
     assert load(tmp_path)["scores"]["plausibility"]["plcc"] == 0.5
+    assert load(tmp_path, "m")["scores"]["plausibility"]["plcc"] == 0.5
+    (tmp_path / "metrics.json").write_text(json.dumps({"a": _tables(0.5, 0.01), "b": _tables(0.6, 0.02)}))
+    for model in (None, "c"):  # two models and none named, or a name that is not there
+        with pytest.raises(ValueError, match=r"holds \['a', 'b'\]: name one of them with --model"):
+            load(tmp_path, model)
