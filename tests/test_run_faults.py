@@ -345,3 +345,63 @@ def test_runs_against_the_temporary_server_send_no_heartbeats(monkeypatch):
         with server.no_heartbeats():
             assert get_current_settings().flows.heartbeat_frequency is None
         assert get_current_settings().flows.heartbeat_frequency == 180
+
+
+def test_the_temporary_server_runs_without_the_services_nothing_reads(monkeypatch):
+    """Every LEAN_SERVICES variable is a real Prefect setting (read back in a child process with the server's
+    environment), and a variable set by the user wins."""
+    import json
+    import subprocess
+    import sys
+
+    from flows import server
+
+    probe = (
+        "import json; from prefect.settings import get_current_settings as g; s = g().server; "
+        "print(json.dumps([s.services.task_run_recorder.enabled, s.services.event_persister.enabled, "
+        "s.services.triggers.enabled, s.events.stream_out_enabled, s.analytics_enabled]))"
+    )
+    for name in server.LEAN_SERVICES:
+        monkeypatch.delenv(name, raising=False)
+
+    def read() -> list[bool]:
+        out = subprocess.run([sys.executable, "-c", probe], env=server.server_environment(), capture_output=True)
+        assert out.returncode == 0, out.stderr.decode()
+        return json.loads(out.stdout)
+
+    assert len(server.LEAN_SERVICES) == 5 and read() == [False] * 5
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED", "true")
+    assert read() == [True, False, False, False, False]
+
+
+def test_a_fresh_prefect_home_starts_from_the_migrated_database(tmp_path):
+    import sqlite3
+
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
+
+    from flows import server
+    from rahf.zoo import cache_root
+
+    def tables(path) -> dict:
+        with sqlite3.connect(path) as db:
+            names = [r[0] for r in db.execute("select name from sqlite_master where type = 'table'")]
+            return {
+                "version": db.execute("select version_num from alembic_version").fetchall(),
+                "block types": db.execute("select count(*) from block_type").fetchone()[0],
+                "tables": len(names),
+            }
+
+    cache = cache_root() / "prefect"
+    with temporary_settings({PREFECT_HOME: tmp_path / "home"}):
+        assert server.seed_database(cache) is True
+        seeded = tables(tmp_path / "home" / "prefect.db")
+        assert seeded == tables(server.database_template(cache))
+        assert seeded["version"] and seeded["block types"] > 5 and seeded["tables"] > 20
+        assert server.server_environment()["PREFECT_API_BLOCKS_REGISTER_ON_START"] == "false"
+        assert server.seed_database(cache) is False  # a home with a database keeps it
+    with temporary_settings({PREFECT_HOME: tmp_path / "other"}):
+        assert "PREFECT_API_BLOCKS_REGISTER_ON_START" not in server.server_environment()  # not seeded: registers
+    url = f"sqlite+aiosqlite:///{tmp_path / 'elsewhere.db'}"
+    with temporary_settings({PREFECT_HOME: tmp_path / "third", PREFECT_API_DATABASE_CONNECTION_URL: url}):
+        assert server.seed_database(cache) is False  # a database of the user's choice is not touched
+    assert not (tmp_path / "third" / "prefect.db").exists()
