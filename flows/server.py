@@ -111,7 +111,7 @@ def database_template(cache: Path) -> Path:
 
 def seed_database(cache: Path) -> bool:
     """Start a fresh ``PREFECT_HOME`` from :func:`database_template`, so the temporary server skips the database
-    migrations and the block registration (about half its start-up on a 2-core machine); returns True when it
+    migrations and the block registration (most of its start-up on a 2-core machine); returns True when it
     did. Nothing is done when the home has a database already or Prefect's database is not the home's SQLite
     file (``PREFECT_API_DATABASE_CONNECTION_URL`` set)."""
     database = _home_database()
