@@ -392,14 +392,15 @@ def test_a_fresh_prefect_home_starts_from_the_migrated_database(tmp_path):
             }
 
     cache = cache_root() / "prefect"
-    with temporary_settings({PREFECT_HOME: tmp_path / "home"}):
+    default_db = {PREFECT_API_DATABASE_CONNECTION_URL}  # the home's database (the test harness may have set one)
+    with temporary_settings({PREFECT_HOME: tmp_path / "home"}, restore_defaults=default_db):
         assert server.seed_database(cache) is True
         seeded = tables(tmp_path / "home" / "prefect.db")
         assert seeded == tables(server.database_template(cache))
         assert seeded["version"] and seeded["block types"] > 5 and seeded["tables"] > 20
         assert server.server_environment()["PREFECT_API_BLOCKS_REGISTER_ON_START"] == "false"
         assert server.seed_database(cache) is False  # a home with a database keeps it
-    with temporary_settings({PREFECT_HOME: tmp_path / "other"}):
+    with temporary_settings({PREFECT_HOME: tmp_path / "other"}, restore_defaults=default_db):
         assert "PREFECT_API_BLOCKS_REGISTER_ON_START" not in server.server_environment()  # not seeded: registers
     url = f"sqlite+aiosqlite:///{tmp_path / 'elsewhere.db'}"
     with temporary_settings({PREFECT_HOME: tmp_path / "third", PREFECT_API_DATABASE_CONNECTION_URL: url}):
