@@ -277,13 +277,18 @@ def main() -> int:
     heading = (
         f"{device}, {args.device} fp32, {args.threads} threads, torch {torch.__version__}, Prefect {version('prefect')}"
     )
-    common = {"torch": torch.__version__, "prefect": version("prefect"), "device": args.device, "threads": args.threads}
+    run_facts = {
+        "torch": torch.__version__,
+        "prefect": version("prefect"),
+        "device": args.device,
+        "threads": args.threads,
+    }
     if direct:  # (a) and (b) are sections of their own: either can be measured again alone
         body = "\n".join([f"### feedback loop through Prefect — {heading}", "", *loop_lines(direct, flowed, args)])
-        publish("flows", body + "\n", {**common, "direct": direct, "prefect_runs": flowed}, not args.no_write)
+        publish("flows", body + "\n", {**run_facts, "direct": direct, "prefect_runs": flowed}, not args.no_write)
     if scale:
         body = "\n".join([f"### generate-and-score at scale — {heading}", "", *scale_lines(scale)])
-        publish("flows-scale", body + "\n", {**common, "scale": scale}, not args.no_write)
+        publish("flows-scale", body + "\n", {**run_facts, "scale": scale}, not args.no_write)
     return 0
 
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -120,16 +121,17 @@ def seed_database(cache: Path) -> bool:
     template = database_template(cache)
     database.parent.mkdir(parents=True, exist_ok=True)
     partial = database.with_name(f".{database.name}.{os.getpid()}")
-    _copy_database(template, partial)
-    _seed_mark(database).touch()
-    os.replace(partial, database)
+    try:
+        _copy_database(template, partial)
+        os.replace(partial, database)
+    finally:
+        partial.unlink(missing_ok=True)  # a failed copy leaves the home as it was
+    _seed_mark(database).touch()  # only a database that came from the template skips block registration
     return True
 
 
 def _copy_database(source: Path, target: Path) -> None:
     """SQLite's online backup: a consistent copy whatever the source's journal (WAL) holds."""
-    import sqlite3
-
     src, dst = sqlite3.connect(source), sqlite3.connect(target)
     try:
         src.backup(dst)
@@ -175,7 +177,7 @@ def use_temporary_server() -> GuardedServer | None:
 
         try:
             seed_database(cache_root() / "prefect")
-        except (OSError, subprocess.CalledProcessError) as err:
+        except (OSError, sqlite3.Error, subprocess.CalledProcessError) as err:
             logging.getLogger(__name__).warning("no migrated Prefect database copied (%s); the server builds one", err)
     return server
 

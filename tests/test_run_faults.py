@@ -406,3 +406,29 @@ def test_a_fresh_prefect_home_starts_from_the_migrated_database(tmp_path):
     with temporary_settings({PREFECT_HOME: tmp_path / "third", PREFECT_API_DATABASE_CONNECTION_URL: url}):
         assert server.seed_database(cache) is False  # a database of the user's choice is not touched
     assert not (tmp_path / "third" / "prefect.db").exists()
+
+
+def test_a_damaged_template_leaves_the_home_untouched_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    import sqlite3
+
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from flows import server
+
+    cache = tmp_path / "cache" / "prefect"
+    cache.mkdir(parents=True)
+    (cache / f"prefect-{prefect.__version__}.db").write_bytes(b"not a database" * 100)
+    home = tmp_path / "home"
+    default_db = {PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL}
+    with temporary_settings({PREFECT_HOME: home}, restore_defaults=default_db):
+        with pytest.raises(sqlite3.DatabaseError):
+            server.seed_database(cache)
+        assert not home.exists() or sorted(p.name for p in home.iterdir()) == []  # no database, mark or partial
+        monkeypatch.setattr(SubprocessASGIServer, "_instances", {})
+        monkeypatch.setenv("RICHFEEDBACK_CACHE", str(tmp_path / "cache"))
+        with caplog.at_level("WARNING", logger="flows.server"):
+            assert isinstance(server.use_temporary_server(), server.GuardedServer)  # the run goes on
+        assert "no migrated Prefect database copied" in caplog.text
+        assert "PREFECT_API_BLOCKS_REGISTER_ON_START" not in server.server_environment()  # the server registers
