@@ -94,31 +94,45 @@ def on_gpu(task_: Any, tagged: bool) -> Any:
     return task_.with_options(tags={GPU_TAG}) if tagged else task_
 
 
-#: Seconds between two updates of a progress artifact (each is a call to the Prefect API); the last always goes.
+#: A stage that reports progress for longer than this gets a progress artifact, updated at most this often (each
+#: update is a call to the Prefect API); a shorter stage makes none.
 PROGRESS_EVERY_S = 5.0
 
 
-def _progress(description: str, every_s: float = PROGRESS_EVERY_S):
-    """A progress artifact and a console bar, updated with (done, total); the artifact at most every ``every_s``
-    seconds and at the end, so a run of many small batches does not pay an API call per batch. The updates go
-    out from a background thread (one at a time; one due while another is in flight is skipped), so the stage
-    never waits for the API; the last (100 %) is awaited, so the task ends with its artifact complete. A failed
-    update is logged, never raised: progress is a display."""
+def _progress(description: str, every_s: float | None = None):
+    """A console bar, and a progress artifact for a stage that runs longer than ``every_s`` seconds (default
+    :data:`PROGRESS_EVERY_S`), updated with (done, total). The artifact is made when the first update falls due
+    (``every_s`` after the start), then updated at most every ``every_s`` seconds and at the end, so a run of many
+    small batches does not pay an API call per batch and a stage of a few seconds pays none. The calls go out from
+    a background thread (one at a time; one due while another is in flight is skipped) in a copy of the caller's
+    context, so the artifact belongs to the task run and uses its API client (a thread of its own would open a
+    client, and load the TLS certificates, per call). The stage never waits for the API, except for the last update
+    of an artifact it made, so the task ends with its artifact complete. A failed call is logged, never raised:
+    progress is a display."""
+    import contextvars
     import time
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
-    artifact = create_progress_artifact(0.0, description=description)
+    every_s = PROGRESS_EVERY_S if every_s is None else every_s
+    caller = contextvars.copy_context()  # the task run's context: its run id and its Prefect client
     bar = tqdm(desc=description, unit="img", leave=False)
     sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-artifact")
-    state = {"last": time.monotonic(), "inflight": None}
+    state: dict[str, Any] = {"last": time.monotonic(), "inflight": None, "artifact": None, "started": False}
 
     def send(percent: float) -> None:
         try:
-            update_progress_artifact(artifact, percent)
+            if state["artifact"] is None:
+                state["artifact"] = create_progress_artifact(percent, description=description)
+            else:
+                update_progress_artifact(state["artifact"], percent)
         except Exception as err:  # a display must not fail the stage
             log.warning("progress artifact %r not updated: %s", description, err)
+
+    def submit(percent: float) -> None:
+        state["inflight"] = sender.submit(caller.run, send, percent)
+        state["started"] = True
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -126,13 +140,14 @@ def _progress(description: str, every_s: float = PROGRESS_EVERY_S):
         bar.refresh()
         now = time.monotonic()
         busy = state["inflight"] is not None and not state["inflight"].done()
-        if done >= total:  # awaited (a stage may report several passes, each ending at its total)
-            state["inflight"] = sender.submit(send, 100.0 * done / max(1, total))
-            state["inflight"].result()
+        if done >= total:  # a stage may report several passes, each ending at its total
+            if state["started"]:  # the artifact ends complete: awaited
+                submit(100.0 * done / max(1, total))
+                state["inflight"].result()
             state["last"] = now
             bar.close()
         elif now - state["last"] >= every_s and not busy:
-            state["inflight"] = sender.submit(send, 100.0 * done / max(1, total))
+            submit(100.0 * done / max(1, total))
             state["last"] = now
 
     return update

@@ -100,7 +100,10 @@ def _loop(root: str):
     return feedback_loop(root=root, prompts=PROMPTS, config=config)
 
 
-def test_feedback_loop_runs_and_reruns_from_its_records(prefect_harness, tmp_path):
+def test_feedback_loop_runs_and_reruns_from_its_records(prefect_harness, tmp_path, monkeypatch):
+    import flows.loop
+
+    monkeypatch.setattr(flows.loop, "PROGRESS_EVERY_S", 0.0)  # every stage makes its progress artifact
     root = str(tmp_path / "loop")
     summary = _loop(root)
     assert len(summary.generate.generated) == 12 and len(summary.selection.selected) == 3
@@ -127,8 +130,10 @@ def test_feedback_loop_runs_and_reruns_from_its_records(prefect_harness, tmp_pat
         assert {"best-per-prompt", "feedback-loop"} <= {a.key for a in found}
         loop_md = [a.data for a in found if a.key == "feedback-loop"]
         assert any(md.endswith(truth.to_markdown()) for md in loop_md)  # the Prefect artifact: the same summary
-        progress = client.read_artifacts()
-        assert any(a.type == "progress" and a.data == 100.0 for a in progress)
+        progress = [a for a in client.read_artifacts() if a.type == "progress"]
+        assert progress and all(a.data == 100.0 for a in progress)  # complete when its task ended
+        task_runs = {t.id for t in client.read_task_runs()}
+        assert all(a.task_run_id in task_runs for a in progress)  # made in the task run's context, not a thread's
         from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterTags
 
         gpu = TaskRunFilter(tags=TaskRunFilterTags(all_=["gpu"]))
