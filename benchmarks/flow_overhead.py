@@ -4,18 +4,20 @@
 ``flows.stages`` called directly in the same order with the same arguments (generate and score -> select ->
 finetune -> compare -> repair -> manifest), on the synthetic world scored by ``rahf-tiny`` at random init, N prompts
 × 8 images, selection threshold plausibility 0.0. Every run is a child process of its own (no model cache carries
-over) writing into a fresh run folder. The Prefect child gets its own ``PREFECT_HOME`` in a temporary folder and
-the temporary API server the command line starts (``flows.server``); it first runs a trivial flow, which starts
-that server, then the same flow again (the fixed cost of one flow run with the server up); both are reported apart
-and not counted.
-Direct and Prefect runs alternate ``--repeats`` times; the medians give the overhead (goal ≤ 10 %).
+over) writing into a fresh run folder; both import ``flows.loop`` (and so Prefect) before timing. The Prefect child
+gets its own ``PREFECT_HOME`` in a temporary folder and the temporary API server the command line starts
+(``flows.server``); it first runs a trivial flow, which starts that server, then the same flow again (the fixed
+cost of one flow run with the server up); both are reported apart and not counted.
+Direct and Prefect runs alternate ``--repeats`` times, after ``--warmup`` pairs that are reported but not counted
+(the first runs on a machine read Python, torch and Prefect from a cold disk cache); the medians give the overhead
+(goal ≤ 10 %).
 
 (b) ``flows.stages.generate_and_score`` (synthetic world + rahf-tiny, batch 16) at each of ``--sizes`` images
 (prompts × 8 seeds), each in a child process with a fresh run folder: seconds (models loaded before timing) and
 the process's peak RSS (``ru_maxrss``). Goals: peak memory flat (largest / smallest size ≤ 1.10) and time linear
 (seconds per image the same at both sizes).
 
-Usage: python benchmarks/flow_overhead.py [--prompts 12] [--repeats 3] [--sizes 1000,10000] [--device cpu]
+Usage: python benchmarks/flow_overhead.py [--prompts 12] [--repeats 3] [--warmup 1] [--sizes 1000,10000] [--device cpu]
        [--threads 2] [--no-write]
 (a) and (b) are separate sections of BENCHMARKS.md; ``--repeats 0`` measures (b) alone, ``--sizes ""`` (a) alone.
 """
@@ -78,7 +80,9 @@ def child_loop(spec: dict) -> dict:
     prompts = sample_prompts(spec["prompts"], seed=0)
     root = spec["root"]
     if spec["mode"] == "direct":
-        import flows.stages  # noqa: F401 - imported before timing, as the Prefect child imports it with flows.loop
+        # flows.loop (so flows.stages and Prefect) imported before timing, as the Prefect child does: the modules
+        # both runs load (HTTP clients, jinja2, yaml, ... about 0.25 s here) are loaded outside the timing in both
+        import flows.loop  # noqa: F401
 
         t = time.perf_counter()
         loop_direct(root, prompts, spec["device"])
@@ -149,7 +153,7 @@ def launch(spec: dict, env_extra: dict[str, str] | None = None) -> dict:
 def measure_loop(args, tmp: Path) -> tuple[list[dict], list[dict]]:
     """(direct runs, Prefect runs), alternating, each in a fresh run folder and child process."""
     direct, prefect = [], []
-    for i in range(args.repeats):
+    for i in range(-args.warmup, args.repeats):
         for mode in ("direct", "prefect") if i % 2 == 0 else ("prefect", "direct"):
             root = tmp / f"loop-{mode}-{i}"
             spec = {"kind": "loop", "mode": mode, "prompts": args.prompts, "root": str(root)}
@@ -161,9 +165,11 @@ def measure_loop(args, tmp: Path) -> tuple[list[dict], list[dict]]:
                 extra = {"PREFECT_HOME": str(home)}
             r = launch(spec, extra)
             shutil.rmtree(root, ignore_errors=True)
-            (direct if mode == "direct" else prefect).append(r)
+            if i >= 0:
+                (direct if mode == "direct" else prefect).append(r)
             startup = f" (server start-up {r['startup_s']:.1f} s, not counted)" if mode == "prefect" else ""
-            print(f"loop {mode:8s} run {i + 1}: {r['seconds']:.1f} s{startup}", flush=True)
+            run = f"run {i + 1}" if i >= 0 else "warm-up (not counted)"
+            print(f"loop {mode:8s} {run}: {r['seconds']:.1f} s{startup}", flush=True)
     return direct, prefect
 
 
@@ -197,7 +203,8 @@ def loop_lines(direct: list[dict], prefect: list[dict], args) -> list[str]:
         f"**(a) Feedback loop**, {args.prompts} prompts × {PER_PROMPT} images (synthetic world, {RAHF} at random "
         "init, selection threshold plausibility 0.0, the loop's defaults otherwise (`flows.config.LoopConfig`): "
         f"comparison at {cfg.compare.per_prompt} images a prompt, repair of at most {cfg.repair_limit} images below "
-        f"plausibility {cfg.repair_below}). Median of {args.repeats} runs each, alternating; every run a child "
+        f"plausibility {cfg.repair_below}). Median of {args.repeats} runs each, alternating, after {args.warmup} "
+        "warm-up pair(s) not counted; every run a child "
         "process with a fresh run folder.",
         "",
         "| how | median s | runs, s |",
@@ -252,6 +259,7 @@ def main() -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="pairs run first and not counted")
     p.add_argument("--sizes", default="1000,10000")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -263,8 +271,10 @@ def main() -> int:
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     if any(n < PER_PROMPT or n % PER_PROMPT for n in args.sizes):
         raise ValueError(f"--sizes must be positive multiples of {PER_PROMPT} (prompts × 8 seeds), got {args.sizes}")
-    if args.prompts < 1 or args.repeats < 0:
-        raise ValueError(f"--prompts must be >= 1 and --repeats >= 0, got {args.prompts} and {args.repeats}")
+    if args.prompts < 1 or args.repeats < 0 or args.warmup < 0:
+        raise ValueError(
+            f"--prompts must be >= 1, --repeats and --warmup >= 0; got {args.prompts}, {args.repeats}, {args.warmup}"
+        )
     from importlib.metadata import version
 
     import torch
