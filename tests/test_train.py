@@ -74,7 +74,9 @@ def test_loss_log_matches_the_run_recorded_before_the_harness(tmp_path_factory, 
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open()]
     assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 4]
     for key, want in RECORDED.items():
-        assert [r[key] for r in rows if key in r] == pytest.approx(want, rel=1e-5, abs=0), key
+        # rel 1e-4: the same run differs by about 1e-5 between CPU instruction sets (AVX-512 against AVX2) after 4
+        # steps; a changed batch order, loss weighting or accumulation moves these losses by 1e-2 or more
+        assert [r[key] for r in rows if key in r] == pytest.approx(want, rel=1e-4, abs=0), key
 
 
 @pytest.mark.slow

@@ -143,13 +143,18 @@ def test_two_processes_match_one_process_of_the_same_global_batch(data_dir, tmp_
     steps = {name: [r for r in rows[name] if "loss" in r] for name in rows}
     for a, b in zip(steps["one"], steps["two"], strict=True):
         assert a.keys() == b.keys()
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+        for k in a:  # after two updates the weights' float noise (below) moves a part by up to about 5e-5 of itself
+            assert b[k] == pytest.approx(a[k], rel=2e-4, abs=1e-5), (a["step"], k)
     wa = load_file(str(tmp_path / "one" / "checkpoints" / "step-3" / "model.safetensors"))
     wb = load_file(str(tmp_path / "two" / "checkpoints" / "step-3" / "model.safetensors"))
     assert wa.keys() == wb.keys()
-    for k in wa:  # float noise in near-zero gradients moves AdamW's update by a few % of lr (2e-3) at most
-        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=3e-4, msg=k)
+    # Float noise in the summed gradients flips the sign of near-zero ones, and AdamW then steps such a weight by
+    # up to lr either way: a few elements (28 of 783,718 on an AMD EPYC host) differ by up to 1.5 lr after 3 steps;
+    # the rest agree to about 1e-7. Gradients of a missing rank or of another batch split move most of them.
+    diffs = torch.cat([(wb[k] - wa[k]).abs().flatten() for k in wa])
+    assert float(diffs.max()) <= 3 * 2 * 2e-3  # 3 steps of at most lr (2e-3) each way
+    assert float((diffs > 3e-4).float().mean()) < 1e-4
+    assert float(diffs.median()) < 1e-5
     assert any(not torch.equal(wa[k], build_rahf("rahf-tiny", seed=0)[0].state_dict()[k]) for k in wa)  # it trained
 
     # the dev loss of two processes is the dev loss of batches of 2, shared between them
