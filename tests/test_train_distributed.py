@@ -149,11 +149,12 @@ def test_two_processes_match_one_process_of_the_same_global_batch(data_dir, tmp_
     wb = load_file(str(tmp_path / "two" / "checkpoints" / "step-3" / "model.safetensors"))
     assert wa.keys() == wb.keys()
     # Float noise in the summed gradients flips the sign of near-zero ones, and AdamW then steps such a weight by
-    # up to lr either way: a few elements (28 of 783,718 on an AMD EPYC host) differ by up to 1.5 lr after 3 steps;
-    # the rest agree to about 1e-7. Gradients of a missing rank or of another batch split move most of them.
+    # up to lr either way: a few elements (28 to 290 of 783,718 on an AMD EPYC host, more with more threads) differ
+    # by up to 1.5 lr after 3 steps; the bulk agrees to about 1e-7. Gradients of a missing rank or of another batch
+    # split move most weights by about lr.
     diffs = torch.cat([(wb[k] - wa[k]).abs().flatten() for k in wa])
     assert float(diffs.max()) <= 3 * 2 * 2e-3  # 3 steps of at most lr (2e-3) each way
-    assert float((diffs > 3e-4).float().mean()) < 1e-4
+    assert float((diffs > 3e-4).float().mean()) < 1e-2
     assert float(diffs.median()) < 1e-5
     assert any(not torch.equal(wa[k], build_rahf("rahf-tiny", seed=0)[0].state_dict()[k]) for k in wa)  # it trained
 
