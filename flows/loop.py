@@ -119,7 +119,7 @@ def _progress(description: str, every_s: float | None = None):
     caller = contextvars.copy_context()  # the task run's context: its run id and its Prefect client
     bar = tqdm(desc=description, unit="img", leave=False)
     sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-artifact")
-    state: dict[str, Any] = {"last": time.monotonic(), "inflight": None, "artifact": None, "started": False}
+    state: dict[str, Any] = {"last": time.monotonic(), "inflight": None, "artifact": None}
 
     def send(percent: float) -> None:
         try:
@@ -132,7 +132,6 @@ def _progress(description: str, every_s: float | None = None):
 
     def submit(percent: float) -> None:
         state["inflight"] = sender.submit(caller.run, send, percent)
-        state["started"] = True
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -141,7 +140,7 @@ def _progress(description: str, every_s: float | None = None):
         now = time.monotonic()
         busy = state["inflight"] is not None and not state["inflight"].done()
         if done >= total:  # a stage may report several passes, each ending at its total
-            if state["started"]:  # the artifact ends complete: awaited
+            if state["inflight"] is not None:  # the stage has (or is making) an artifact: it ends complete, awaited
                 submit(100.0 * done / max(1, total))
                 state["inflight"].result()
             state["last"] = now
