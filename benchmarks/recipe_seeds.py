@@ -6,7 +6,7 @@ in the number's better direction, and whether the new recipe wins by more than t
 (``firm``) — a difference the seeds alone do not make.
 
 Usage: python benchmarks/recipe_seeds.py --base runs/eval-a-s0 runs/eval-a-s1 ... --new runs/eval-b-s0 ...
-       [--base-name A] [--new-name B] [--model NAME] [--out table.md]
+       [--base-name A] [--new-name B] [--model NAME] [--ranking] [--per-seed] [--out table.md]
 """
 
 from __future__ import annotations
@@ -81,19 +81,28 @@ def compare(base: list[dict], new: list[dict], numbers=TABLE_NUMBERS) -> list[di
     return rows
 
 
-def markdown(rows: list[dict], base_name: str, new_name: str) -> str:
+def markdown(rows: list[dict], base_name: str, new_name: str, per_seed: bool = False) -> str:
+    """The rows as a markdown table. Each recipe's cell is its mean ± half its spread, or with ``per_seed`` every
+    seed's value in the order given (``a / b / c``). ``firm`` reads **yes**, no (a gain inside the spread), tie
+    or worse."""
+
     def cell(vs: list[float]) -> str:
+        if per_seed:
+            return " / ".join(f"{v:.4g}" for v in vs)
         mean = statistics.fmean(vs)
         return f"{mean:.4g} ± {(max(vs) - min(vs)) / 2:.2g}" if len(vs) > 1 else f"{mean:.4g}"
 
+    shown = "seeds in order" if per_seed else "mean ± half spread"
     lines = [
-        f"| table | metric | better | {base_name} (mean ± half spread) | {new_name} | gain | larger spread | firm |",
+        f"| table | metric | better | {base_name} ({shown}) | {new_name} | gain | larger spread | firm |",
         "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        gain = r["gain"] + 0.0  # -0.0 (a tie of a lower-is-better number) prints as +0
+        verdict = "**yes**" if r["firm"] else "no" if gain > 0 else "tie" if gain == 0 else "worse"
         lines.append(
             f"| {r['table']} | {r['metric']} | {'higher' if r['higher'] else 'lower'} | {cell(r['base'])} | "
-            f"{cell(r['new'])} | {r['gain']:+.4g} | {r['spread']:.3g} | {'**yes**' if r['firm'] else 'no'} |"
+            f"{cell(r['new'])} | {gain:+.4g} | {r['spread']:.3g} | {verdict} |"
         )
     wins = sum(r["gain"] > 0 for r in rows)
     firm = sum(r["firm"] for r in rows)
@@ -109,12 +118,16 @@ def main() -> int:
     p.add_argument("--new-name", default="new")
     p.add_argument("--model", help="the model's name in metrics.json when a folder holds several")
     p.add_argument("--ranking", action="store_true", help="compare the within-prompt ranking numbers instead")
+    p.add_argument("--per-seed", action="store_true", help="show every seed's value instead of mean ± half spread")
     p.add_argument("--out", help="also write the markdown table here")
     args = p.parse_args()
     base = [load(f, args.model) for f in args.base]
     new = [load(f, args.model) for f in args.new]
     text = markdown(
-        compare(base, new, RANKING_NUMBERS if args.ranking else TABLE_NUMBERS), args.base_name, args.new_name
+        compare(base, new, RANKING_NUMBERS if args.ranking else TABLE_NUMBERS),
+        args.base_name,
+        args.new_name,
+        per_seed=args.per_seed,
     )
     print(text)
     if args.out:

@@ -23,6 +23,18 @@ def test_gain_is_in_the_better_direction_and_firm_only_beyond_the_spread():
     assert abs(mse["gain"] - 0.001) < 1e-12 and not mse["firm"]  # lower is better; 0.001 < spread 0.002
     text = markdown(list(rows.values()), "A", "B")
     assert "B better on 2 of 2; by more than the seeds' spread on 1." in text
+    assert "| 0.52 ± 0.02 | 0.605 ± 0.005 | +0.085 | 0.04 | **yes** |" in text
+    per_seed = markdown(list(rows.values()), "A", "B", per_seed=True)
+    assert "| 0.02 / 0.022 | 0.021 / 0.019 | +0.001 | 0.002 | no |" in per_seed  # a gain inside the spread
+
+
+def test_a_loss_reads_worse_and_a_tie_tie():
+    rows = compare([_tables(0.6, 0.01)], [_tables(0.5, 0.01)])
+    plcc = next(r for r in rows if r["metric"] == "plausibility/plcc")
+    assert plcc["gain"] < 0 and not plcc["firm"]
+    text = markdown(rows, "A", "B")
+    assert "| 0.6 | 0.5 | -0.1 | 0 | worse |" in text
+    assert "| 0.01 | 0.01 | +0 | 0 | tie |" in text  # lower is better: -0.0 must not read as a loss
 
 
 def test_the_25_numbers_and_loading(tmp_path):
