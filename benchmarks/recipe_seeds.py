@@ -64,7 +64,7 @@ def compare(base: list[dict], new: list[dict], numbers=TABLE_NUMBERS) -> list[di
         if any(v is None for v in a + b):
             continue
         sign = 1.0 if higher else -1.0
-        gain = sign * (statistics.fmean(b) - statistics.fmean(a))
+        gain = sign * (statistics.fmean(b) - statistics.fmean(a)) + 0.0  # + 0.0: a tie is +0, never -0
         spread = max(max(a) - min(a), max(b) - min(b))
         rows.append(
             {
@@ -98,7 +98,7 @@ def markdown(rows: list[dict], base_name: str, new_name: str, per_seed: bool = F
         "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        gain = r["gain"] + 0.0  # -0.0 (a tie of a lower-is-better number) prints as +0
+        gain = r["gain"]
         verdict = "**yes**" if r["firm"] else "no" if gain > 0 else "tie" if gain == 0 else "worse"
         lines.append(
             f"| {r['table']} | {r['metric']} | {'higher' if r['higher'] else 'lower'} | {cell(r['base'])} | "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -32,6 +33,8 @@ def test_a_loss_reads_worse_and_a_tie_tie():
     rows = compare([_tables(0.6, 0.01)], [_tables(0.5, 0.01)])
     plcc = next(r for r in rows if r["metric"] == "plausibility/plcc")
     assert plcc["gain"] < 0 and not plcc["firm"]
+    mse = next(r for r in rows if r["metric"] == "implausibility/mse")
+    assert math.copysign(1.0, mse["gain"]) == 1.0  # lower is better: -(0.01 - 0.01) is -0.0 unless normalised
     text = markdown(rows, "A", "B")
     assert "| 0.6 | 0.5 | -0.1 | 0 | worse |" in text
     assert "| 0.01 | 0.01 | +0 | 0 | tie |" in text  # lower is better: -0.0 must not read as a loss
