@@ -73,3 +73,21 @@ def test_tiny_p4_is_tiny_with_a_finer_token_grid():
         out = model(pixels, text.input_ids, text.attention_mask, keywords=False)
     assert out.heatmaps["implausibility"].shape == (1, 64, 64)
     assert 0.0 < float(out.heatmaps["implausibility"].mean()) < 1.0
+
+
+def test_small_p4_is_tiny_p4_twice_as_wide_with_the_same_heads():
+    p4, small = preset_config("rahf-tiny-p4"), preset_config("rahf-small-p4")
+    assert (small.vision["hidden_size"], small.text["d_model"], small.text["d_kv"] * small.text["num_heads"]) == (
+        128,
+        128,
+        128,
+    )
+    assert small.grid_size == p4.grid_size == 16
+    assert (small.heatmap_up_channels, small.score_channels) == (p4.heatmap_up_channels, p4.score_channels)
+    model, processor = build_rahf("rahf-small-p4", seed=0)
+    assert 1.8e6 < model.num_parameters() < 1.9e6  # rahf-tiny-p4: 0.88M
+    pixels = processor.preprocess_images([Image.new("RGB", (64, 64), (30, 200, 30))])
+    text = processor.tokenize(["a green square"])
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, keywords=False)
+    assert out.heatmaps["misalignment"].shape == (1, 64, 64) and out.scores["overall"].shape == (1,)
