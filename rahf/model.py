@@ -144,6 +144,25 @@ class HeatmapHead(nn.Module):
         return torch.sigmoid(x).squeeze(1)
 
 
+class PresenceGate(nn.Module):
+    """Feature grid (B, D, g, g) -> (B,) logit that the image has any heat of one map.
+
+    The grid is pooled two ways (mean and max over positions, (B, 2D)) and read by a one-hidden-layer MLP. The
+    output bias starts at logit(``gate_init``), so at random init the gate passes most of the pixel map through.
+    """
+
+    def __init__(self, config: RAHFConfig) -> None:
+        super().__init__()
+        d = config.text["d_model"]
+        self.mlp = nn.Sequential(nn.Linear(2 * d, config.gate_hidden), nn.ReLU(), nn.Linear(config.gate_hidden, 1))
+        nn.init.constant_(self.mlp[2].bias, math.log(config.gate_init / (1 - config.gate_init)))
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid: (B, D, g, g) -> (B,) float logits."""
+        pooled = torch.cat([grid.mean(dim=(2, 3)), grid.amax(dim=(2, 3))], dim=1)
+        return self.mlp(pooled).squeeze(1)
+
+
 class ScoreHead(nn.Module):
     """Feature grid (B, D, g, g) -> score (B,) in [0, 1]."""
 
@@ -203,6 +222,7 @@ LOSS_WEIGHTS = (
     "empty_heatmap_weight",
     "itm_loss_weight",
     "rank_loss_weight",
+    "gate_loss_weight",
 )
 HeatmapLoss = Literal["mse", "bce"]
 HEATMAP_LOSSES = get_args(HeatmapLoss)  # per-pixel map losses (see heatmap_loss)
@@ -319,6 +339,12 @@ class RAHFConfig:
     rank_loss_weight: NonNegative = 0.0
     rank_temperature: Positive = 0.05  # score difference that counts as one logit of the pair's order
     rank_min_gap: NonNegative = 0.01  # pairs closer than this in truth are ties and left out
+    # Presence gates (paper: none): > 0 adds, per heatmap, a small MLP on the pooled feature grid that predicts
+    # whether the image has any of that heat; the map returned is the pixel map times that probability, and the
+    # gate is also trained by a BCE against "the target map is not empty" with this weight (multi_head only).
+    gate_loss_weight: NonNegative = 0.0
+    gate_hidden: PositiveInt = 64  # hidden width of each gate's MLP
+    gate_init: Annotated[float, Range(0, 1, open_low=True, open_high=True)] = 0.9  # gate value at random init
 
     def __post_init__(self) -> None:
         check_fields(self)  # types and ranges of every field, from the annotations above
@@ -335,6 +361,8 @@ class RAHFConfig:
                 raise ValueError(f"heatmap_weights names {name!r}, which is not a heatmap of {self.heatmap_names}")
         if self.itm_loss_weight > 0 and self.variant != "multi_head":
             raise ValueError("itm_loss_weight > 0 needs the multi_head variant")
+        if self.gate_loss_weight > 0 and self.variant != "multi_head":
+            raise ValueError("gate_loss_weight > 0 needs the multi_head variant")
         if self.variant == "augmented_prompt":
             missing = [t for t in (*self.heatmap_names, *self.score_names) if t not in self.task_prefixes]
             if missing:
@@ -418,6 +446,7 @@ class RAHFOutput:
     text_mask: torch.Tensor | None = None  # (B, T) 1 = real token
     keyword_logits: torch.Tensor | None = None  # (B, L, V) under teacher forcing
     itm_logits: torch.Tensor | None = None  # (B + n,) matched-prompt logits: B own prompts, then n shifted ones
+    gate_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) "has this heat" logits
     itm_targets: torch.Tensor | None = None  # (B + n,) 1 = the prompt is the image's own (or identical to it)
     loss: torch.Tensor | None = None
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -477,6 +506,8 @@ class RAHFModel(nn.Module):
         if config.itm_loss_weight > 0:  # only then, so checkpoints without ITM keep their exact keys
             d = config.text["d_model"]
             self.itm_head = nn.Sequential(nn.Linear(d, config.itm_hidden), nn.ReLU(), nn.Linear(config.itm_hidden, 1))
+        if config.gate_loss_weight > 0:  # likewise: a model without gates keeps its exact keys
+            self.heatmap_gates = nn.ModuleDict({n: PresenceGate(config) for n in config.heatmap_names})
 
     # -- encoders ------------------------------------------------------------------------------------------
 
@@ -563,8 +594,14 @@ class RAHFModel(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"multi_head expects input_ids (B, T), got {tuple(input_ids.shape)}")
         grid, text_states = self.fuse(image_tokens, input_ids, attention_mask)
+        maps = {n: heads(self.heatmap_heads[n], grid) for n in heatmaps}
+        gate_logits = {}
+        if hasattr(self, "heatmap_gates") and heatmaps:
+            gate_logits = {n: self.heatmap_gates[n](grid) for n in heatmaps}
+            maps = {n: m * torch.sigmoid(gate_logits[n]).to(m.dtype)[:, None, None] for n, m in maps.items()}
         out = RAHFOutput(
-            heatmaps={n: heads(self.heatmap_heads[n], grid) for n in heatmaps},
+            heatmaps=maps,
+            gate_logits=gate_logits,
             scores={n: heads(self.score_heads[n], grid) for n in scores},
             text_states=text_states if keywords else None,
             text_mask=attention_mask if keywords else None,
@@ -653,6 +690,10 @@ class RAHFModel(nn.Module):
             parts[f"heatmap/{name}"] = heatmap_loss(
                 out.heatmaps[name], target, cfg.empty_heatmap_weight, cfg.heatmap_loss
             )
+        for name, logit in out.gate_logits.items():
+            if name in labels.heatmaps:
+                present = (labels.heatmaps[name].float().flatten(1).amax(dim=1) > 0).float()
+                parts[f"gate/{name}"] = F.binary_cross_entropy_with_logits(logit.float(), present)
         for name, target in labels.scores.items():
             if name not in out.scores:
                 raise ValueError(f"score target {name!r} given but the score was not computed")
@@ -674,6 +715,9 @@ class RAHFModel(nn.Module):
         )
         total = total + sum(
             (cfg.rank_loss_weight * v for k, v in parts.items() if k.startswith("rank/")), torch.zeros_like(total)
+        )
+        total = total + sum(
+            (cfg.gate_loss_weight * v for k, v in parts.items() if k.startswith("gate/")), torch.zeros_like(total)
         )
         if labels.keyword_ids is not None:
             if out.text_states is None:

@@ -89,6 +89,7 @@ class TrainConfig:
     rank_loss_weight: float | None = None  # override the within-prompt ranking loss weight (> 0 turns it on)
     rank_temperature: float | None = None  # override its temperature
     rank_min_gap: float | None = None  # override the true-score gap below which a pair is a tie
+    gate_loss_weight: float | None = None  # override the presence gates' loss weight (> 0 adds the gates)
     prompt_group: int = 1  # images of one prompt kept together in a batch (> 1 for the ranking loss)
     train_split: str = "train"
     dev_split: str = "dev"
@@ -322,6 +323,8 @@ def loss_terms(config: RAHFConfig, labels: RAHFLabels, outputs: RAHFOutput) -> d
             else:
                 empty = target.float().flatten(1).amax(dim=1) <= 0
                 count = (1.0 + config.empty_heatmap_weight * empty.float()).sum()
+        elif kind == "gate":
+            coef, count = config.gate_loss_weight, torch.tensor(float(labels.heatmaps[name].shape[0]))
         elif kind == "score":
             coef, count = config.score_loss_weight, torch.tensor(float(labels.scores[name].shape[0]))
         elif kind == "rank" and labels.groups is not None:
@@ -473,6 +476,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         model, processor = RAHFModel.from_pretrained(cfg.preset), RAHFProcessor.from_pretrained(cfg.preset)
         if overrides.get("itm_loss_weight", 0.0) > 0 and not hasattr(model, "itm_head"):
             raise ValueError(f"{cfg.preset} was saved without an ITM head; itm_loss_weight must stay 0 for it")
+        if overrides.get("gate_loss_weight", 0.0) > 0 and not hasattr(model, "heatmap_gates"):
+            raise ValueError(f"{cfg.preset} was saved without presence gates; gate_loss_weight must stay 0 for it")
         # The config is rebuilt, not patched, so its checks (finite weights >= 0, ...) apply to the overrides.
         model.config = RAHFConfig.from_dict({**model.config.to_dict(), **overrides})
     else:  # the overrides are part of the config the model is built from (the ITM head exists only if w > 0)

@@ -485,3 +485,60 @@ def test_itm_negatives_limits_the_shifted_pairs(images):
     assert single.itm_logits is None and "itm" not in single.loss_parts  # no other prompt to pair with
     with pytest.raises(ValueError, match="field itm_negatives: expected int >= 0"):
         preset_config("rahf-tiny", overrides={"itm_negatives": -1})
+
+
+def test_presence_gates_exist_only_when_weighted_and_scale_each_map(images):
+    plain, processor = build_rahf("rahf-tiny", seed=0)
+    gated, _ = build_rahf("rahf-tiny", seed=0, config_overrides={"gate_loss_weight": 1.0})
+    a, b = plain.state_dict(), gated.state_dict()
+    assert {k.split(".")[0] for k in set(b) - set(a)} == {"heatmap_gates"} and not set(a) - set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the gates are built last: the rest is the same model
+    bare, out = run(plain, processor, images, PROMPTS), run(gated, processor, images, PROMPTS)
+    for n in HEATMAP_NAMES:
+        gate = torch.sigmoid(out.gate_logits[n])
+        assert gate.shape == (3,) and float((gate - 0.9).abs().max()) < 0.1  # starts near gate_init
+        torch.testing.assert_close(out.heatmaps[n], bare.heatmaps[n] * gate[:, None, None])
+    assert bare.gate_logits == {}
+    with pytest.raises(ValueError, match="gate_loss_weight > 0 needs the multi_head variant"):
+        preset_config("rahf-tiny", "augmented_prompt", {"gate_loss_weight": 1.0})
+
+
+def test_gate_loss_is_the_bce_of_map_presence(images):
+    import torch.nn.functional as F
+
+    model, processor = build_rahf("rahf-tiny", seed=0, config_overrides={"gate_loss_weight": 3.0})
+    labels = labels_for(model, processor, PROMPTS, [[1] * 7, [1, 1], [1] * 8])
+    labels.heatmaps["implausibility"][1] = 0.0  # image 1 is flawless
+    pixels, text = model_inputs(model, processor, images, PROMPTS)
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+    want = F.binary_cross_entropy_with_logits(out.gate_logits["implausibility"], torch.tensor([1.0, 0.0, 1.0]))
+    torch.testing.assert_close(out.loss_parts["gate/implausibility"], want)
+    others = sum(v for k, v in out.loss_parts.items() if not k.startswith("gate/"))
+    gates = out.loss_parts["gate/implausibility"] + out.loss_parts["gate/misalignment"]
+    torch.testing.assert_close(out.loss, others + 3.0 * gates)
+
+
+def test_trained_gates_darken_flawless_images_and_round_trip(images, tmp_path):
+    """Trained on two flawed and one flawless image, the gates close on the flawless one, and so does its map."""
+    torch.manual_seed(0)
+    model, processor = build_rahf("rahf-tiny", seed=0, config_overrides={"gate_loss_weight": 1.0})
+    labels = labels_for(model, processor, PROMPTS, [[1] * 7, [1, 1], [1] * 8])
+    for n in HEATMAP_NAMES:
+        labels.heatmaps[n][1] = 0.0
+    labels.keyword_ids = None
+    pixels, text = model_inputs(model, processor, images, PROMPTS)
+    opt = torch.optim.Adam(model.heatmap_gates.parameters(), lr=1e-2)  # only the gates learn
+    for _ in range(60):
+        opt.zero_grad()
+        model(pixels, text.input_ids, text.attention_mask, labels=labels, keywords=False).loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = RAHFModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.gate_loss_weight == 1.0
+    out = run(loaded, processor, images, PROMPTS)
+    for n in HEATMAP_NAMES:
+        gate = torch.sigmoid(out.gate_logits[n])
+        assert float(gate[1]) < 0.1 < 0.9 < float(gate[[0, 2]].min()), (n, gate)
+        assert float(out.heatmaps[n][1].max()) < 0.1 * float(out.heatmaps[n][[0, 2]].amax(dim=(1, 2)).min())

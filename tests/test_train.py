@@ -192,6 +192,17 @@ def test_itm_override_builds_the_head_and_a_saved_model_without_one_refuses_it(d
     assert json.loads((tmp_path / "again" / "best" / "config.json").read_text())["itm_negatives"] == 3
 
 
+def test_gate_override_builds_the_gates_and_a_saved_model_without_them_refuses_it(data_dir, tmp_path):
+    train(config(data_dir, tmp_path / "gate", steps=2, gate_loss_weight=0.5))
+    saved = json.loads((tmp_path / "gate" / "best" / "config.json").read_text())
+    assert saved["gate_loss_weight"] == 0.5
+    lines = [json.loads(line) for line in (tmp_path / "gate" / "log.jsonl").open()]
+    assert any(line.get("gate/implausibility", 0) > 0 and line.get("gate/misalignment", 0) > 0 for line in lines)
+    train(config(data_dir, tmp_path / "plain", steps=1))
+    with pytest.raises(ValueError, match="saved without presence gates"):
+        train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "plain" / "best"), gate_loss_weight=1.0))
+
+
 def test_channels_last_training_matches_the_default_layout(data_dir, tmp_path, monkeypatch):
     from rahf.model import HeadRunner
 

@@ -56,6 +56,7 @@ def test_loss_terms_recombine_a_split_batch_into_the_whole_batch_loss(data_dir):
         "heatmap_weights": {"misalignment": 2.5},
         "score_loss_weight": 0.7,
         "token_loss_weight": 1.3,  # a mean over the batch's target tokens: batch-dependent
+        "gate_loss_weight": 0.4,  # presence gates: a mean over samples
     }
     model, processor = build_rahf("rahf-tiny", seed=0, config_overrides=overrides)
     model.train()
