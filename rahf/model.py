@@ -446,10 +446,15 @@ class RAHFOutput:
     text_mask: torch.Tensor | None = None  # (B, T) 1 = real token
     keyword_logits: torch.Tensor | None = None  # (B, L, V) under teacher forcing
     itm_logits: torch.Tensor | None = None  # (B + n,) matched-prompt logits: B own prompts, then n shifted ones
-    gate_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) "has this heat" logits
     itm_targets: torch.Tensor | None = None  # (B + n,) 1 = the prompt is the image's own (or identical to it)
+    gate_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) "has this heat" logits
     loss: torch.Tensor | None = None
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def empty_maps(target: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) target maps -> (B,) bool, True where a map has no heat at all (a flawless image for that map)."""
+    return target.float().flatten(1).amax(dim=1) <= 0
 
 
 def heatmap_loss(
@@ -483,7 +488,7 @@ def heatmap_loss(
     per_sample = per_pixel.flatten(1).mean(dim=1)
     if empty_weight == 0.0:
         return per_sample.mean()
-    empty = y.flatten(1).amax(dim=1) <= 0
+    empty = empty_maps(y)
     weights = 1.0 + empty_weight * empty.float()
     return (weights * per_sample).sum() / weights.sum()
 
@@ -692,7 +697,7 @@ class RAHFModel(nn.Module):
             )
         for name, logit in out.gate_logits.items():
             if name in labels.heatmaps:
-                present = (labels.heatmaps[name].float().flatten(1).amax(dim=1) > 0).float()
+                present = (~empty_maps(labels.heatmaps[name])).float()
                 parts[f"gate/{name}"] = F.binary_cross_entropy_with_logits(logit.float(), present)
         for name, target in labels.scores.items():
             if name not in out.scores:

@@ -38,7 +38,15 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from rahf.data.richhf import RichHFSplit, read_split
-from rahf.model import TRAINING_FIELDS, RAHFConfig, RAHFLabels, RAHFModel, RAHFOutput, ranking_pairs
+from rahf.model import (
+    TRAINING_FIELDS,
+    RAHFConfig,
+    RAHFLabels,
+    RAHFModel,
+    RAHFOutput,
+    empty_maps,
+    ranking_pairs,
+)
 from rahf.presets import build_rahf
 from rahf.processor import RAHFProcessor
 from training.harness import (
@@ -321,7 +329,7 @@ def loss_terms(config: RAHFConfig, labels: RAHFLabels, outputs: RAHFOutput) -> d
             if config.empty_heatmap_weight == 0.0:
                 count = torch.tensor(float(target.shape[0]))
             else:
-                empty = target.float().flatten(1).amax(dim=1) <= 0
+                empty = empty_maps(target)
                 count = (1.0 + config.empty_heatmap_weight * empty.float()).sum()
         elif kind == "gate":
             coef, count = config.gate_loss_weight, torch.tensor(float(labels.heatmaps[name].shape[0]))
