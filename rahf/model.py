@@ -177,9 +177,15 @@ class ScoreHead(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         dims = [c * config.grid_size**2, *config.score_mlp_widths, 1]
         self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+        if config.score_reads_prompt:  # only then, so heads without it keep their exact keys
+            # Zero at init and drawn from no RNG: the head starts as the image-only head of the same seed.
+            self.prompt_weight = nn.Parameter(torch.zeros(dims[1], 2 * config.text["d_model"]))
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        """grid: (B, D, g, g) -> (B,) float in [0, 1]."""
+    def forward(self, grid: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """grid: (B, D, g, g); prompt: (B, 2D) pooled encoded prompt, needed iff ``score_reads_prompt``.
+        Returns (B,) float in [0, 1]."""
+        if (prompt is not None) != hasattr(self, "prompt_weight"):
+            raise ValueError("the pooled prompt is given exactly when the config has score_reads_prompt")
         x = grid
         for block in self.blocks:
             x = F.relu(block["norm"](block["conv"](x)), inplace=True)
@@ -187,9 +193,19 @@ class ScoreHead(nn.Module):
         x = x.contiguous().flatten(1)
         for i, linear in enumerate(self.mlp):
             x = linear(x)
+            if i == 0 and prompt is not None:
+                x = x + F.linear(prompt.to(x.dtype), self.prompt_weight)  # = a linear layer on [grid ; prompt]
             if i < len(self.mlp) - 1:
                 x = F.relu(x)
         return torch.sigmoid(x).squeeze(1)
+
+
+def pool_prompt(text_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Encoded prompt tokens (B, T, D) and their mask (B, T) -> (B, 2D): mean and max over the real tokens."""
+    real = attention_mask.bool()[..., None]
+    mean = (text_states * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+    peak = text_states.masked_fill(~real, torch.finfo(text_states.dtype).min).amax(dim=1)
+    return torch.cat([mean, peak], dim=1)
 
 
 class HeadRunner:
@@ -201,13 +217,14 @@ class HeadRunner:
         self.channels_last = channels_last
         self.chunk = chunk
 
-    def __call__(self, head: nn.Module, grid: torch.Tensor) -> torch.Tensor:
-        """grid (N, D, g, g) -> head output (N, ...)."""
+    def __call__(self, head: nn.Module, grid: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """grid (N, D, g, g) and per-row extra inputs (N, ...) -> head output (N, ...)."""
         if self.channels_last:
             grid = grid.contiguous(memory_format=torch.channels_last)
         if self.chunk is None or grid.shape[0] <= self.chunk:
-            return head(grid)
-        return torch.cat([head(part) for part in grid.split(self.chunk)])
+            return head(grid, *extra)
+        parts = zip(grid.split(self.chunk), *(e.split(self.chunk) for e in extra), strict=True)
+        return torch.cat([head(*part) for part in parts])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,6 +362,10 @@ class RAHFConfig:
     gate_loss_weight: NonNegative = 0.0
     gate_hidden: PositiveInt = 64  # hidden width of each gate's MLP
     gate_init: Annotated[float, Range(0, 1, open_low=True, open_high=True)] = 0.9  # gate value at random init
+    # Score heads that read the prompt (paper: none; multi_head only): the encoded prompt tokens, pooled by mean
+    # and max over the real tokens, enter each score head's first MLP layer beside the image grid. Alignment is
+    # a property of the words as much as of the pixels; the encoded words have attended to the image.
+    score_reads_prompt: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)  # types and ranges of every field, from the annotations above
@@ -363,6 +384,8 @@ class RAHFConfig:
             raise ValueError("itm_loss_weight > 0 needs the multi_head variant")
         if self.gate_loss_weight > 0 and self.variant != "multi_head":
             raise ValueError("gate_loss_weight > 0 needs the multi_head variant")
+        if self.score_reads_prompt and self.variant != "multi_head":
+            raise ValueError("score_reads_prompt needs the multi_head variant")
         if self.variant == "augmented_prompt":
             missing = [t for t in (*self.heatmap_names, *self.score_names) if t not in self.task_prefixes]
             if missing:
@@ -604,10 +627,11 @@ class RAHFModel(nn.Module):
         if hasattr(self, "heatmap_gates") and heatmaps:
             gate_logits = {n: self.heatmap_gates[n](grid) for n in heatmaps}
             maps = {n: m * torch.sigmoid(gate_logits[n]).to(m.dtype)[:, None, None] for n, m in maps.items()}
+        prompt = (pool_prompt(text_states, attention_mask),) if self.config.score_reads_prompt and scores else ()
         out = RAHFOutput(
             heatmaps=maps,
             gate_logits=gate_logits,
-            scores={n: heads(self.score_heads[n], grid) for n in scores},
+            scores={n: heads(self.score_heads[n], grid, *prompt) for n in scores},
             text_states=text_states if keywords else None,
             text_mask=attention_mask if keywords else None,
         )

@@ -98,6 +98,7 @@ class TrainConfig:
     rank_temperature: float | None = None  # override its temperature
     rank_min_gap: float | None = None  # override the true-score gap below which a pair is a tie
     gate_loss_weight: float | None = None  # override the presence gates' loss weight (> 0 adds the gates)
+    score_reads_prompt: bool | None = None  # score heads also read the pooled encoded prompt (presets only)
     prompt_group: int = 1  # images of one prompt kept together in a batch (> 1 for the ranking loss)
     train_split: str = "train"
     dev_split: str = "dev"
@@ -486,9 +487,16 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
             raise ValueError(f"{cfg.preset} was saved without an ITM head; itm_loss_weight must stay 0 for it")
         if overrides.get("gate_loss_weight", 0.0) > 0 and not hasattr(model, "heatmap_gates"):
             raise ValueError(f"{cfg.preset} was saved without presence gates; gate_loss_weight must stay 0 for it")
+        if cfg.score_reads_prompt is not None and cfg.score_reads_prompt != model.config.score_reads_prompt:
+            raise ValueError(
+                f"{cfg.preset} was saved with score_reads_prompt={model.config.score_reads_prompt}; "
+                "an architecture field cannot change when training continues from a folder"
+            )
         # The config is rebuilt, not patched, so its checks (finite weights >= 0, ...) apply to the overrides.
         model.config = RAHFConfig.from_dict({**model.config.to_dict(), **overrides})
     else:  # the overrides are part of the config the model is built from (the ITM head exists only if w > 0)
+        if cfg.score_reads_prompt is not None:
+            overrides["score_reads_prompt"] = cfg.score_reads_prompt
         model, processor = build_rahf(cfg.preset, variant=cfg.variant, seed=cfg.seed, config_overrides=overrides)
     train_data = load_split(cfg.data_dir, cfg.train_split, processor)
     dev_data = load_split(cfg.data_dir, cfg.dev_split, processor)

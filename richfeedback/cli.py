@@ -905,6 +905,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels-last", dest="channels_last", action="store_true", default=None, help="channels-last heads"
     )
     p.add_argument(
+        "--score-reads-prompt",
+        dest="score_reads_prompt",
+        action="store_true",
+        default=None,
+        help="score heads also read the pooled encoded prompt (presets only; default: off)",
+    )
+    p.add_argument(
         "--heatmap-loss",
         dest="heatmap_loss",
         choices=("mse", "bce"),

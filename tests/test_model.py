@@ -542,3 +542,55 @@ def test_trained_gates_darken_flawless_images_and_round_trip(images, tmp_path):
         gate = torch.sigmoid(out.gate_logits[n])
         assert float(gate[1]) < 0.1 < 0.9 < float(gate[[0, 2]].min()), (n, gate)
         assert float(out.heatmaps[n][1].max()) < 0.1 * float(out.heatmaps[n][[0, 2]].amax(dim=(1, 2)).min())
+
+
+def test_prompt_reading_score_heads_start_as_the_image_only_heads_and_then_read_the_words(images, tmp_path):
+    """score_reads_prompt adds one zero-initialised weight per score head: at init every output equals the plain
+    model's of the same seed; once that weight moves, a score depends on the prompt's words through it, the pooled
+    prompt ignores padding, and the weight survives save/load."""
+    plain, processor = build_rahf("rahf-tiny", seed=0)
+    reads, _ = build_rahf("rahf-tiny", seed=0, config_overrides={"score_reads_prompt": True})
+    a, b = plain.state_dict(), reads.state_dict()
+    assert set(b) - set(a) == {f"score_heads.{n}.prompt_weight" for n in SCORE_NAMES} and not set(a) - set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before, same = run(plain, processor, images, PROMPTS), run(reads, processor, images, PROMPTS)
+    for n in SCORE_NAMES:
+        torch.testing.assert_close(same.scores[n], before.scores[n], atol=0, rtol=0)
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in SCORE_NAMES:
+            w = reads.score_heads[n].prompt_weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.5)
+    moved = run(reads, processor, images, PROMPTS)
+    assert all(float((moved.scores[n] - before.scores[n]).abs().max()) > 1e-4 for n in SCORE_NAMES)
+    # the pooled prompt is the mean and max over real tokens only: one prompt alone and padded beside a long one
+    long_prompt = "a red cat on a blue mat with three tiny dogs and a golden castle " * 3
+    alone = run(reads, processor, images[:1], ["a red cat"])
+    padded = run(reads, processor, images[:2], ["a red cat", long_prompt])
+    for n in SCORE_NAMES:
+        torch.testing.assert_close(padded.scores[n][0], alone.scores[n][0], atol=1e-5, rtol=0)
+    # chunked heads split the pooled prompt with the grid
+    pixels, text = model_inputs(reads, processor, images, PROMPTS)
+    with torch.no_grad():
+        chunked = reads(pixels, text.input_ids, text.attention_mask, head_chunk=2, channels_last=True)
+    for n in SCORE_NAMES:
+        torch.testing.assert_close(chunked.scores[n], moved.scores[n], atol=1e-5, rtol=0)
+
+    reads.save_pretrained(tmp_path / "m")
+    loaded = RAHFModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.score_reads_prompt is True
+    for n in SCORE_NAMES:
+        torch.testing.assert_close(run(loaded, processor, images, PROMPTS).scores[n], moved.scores[n])
+    with pytest.raises(ValueError, match="score_reads_prompt needs the multi_head variant"):
+        preset_config("rahf-tiny", "augmented_prompt", {"score_reads_prompt": True})
+    with pytest.raises(ValueError, match="pooled prompt is given exactly when"):
+        plain.score_heads["alignment"](torch.zeros(1, plain.config.text["d_model"], 4, 4), torch.zeros(1, 8))
+
+
+def test_pool_prompt_by_hand():
+    from rahf.model import pool_prompt
+
+    states = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]]])  # the third token is padding
+    pooled = pool_prompt(states, torch.tensor([[1, 1, 0]]))
+    assert pooled.tolist() == [[2.0, 1.0, 3.0, 4.0]]

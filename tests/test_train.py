@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.names import HEATMAP_NAMES, SCORE_NAMES
+from rahf.model import RAHFModel
 from rahf.train import TrainConfig, train
 from richfeedback.cli import main
 from tests.conftest import synthetic_split_folder
@@ -264,3 +265,13 @@ def test_the_shipped_model_is_not_collapsed_on_the_synthetic_dev_split(data_dir)
     dev_loss(model, processor, load_split(data_dir, "dev", processor), 8, torch.device("cpu"), spread=spread)
     assert set(spread) == {*HEATMAP_NAMES, *SCORE_NAMES}
     assert min(spread.values()) > 5e-3, spread  # five times the default collapse threshold and more
+
+
+def test_score_reads_prompt_is_built_from_a_preset_and_cannot_change_on_a_saved_model(data_dir, tmp_path):
+    train(config(data_dir, tmp_path / "reads", steps=2, score_reads_prompt=True))
+    saved = json.loads((tmp_path / "reads" / "best" / "config.json").read_text())
+    assert saved["score_reads_prompt"] is True
+    weights = RAHFModel.from_pretrained(tmp_path / "reads" / "best").score_heads["alignment"].prompt_weight
+    assert float(weights.abs().max()) > 0  # trained away from its zero init
+    with pytest.raises(ValueError, match="saved with score_reads_prompt=True"):
+        train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "reads" / "best"), score_reads_prompt=False))
