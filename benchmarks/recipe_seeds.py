@@ -5,8 +5,14 @@ number the table shows each recipe's mean and its spread (max - min over its see
 in the number's better direction, and whether the new recipe wins by more than the larger of the two spreads
 (``firm``) — a difference the seeds alone do not make.
 
+With ``--loop`` the folders are loop-gain benchmark outputs instead (``loop_gain.json`` of ``richfeedback
+bench-loop --rahf <model of one seed>``, all run with the same settings), and the numbers are what the RAHF scorer
+did in the loop: each round's share of the oracle's selection gain, the true plausibility its round-1 picks gained,
+its within-prompt Spearman on the round-1 candidates, the held-out true scores after the last round and the
+change of the true implausible area that round-1 repair made.
+
 Usage: python benchmarks/recipe_seeds.py --base runs/eval-a-s0 runs/eval-a-s1 ... --new runs/eval-b-s0 ...
-       [--base-name A] [--new-name B] [--model NAME] [--ranking] [--per-seed] [--out table.md]
+       [--base-name A] [--new-name B] [--model NAME] [--ranking | --loop] [--per-seed] [--out table.md]
 """
 
 from __future__ import annotations
@@ -34,6 +40,54 @@ RANKING_NUMBERS: list[tuple[str, tuple[str, ...], bool]] = [
     for s in SCORE_NAMES
     for m in ("spearman", "pairwise_accuracy", "top1_regret")
 ]
+
+
+def loop_numbers(rounds: int) -> list[tuple[str, tuple[str, ...], bool]]:
+    """The loop-gain numbers of a benchmark run with ``rounds`` rounds (paths into :func:`load_loop`'s dict)."""
+    return [
+        *[("loop selection", ("loop", f"round {r} share of the oracle's gain"), True) for r in range(1, rounds + 1)],
+        ("loop selection", ("loop", "round 1 true plausibility gain of the picks"), True),
+        ("loop selection", ("loop", "round 1 within-prompt Spearman, overall"), True),
+        ("loop generator", ("loop", "held-out true overall after the last round"), True),
+        ("loop generator", ("loop", "held-out true plausibility after the last round"), True),
+        ("loop repair", ("loop", "round 1 repair: true implausible area change"), False),
+    ]
+
+
+def load_loop(folder: str | Path) -> dict:
+    """The RAHF scorer's numbers in ``folder/loop_gain.json`` as ``{"loop": {name: value}, "config": ...}``."""
+    path = Path(folder) / "loop_gain.json"
+    data = json.loads(path.read_text())
+    if "rahf" not in data["curve"]:
+        raise ValueError(f"{path} has no RAHF scorer (scorers: {sorted(data['curve'])}); run bench-loop --rahf")
+    runs = [r["scorers"]["rahf"] for r in data["rounds"]]
+    final = data["curve"]["rahf"][-1]
+    numbers = {
+        f"round {i} share of the oracle's gain": r["selection"]["share_of_oracle_gain"]["mean"]
+        for i, r in enumerate(runs, start=1)
+    }
+    numbers |= {
+        "round 1 true plausibility gain of the picks": runs[0]["selection"]["true"]["plausibility"]["gain"],
+        "round 1 within-prompt Spearman, overall": runs[0]["selection"]["within_prompt"]["overall"]["spearman"]["mean"],
+        "held-out true overall after the last round": final["overall"]["mean"],
+        "held-out true plausibility after the last round": final["plausibility"]["mean"],
+        "round 1 repair: true implausible area change": runs[0]["repair"]["area_diff"],
+    }
+    return {"loop": numbers, "config": data["config"], "rounds": len(runs)}
+
+
+def load_loops(folders: list[str | Path]) -> list[dict]:
+    """:func:`load_loop` of every folder; refuses runs whose settings differ (their numbers do not compare)."""
+    runs = [load_loop(f) for f in folders]
+    for folder, run in zip(folders[1:], runs[1:], strict=True):
+        if run["config"] != runs[0]["config"]:
+            keys = sorted(
+                k
+                for k in run["config"].keys() | runs[0]["config"].keys()
+                if run["config"].get(k) != runs[0]["config"].get(k)
+            )
+            raise ValueError(f"{folder} was run with other loop settings than {folders[0]} ({', '.join(keys)})")
+    return runs
 
 
 def load(folder: str | Path, model: str | None = None) -> dict:
@@ -117,18 +171,21 @@ def main() -> int:
     p.add_argument("--base-name", default="base")
     p.add_argument("--new-name", default="new")
     p.add_argument("--model", help="the model's name in metrics.json when a folder holds several")
-    p.add_argument("--ranking", action="store_true", help="compare the within-prompt ranking numbers instead")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--ranking", action="store_true", help="compare the within-prompt ranking numbers instead")
+    kind.add_argument("--loop", action="store_true", help="the folders hold bench-loop outputs: compare the loop")
     p.add_argument("--per-seed", action="store_true", help="show every seed's value instead of mean ± half spread")
     p.add_argument("--out", help="also write the markdown table here")
     args = p.parse_args()
-    base = [load(f, args.model) for f in args.base]
-    new = [load(f, args.model) for f in args.new]
-    text = markdown(
-        compare(base, new, RANKING_NUMBERS if args.ranking else TABLE_NUMBERS),
-        args.base_name,
-        args.new_name,
-        per_seed=args.per_seed,
-    )
+    if args.loop:
+        base, new = load_loops(args.base), load_loops(args.new)
+        load_loops([args.base[0], args.new[0]])  # both recipes in the same loop
+        numbers = loop_numbers(base[0]["rounds"])
+    else:
+        base = [load(f, args.model) for f in args.base]
+        new = [load(f, args.model) for f in args.new]
+        numbers = RANKING_NUMBERS if args.ranking else TABLE_NUMBERS
+    text = markdown(compare(base, new, numbers), args.base_name, args.new_name, per_seed=args.per_seed)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

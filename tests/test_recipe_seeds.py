@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks.recipe_seeds import TABLE_NUMBERS, compare, load, markdown
+from benchmarks.recipe_seeds import TABLE_NUMBERS, compare, load, load_loops, loop_numbers, markdown
 
 
 def _tables(plcc: float, mse: float) -> dict:
@@ -49,3 +49,57 @@ def test_the_25_numbers_and_loading(tmp_path):
     for model in (None, "c"):  # two models and none named, or a name that is not there
         with pytest.raises(ValueError, match=r"holds \['a', 'b'\]: name one of them with --model"):
             load(tmp_path, model)
+
+
+def _loop(folder, shares: list[float], final_overall: float, area_diff: float, prompts: int = 32) -> None:
+    """A bench-loop output with only the fields the loop comparison reads (the RAHF scorer's and the config)."""
+
+    def selection(share: float) -> dict:
+        within = {"overall": {"spearman": {"mean": share / 2}}}
+        return {
+            "share_of_oracle_gain": {"mean": share},
+            "true": {"plausibility": {"gain": share / 10}},
+            "within_prompt": within,
+        }
+
+    rounds = [{"scorers": {"rahf": {"selection": selection(s), "repair": {"area_diff": area_diff}}}} for s in shares]
+    curve = [{"overall": {"mean": 0.8}, "plausibility": {"mean": 0.86}}] * len(shares)
+    curve.append({"overall": {"mean": final_overall}, "plausibility": {"mean": final_overall + 0.05}})
+    folder.mkdir()
+    data = {"config": {"prompts": prompts, "seed": 0}, "rounds": rounds, "curve": {"rahf": curve, "oracle": curve}}
+    (folder / "loop_gain.json").write_text(json.dumps(data))
+
+
+def test_the_loop_numbers_of_two_recipes(tmp_path):
+    for name, shares, final, area in [
+        ("a0", [0.6, 0.3], 0.93, -0.010),
+        ("a1", [0.4, 0.3], 0.89, -0.014),
+        ("b0", [0.2, 0.1], 0.82, -0.003),
+        ("b1", [0.5, 0.2], 0.90, -0.008),
+    ]:
+        _loop(tmp_path / name, shares, final, area)
+    base, new = load_loops([tmp_path / "a0", tmp_path / "a1"]), load_loops([tmp_path / "b0", tmp_path / "b1"])
+    assert base[0]["rounds"] == 2 and len(loop_numbers(2)) == 7
+    rows = {r["metric"]: r for r in compare(base, new, loop_numbers(2))}
+    assert len(rows) == 7
+    share = rows["round 1 share of the oracle's gain"]
+    assert share["base"] == [0.6, 0.4] and share["new"] == [0.2, 0.5]
+    assert abs(share["gain"] - (0.35 - 0.5)) < 1e-12 and abs(share["spread"] - 0.3) < 1e-12
+    assert rows["round 1 within-prompt Spearman, overall"]["new"] == [0.1, 0.25]
+    assert abs(rows["held-out true plausibility after the last round"]["base"][1] - 0.94) < 1e-12
+    area = rows["round 1 repair: true implausible area change"]  # lower is better: b removes less area
+    assert not area["higher"] and abs(area["gain"] - (-(-0.0055 - -0.012))) < 1e-12
+    text = markdown(list(rows.values()), "A", "B", per_seed=True)
+    assert "| loop selection | round 1 share of the oracle's gain | higher | 0.6 / 0.4 | 0.2 / 0.5 |" in text
+
+
+def test_the_loop_comparison_refuses_other_settings_and_a_run_without_rahf(tmp_path):
+    _loop(tmp_path / "a", [0.5], 0.9, -0.01)
+    _loop(tmp_path / "b", [0.5], 0.9, -0.01, prompts=16)
+    with pytest.raises(ValueError, match=r"b was run with other loop settings than .*a \(prompts\)"):
+        load_loops([tmp_path / "a", tmp_path / "b"])
+    data = json.loads((tmp_path / "a" / "loop_gain.json").read_text())
+    del data["curve"]["rahf"]
+    (tmp_path / "a" / "loop_gain.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"no RAHF scorer \(scorers: \['oracle'\]\); run bench-loop --rahf"):
+        load_loops([tmp_path / "a"])
