@@ -178,8 +178,8 @@ def main() -> int:
     p.add_argument("--out", help="also write the markdown table here")
     args = p.parse_args()
     if args.loop:
-        base, new = load_loops(args.base), load_loops(args.new)
-        load_loops([args.base[0], args.new[0]])  # both recipes in the same loop
+        runs = load_loops([*args.base, *args.new])  # every run of both recipes in the same loop
+        base, new = runs[: len(args.base)], runs[len(args.base) :]
         numbers = loop_numbers(base[0]["rounds"])
     else:
         base = [load(f, args.model) for f in args.base]

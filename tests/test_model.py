@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.names import HEATMAP_NAMES, SCORE_NAMES
-from rahf.model import RAHFConfig, RAHFLabels, RAHFModel
+from rahf.model import RAHFConfig, RAHFLabels, RAHFModel, pool_prompt
 from rahf.presets import build_rahf, preset_config
 
 PROMPTS = ["a red cat on a blue mat", "two dogs", "an astronaut riding a horse, photo, 4k, detailed"]
@@ -589,8 +589,6 @@ def test_prompt_reading_score_heads_start_as_the_image_only_heads_and_then_read_
 
 
 def test_pool_prompt_by_hand():
-    from rahf.model import pool_prompt
-
     states = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]]])  # the third token is padding
     pooled = pool_prompt(states, torch.tensor([[1, 1, 0]]))
     assert pooled.tolist() == [[2.0, 1.0, 3.0, 4.0]]
