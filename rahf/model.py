@@ -240,6 +240,7 @@ LOSS_WEIGHTS = (
     "itm_loss_weight",
     "rank_loss_weight",
     "gate_loss_weight",
+    "word_loss_weight",
 )
 HeatmapLoss = Literal["mse", "bce"]
 HEATMAP_LOSSES = get_args(HeatmapLoss)  # per-pixel map losses (see heatmap_loss)
@@ -366,6 +367,10 @@ class RAHFConfig:
     # and max over the real tokens, enter each score head's first MLP layer beside the image grid. Alignment is
     # a property of the words as much as of the pixels; the encoded words have attended to the image.
     score_reads_prompt: bool = False
+    # Word head (paper: none; multi_head only): > 0 adds a linear probe on each encoded prompt token that predicts
+    # whether its word is misaligned, trained by a BCE against the word labels with this weight. The decoder's
+    # keyword loss reaches the same evidence only through copying the whole prompt; this puts it on the tokens.
+    word_loss_weight: NonNegative = 0.0
 
     def __post_init__(self) -> None:
         check_fields(self)  # types and ranges of every field, from the annotations above
@@ -386,6 +391,8 @@ class RAHFConfig:
             raise ValueError("gate_loss_weight > 0 needs the multi_head variant")
         if self.score_reads_prompt and self.variant != "multi_head":
             raise ValueError("score_reads_prompt needs the multi_head variant")
+        if self.word_loss_weight > 0 and self.variant != "multi_head":
+            raise ValueError("word_loss_weight > 0 needs the multi_head variant")
         if self.variant == "augmented_prompt":
             missing = [t for t in (*self.heatmap_names, *self.score_names) if t not in self.task_prefixes]
             if missing:
@@ -439,6 +446,8 @@ class RAHFLabels:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     keyword_ids: torch.Tensor | None = None
     groups: torch.Tensor | None = None  # (B,) int: images with the same value share a prompt (for rank_loss_weight)
+    # (B, T) float over the prompt tokens: 1 = the token's word is misaligned, 0 = aligned, -1 = no word (pads, EOS)
+    word_targets: torch.Tensor | None = None
 
 
 def ranking_pairs(target: torch.Tensor, groups: torch.Tensor, min_gap: float) -> torch.Tensor:
@@ -471,6 +480,7 @@ class RAHFOutput:
     itm_logits: torch.Tensor | None = None  # (B + n,) matched-prompt logits: B own prompts, then n shifted ones
     itm_targets: torch.Tensor | None = None  # (B + n,) 1 = the prompt is the image's own (or identical to it)
     gate_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) "has this heat" logits
+    word_logits: torch.Tensor | None = None  # (B, T) "this token's word is misaligned" logits (word head only)
     loss: torch.Tensor | None = None
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -516,6 +526,15 @@ def heatmap_loss(
     return (weights * per_sample).sum() / weights.sum()
 
 
+def word_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over the tokens that belong to a word. logits, targets: (B, T); targets 1 / 0, −1 = ignored.
+    0 (with a graph) when no token belongs to a word."""
+    real = targets >= 0
+    if not bool(real.any()):
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits.float()[real], targets.float()[real])
+
+
 class RAHFModel(nn.Module):
     """RAHF built only from a :class:`RAHFConfig` (random init); weights come from ``from_pretrained``."""
 
@@ -536,6 +555,8 @@ class RAHFModel(nn.Module):
             self.itm_head = nn.Sequential(nn.Linear(d, config.itm_hidden), nn.ReLU(), nn.Linear(config.itm_hidden, 1))
         if config.gate_loss_weight > 0:  # likewise: a model without gates keeps its exact keys
             self.heatmap_gates = nn.ModuleDict({n: PresenceGate(config) for n in config.heatmap_names})
+        if config.word_loss_weight > 0:  # likewise: built last, so the rest of the initialisation is unchanged
+            self.word_head = nn.Linear(config.text["d_model"], 1)
 
     # -- encoders ------------------------------------------------------------------------------------------
 
@@ -635,6 +656,8 @@ class RAHFModel(nn.Module):
             text_states=text_states if keywords else None,
             text_mask=attention_mask if keywords else None,
         )
+        if hasattr(self, "word_head"):
+            out.word_logits = self.word_head(text_states).squeeze(-1)
         if itm:
             self._image_text_matching(out, grid, image_tokens, input_ids, attention_mask)
         return out
@@ -757,6 +780,11 @@ class RAHFModel(nn.Module):
                 logits.float().flatten(0, 1), labels.keyword_ids.flatten(), ignore_index=-100
             )
             total = total + cfg.token_loss_weight * parts["tokens"]
+        if labels.word_targets is not None:
+            if out.word_logits is None:
+                raise ValueError("word targets given but the model has no word head (word_loss_weight = 0)")
+            parts["words"] = word_loss(out.word_logits, labels.word_targets)
+            total = total + cfg.word_loss_weight * parts["words"]
         if out.itm_logits is not None:
             parts["itm"] = F.binary_cross_entropy_with_logits(out.itm_logits.float(), out.itm_targets)
             total = total + cfg.itm_loss_weight * parts["itm"]

@@ -251,6 +251,22 @@ class RAHFProcessor:
         truncated = [any(b.truncated[i] for b in per_task) for i in range(len(prompts))]
         return TextBatch(ids, mask, truncated, per_task[0].num_words)
 
+    def word_targets(self, prompts: Sequence[str], word_labels: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Per-token targets of the word head, aligned with ``tokenize(prompts)``: (B, T) float, 1 where the
+        token's word is misaligned (label 0, RichHF-18K), 0 where it is aligned, −1 on pads, EOS and tokens cut by
+        truncation. Raises ``ValueError`` when a prompt's word count differs from its label count."""
+        if not self.tokenizer.is_fast:
+            raise ValueError("word targets need a fast tokenizer (one that maps tokens to words)")
+        texts = [clean_prompt(p) for p in prompts]
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_tokens)
+        rows = []
+        for i, (prompt, labels) in enumerate(zip(prompts, word_labels, strict=True)):
+            n_words = len(prompt_words(prompt))
+            if n_words != len(labels):
+                raise ValueError(f"prompt has {n_words} words but {len(labels)} labels: {prompt!r}")
+            rows.append([-1.0 if w is None else float(labels[w] == 0) for w in enc.word_ids(i)])
+        return torch.tensor(rows, dtype=torch.float32)
+
     # -- keyword sequences ---------------------------------------------------------------------------------
 
     def keyword_target(self, prompt: str, word_labels: Sequence[int]) -> str:

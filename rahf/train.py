@@ -99,6 +99,7 @@ class TrainConfig:
     rank_min_gap: float | None = None  # override the true-score gap below which a pair is a tie
     gate_loss_weight: float | None = None  # override the presence gates' loss weight (> 0 adds the gates)
     score_reads_prompt: bool | None = None  # score heads also read the pooled encoded prompt (presets only)
+    word_loss_weight: float | None = None  # override the word head's loss weight (> 0 adds the head)
     prompt_group: int = 1  # images of one prompt kept together in a batch (> 1 for the ranking loss)
     train_split: str = "train"
     dev_split: str = "dev"
@@ -130,6 +131,7 @@ class TrainBatch:
     scores: dict[str, torch.Tensor]  # name -> (B,)
     prompts: list[str]
     targets: list[str]  # keyword sequences ("a yellow_0 cat")
+    word_labels: list[list[int]]  # per prompt word, 1 = aligned, 0 = misaligned (RichHF-18K)
 
 
 class SplitData:
@@ -155,7 +157,7 @@ class SplitData:
     def batch(self, index: torch.Tensor | Sequence[int]) -> TrainBatch:
         """The examples at ``index`` (in that order), read from disk and decoded now."""
         size = self.processor.image_size
-        pixels, maps, scores, prompts, targets = [], {}, {}, [], []
+        pixels, maps, scores, prompts, targets, words = [], {}, {}, [], [], []
         for rec in self.records.read(torch.as_tensor(index).tolist()):
             pixels.append(self.processor.preprocess_image(rec.image))
             for name, m in rec.example.heatmaps.items():
@@ -164,12 +166,14 @@ class SplitData:
                 scores.setdefault(name, []).append(v)
             prompts.append(rec.prompt)
             targets.append(self.processor.keyword_target(rec.prompt, rec.example.word_labels))
+            words.append(list(rec.example.word_labels))
         return TrainBatch(
             torch.stack(pixels),
             {k: torch.stack(v) for k, v in maps.items()},
             {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()},
             prompts,
             targets,
+            words,
         )
 
     @cached_property
@@ -225,6 +229,7 @@ def batch_inputs(model: RAHFModel, processor: RAHFProcessor, data: SplitData, in
         scores=batch.scores,
         keyword_ids=processor.tokenize_targets(batch.targets),
         groups=prompt_groups(batch.prompts),
+        word_targets=processor.word_targets(batch.prompts, batch.word_labels) if hasattr(model, "word_head") else None,
     )
     return batch.pixels, text.input_ids, text.attention_mask, labels
 
@@ -341,6 +346,8 @@ def loss_terms(config: RAHFConfig, labels: RAHFLabels, outputs: RAHFOutput) -> d
             coef, count = config.rank_loss_weight, pairs.sum().float()
         elif key == "tokens" and labels.keyword_ids is not None:
             coef, count = config.token_loss_weight, (labels.keyword_ids != -100).sum().float()
+        elif key == "words" and labels.word_targets is not None:
+            coef, count = config.word_loss_weight, (labels.word_targets >= 0).sum().float()
         elif key == "itm" and outputs.itm_logits is not None:
             coef, count = config.itm_loss_weight, torch.tensor(float(outputs.itm_logits.numel()))
         else:
@@ -456,6 +463,7 @@ def _to(labels: RAHFLabels, device) -> RAHFLabels:
         {k: v.to(device) for k, v in labels.scores.items()},
         labels.keyword_ids.to(device) if labels.keyword_ids is not None else None,
         labels.groups.to(device) if labels.groups is not None else None,
+        labels.word_targets.to(device) if labels.word_targets is not None else None,
     )
 
 
@@ -487,6 +495,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
             raise ValueError(f"{cfg.preset} was saved without an ITM head; itm_loss_weight must stay 0 for it")
         if overrides.get("gate_loss_weight", 0.0) > 0 and not hasattr(model, "heatmap_gates"):
             raise ValueError(f"{cfg.preset} was saved without presence gates; gate_loss_weight must stay 0 for it")
+        if overrides.get("word_loss_weight", 0.0) > 0 and not hasattr(model, "word_head"):
+            raise ValueError(f"{cfg.preset} was saved without a word head; word_loss_weight must stay 0 for it")
         if cfg.score_reads_prompt is not None and cfg.score_reads_prompt != model.config.score_reads_prompt:
             raise ValueError(
                 f"{cfg.preset} was saved with score_reads_prompt={model.config.score_reads_prompt}; "

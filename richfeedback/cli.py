@@ -897,6 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("rank_temperature", float, "ranking loss temperature in score units (default: the model config's)"),
         ("rank_min_gap", float, "true-score gap below which a pair is a tie (default: the model config's)"),
         ("gate_loss_weight", float, "heatmap presence gates' loss weight; > 0 adds them (default: the model config's)"),
+        ("word_loss_weight", float, "per-word misalignment loss; > 0 adds the word head (default: the model config's)"),
         ("prompt_group", int, "images of one prompt kept together in a batch (TrainConfig default: 1)"),
         ("collapse_spread", float, "warn when an output's dev-split spread is below this (TrainConfig default: 1e-3)"),
     ):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.names import HEATMAP_NAMES, SCORE_NAMES
-from rahf.model import RAHFConfig, RAHFLabels, RAHFModel, pool_prompt
+from rahf.model import RAHFConfig, RAHFLabels, RAHFModel, pool_prompt, word_loss
 from rahf.presets import build_rahf, preset_config
 
 PROMPTS = ["a red cat on a blue mat", "two dogs", "an astronaut riding a horse, photo, 4k, detailed"]
@@ -592,3 +592,66 @@ def test_pool_prompt_by_hand():
     states = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]]])  # the third token is padding
     pooled = pool_prompt(states, torch.tensor([[1, 1, 0]]))
     assert pooled.tolist() == [[2.0, 1.0, 3.0, 4.0]]
+
+
+def test_word_targets_follow_the_tokens_of_each_word():
+    _, processor = build_rahf("rahf-tiny", seed=0)
+    prompts = ["two red circles", "a cat"]  # "circles" is two tokens here; the second row is padded
+    ids = processor.tokenize(prompts).input_ids
+    tokens = [processor.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
+    targets = processor.word_targets(prompts, [[1, 0, 1], [0, 1]])  # label 0 = misaligned
+    assert targets.shape == ids.shape
+    assert tokens[0][:5] == ["▁two", "▁red", "▁circle", "s", "</s>"]
+    assert targets[0].tolist() == [0.0, 1.0, 0.0, 0.0, -1.0]  # both tokens of "circles" take its label; EOS none
+    assert targets[1].tolist() == [1.0, 0.0, -1.0, -1.0, -1.0]  # EOS and padding have no word
+    with pytest.raises(ValueError, match="prompt has 2 words but 3 labels"):
+        processor.word_targets(["a cat"], [[1, 1, 1]])
+
+
+def test_word_head_is_built_last_and_its_loss_is_the_bce_over_word_tokens(images):
+    import torch.nn.functional as F
+
+    plain, processor = build_rahf("rahf-tiny", seed=0)
+    model, _ = build_rahf("rahf-tiny", seed=0, config_overrides={"word_loss_weight": 2.0})
+    a, b = plain.state_dict(), model.state_dict()
+    assert set(b) - set(a) == {"word_head.weight", "word_head.bias"} and not set(a) - set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # built last: the rest is the same model
+    words = [[1, 0, 1, 1, 1, 0, 1], [0, 1], [1] * 8]
+    labels = labels_for(model, processor, PROMPTS, words)
+    labels.word_targets = processor.word_targets(PROMPTS, words)
+    pixels, text = model_inputs(model, processor, images, PROMPTS)
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+        bare = plain(pixels, text.input_ids, text.attention_mask, labels=labels_for(plain, processor, PROMPTS, words))
+    assert out.word_logits.shape == text.input_ids.shape and bare.word_logits is None
+    real = labels.word_targets >= 0
+    want = F.binary_cross_entropy_with_logits(out.word_logits[real], labels.word_targets[real])
+    torch.testing.assert_close(out.loss_parts["words"], want)
+    torch.testing.assert_close(out.loss, bare.loss + 2.0 * want)  # the other parts are the plain model's
+    # a batch without word tokens has a zero word loss (and a graph)
+    assert word_loss(torch.zeros(1, 3, requires_grad=True), torch.full((1, 3), -1.0)).item() == 0.0
+    with pytest.raises(ValueError, match="model has no word head"):
+        plain(pixels, text.input_ids, text.attention_mask, labels=labels)
+    with pytest.raises(ValueError, match="word_loss_weight > 0 needs the multi_head variant"):
+        preset_config("rahf-tiny", "augmented_prompt", {"word_loss_weight": 1.0})
+
+
+def test_trained_word_head_marks_the_misaligned_words_and_round_trips(images, tmp_path):
+    torch.manual_seed(0)
+    model, processor = build_rahf("rahf-tiny", seed=0, config_overrides={"word_loss_weight": 1.0})
+    words = [[1, 0, 1, 1, 1, 0, 1], [0, 1], [1] * 8]
+    labels = RAHFLabels(word_targets=processor.word_targets(PROMPTS, words))
+    pixels, text = model_inputs(model, processor, images, PROMPTS)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        opt.zero_grad()
+        model(pixels, text.input_ids, text.attention_mask, labels=labels, keywords=False).loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = RAHFModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.word_loss_weight == 1.0
+    with torch.no_grad():
+        p = torch.sigmoid(loaded(pixels, text.input_ids, text.attention_mask, keywords=False).word_logits)
+    t = labels.word_targets
+    assert float(p[t == 1].min()) > 0.5 > float(p[t == 0].max())

@@ -204,6 +204,17 @@ def test_gate_override_builds_the_gates_and_a_saved_model_without_them_refuses_i
         train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "plain" / "best"), gate_loss_weight=1.0))
 
 
+def test_word_head_override_builds_the_head_and_a_saved_model_without_it_refuses_it(data_dir, tmp_path):
+    train(config(data_dir, tmp_path / "words", steps=2, word_loss_weight=0.5))
+    saved = json.loads((tmp_path / "words" / "best" / "config.json").read_text())
+    assert saved["word_loss_weight"] == 0.5
+    lines = [json.loads(line) for line in (tmp_path / "words" / "log.jsonl").open()]
+    assert any(line.get("words", 0) > 0 for line in lines)
+    train(config(data_dir, tmp_path / "plain", steps=1))
+    with pytest.raises(ValueError, match="saved without a word head"):
+        train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "plain" / "best"), word_loss_weight=1.0))
+
+
 def test_channels_last_training_matches_the_default_layout(data_dir, tmp_path, monkeypatch):
     from rahf.model import HeadRunner
 

@@ -57,6 +57,7 @@ def test_loss_terms_recombine_a_split_batch_into_the_whole_batch_loss(data_dir):
         "score_loss_weight": 0.7,
         "token_loss_weight": 1.3,  # a mean over the batch's target tokens: batch-dependent
         "gate_loss_weight": 0.4,  # presence gates: a mean over samples
+        "word_loss_weight": 0.6,  # the word head: a mean over the batch's word tokens: batch-dependent
     }
     model, processor = build_rahf("rahf-tiny", seed=0, config_overrides=overrides)
     model.train()
