@@ -519,6 +519,19 @@ def test_gate_loss_is_the_bce_of_map_presence(images):
     torch.testing.assert_close(out.loss, others + 3.0 * gates)
 
 
+def fit_and_reload(model, params, inputs, labels, steps, lr, tmp_path) -> RAHFModel:
+    """Adam on ``params`` for ``steps`` full-batch steps of the model's loss (no keywords), then save and load."""
+    pixels, text = inputs
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(pixels, text.input_ids, text.attention_mask, labels=labels, keywords=False).loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    return RAHFModel.from_pretrained(tmp_path / "m")
+
+
 def test_trained_gates_darken_flawless_images_and_round_trip(images, tmp_path):
     """Trained on two flawed and one flawless image, the gates close on the flawless one, and so does its map."""
     torch.manual_seed(0)
@@ -528,14 +541,8 @@ def test_trained_gates_darken_flawless_images_and_round_trip(images, tmp_path):
         labels.heatmaps[n][1] = 0.0
     labels.keyword_ids = None
     pixels, text = model_inputs(model, processor, images, PROMPTS)
-    opt = torch.optim.Adam(model.heatmap_gates.parameters(), lr=1e-2)  # only the gates learn
-    for _ in range(60):
-        opt.zero_grad()
-        model(pixels, text.input_ids, text.attention_mask, labels=labels, keywords=False).loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(tmp_path / "m")
-    loaded = RAHFModel.from_pretrained(tmp_path / "m")
+    # only the gates learn
+    loaded = fit_and_reload(model, model.heatmap_gates.parameters(), (pixels, text), labels, 60, 1e-2, tmp_path)
     assert loaded.config.gate_loss_weight == 1.0
     out = run(loaded, processor, images, PROMPTS)
     for n in HEATMAP_NAMES:
@@ -642,14 +649,7 @@ def test_trained_word_head_marks_the_misaligned_words_and_round_trips(images, tm
     words = [[1, 0, 1, 1, 1, 0, 1], [0, 1], [1] * 8]
     labels = RAHFLabels(word_targets=processor.word_targets(PROMPTS, words))
     pixels, text = model_inputs(model, processor, images, PROMPTS)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        opt.zero_grad()
-        model(pixels, text.input_ids, text.attention_mask, labels=labels, keywords=False).loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(tmp_path / "m")
-    loaded = RAHFModel.from_pretrained(tmp_path / "m")
+    loaded = fit_and_reload(model, model.parameters(), (pixels, text), labels, 40, 3e-3, tmp_path)
     assert loaded.config.word_loss_weight == 1.0
     with torch.no_grad():
         p = torch.sigmoid(loaded(pixels, text.input_ids, text.attention_mask, keywords=False).word_logits)
