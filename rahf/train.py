@@ -467,6 +467,15 @@ def _to(labels: RAHFLabels, device) -> RAHFLabels:
     )
 
 
+# Loss weights whose being > 0 adds a module to the model: weight -> (the module's attribute, how errors name it).
+# A saved folder without the module cannot turn its weight on.
+WEIGHTED_HEADS = {
+    "itm_loss_weight": ("itm_head", "an ITM head"),
+    "gate_loss_weight": ("heatmap_gates", "presence gates"),
+    "word_loss_weight": ("word_head", "a word head"),
+}
+
+
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) training; ``stop_after`` ends early after that many optimizer steps (tests of resume).
 
@@ -491,12 +500,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     overrides: dict[str, Any] = {n: getattr(cfg, n) for n in TRAINING_FIELDS if getattr(cfg, n) is not None}
     if Path(cfg.preset).is_dir():
         model, processor = RAHFModel.from_pretrained(cfg.preset), RAHFProcessor.from_pretrained(cfg.preset)
-        if overrides.get("itm_loss_weight", 0.0) > 0 and not hasattr(model, "itm_head"):
-            raise ValueError(f"{cfg.preset} was saved without an ITM head; itm_loss_weight must stay 0 for it")
-        if overrides.get("gate_loss_weight", 0.0) > 0 and not hasattr(model, "heatmap_gates"):
-            raise ValueError(f"{cfg.preset} was saved without presence gates; gate_loss_weight must stay 0 for it")
-        if overrides.get("word_loss_weight", 0.0) > 0 and not hasattr(model, "word_head"):
-            raise ValueError(f"{cfg.preset} was saved without a word head; word_loss_weight must stay 0 for it")
+        for weight, (module, what) in WEIGHTED_HEADS.items():
+            if overrides.get(weight, 0.0) > 0 and not hasattr(model, module):
+                raise ValueError(f"{cfg.preset} was saved without {what}; {weight} must stay 0 for it")
         if cfg.score_reads_prompt is not None and cfg.score_reads_prompt != model.config.score_reads_prompt:
             raise ValueError(
                 f"{cfg.preset} was saved with score_reads_prompt={model.config.score_reads_prompt}; "
