@@ -903,14 +903,18 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=helptext)
     p.add_argument(
-        "--channels-last", dest="channels_last", action="store_true", default=None, help="channels-last heads"
+        "--channels-last",
+        dest="channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last heads (faster on CPU, same maths; default: off)",
     )
     p.add_argument(
         "--score-reads-prompt",
         dest="score_reads_prompt",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="score heads also read the pooled encoded prompt (presets only; default: off)",
+        help="score heads also read the pooled encoded prompt (presets only; default: off, or a saved folder's)",
     )
     p.add_argument(
         "--heatmap-loss",

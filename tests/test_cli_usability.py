@@ -356,3 +356,12 @@ def test_boolean_finetune_flag_parses_true_and_false_and_refuses_others(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--heatmap-weighting", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_train_boolean_flags_switch_both_ways_and_default_to_unset():
+    parse = build_parser().parse_args
+    base = ["train", "--data-dir", "d", "--out-dir", "o"]
+    assert parse(base).score_reads_prompt is None and parse(base).channels_last is None
+    assert parse([*base, "--score-reads-prompt"]).score_reads_prompt is True
+    assert parse([*base, "--no-score-reads-prompt"]).score_reads_prompt is False
+    assert parse([*base, "--no-channels-last"]).channels_last is False
