@@ -207,7 +207,7 @@ def build_demo_model(
     bundle path, training summary, and the difference from the ``shipped`` weights when there are some;
     ``ship`` then copies the bundle over ``shipped``. ``reuse_run`` packages a finished training run of this very
     recipe (its ``train_config.json`` must match the recipe) instead of training again; its summary then has no
-    ``seconds`` (that run's log holds no wall time).
+    ``seconds`` and no ``threads`` (that run's log holds neither).
     """
     import platform
 
@@ -237,7 +237,9 @@ def build_demo_model(
     summary = {
         **summary,
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),  # bit-for-bit retraining needs the same count (and torch build, CPU kind)
+        # bit-for-bit retraining needs the training's thread count (and torch build, CPU kind); a reused run's
+        # count is not recorded in the run, so it is left unknown rather than taken from this process
+        "threads": torch.get_num_threads() if reuse_run is None else None,
         "python": platform.python_version(),
         "test_examples": test_size,
     }

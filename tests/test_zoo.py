@@ -173,6 +173,7 @@ def test_reuse_run_packages_a_finished_run_of_the_recipe_and_refuses_another(tmp
         tmp_path / "b", TINY_RECIPE, test_size=8, shipped=tmp_path / "a" / "model", reuse_run=run, log=lambda m: 0
     )
     assert again["summary"]["seconds"] is None and again["summary"]["reused_run"] == "run"
+    assert first["summary"]["threads"] >= 1 and again["summary"]["threads"] is None  # not this process's count
     assert again["summary"]["step"] == first["summary"]["step"] == 2
     assert again["vs_shipped"]["max_abs_diff"] == 0.0  # the same weights, packaged again
     other = copy.deepcopy(TINY_RECIPE)
