@@ -1,0 +1,168 @@
+"""How much of a trained RAHF's score error a linear read-out of its own outputs removes (a diagnostic).
+
+For every image of a fit split (default ``dev``) and an evaluation split (default ``test``) of a split folder the
+model's outputs are summarised as features: the four scores, each heatmap's mean, maximum and area above
+``--area-threshold``, the number of marked keywords and their share of the prompt's words. A ridge regression
+(standardised features, intercept unpenalised, penalty ``--lam``) is fit on the fit split for each score and
+applied to the evaluation split. The table shows PLCC / SRCC of the score head as trained beside those of the
+read-out. A large gain says the head underuses what the model already computes (its maps, its keywords); no gain
+says the missing information is not in the outputs at all.
+
+Nothing here changes the model; it tells where a better score head would come from.
+
+Usage: python benchmarks/score_readout.py --data SPLIT_FOLDER --model RUN/best [--model ...]
+       [--fit-split dev] [--eval-split test] [--lam 10] [--threads 2] [--out readout.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from common.names import HEATMAP_NAMES, SCORE_NAMES
+from rahf.metrics import plcc, srcc
+
+#: the features of one image, in column order (scores, then per heatmap mean / max / area, then keywords)
+FEATURE_NAMES: tuple[str, ...] = (
+    *SCORE_NAMES,
+    *[f"{h}/{stat}" for h in HEATMAP_NAMES for stat in ("mean", "max", "area")],
+    "keywords/count",
+    "keywords/share",
+)
+
+
+def features(
+    scores: dict[str, float],
+    heatmaps: dict[str, np.ndarray],
+    keywords: Sequence[str],
+    prompt: str,
+    area_threshold: float = 0.25,
+) -> np.ndarray:
+    """(len(FEATURE_NAMES),) float64: one image's summary of the model's outputs (maps in [0, 1])."""
+    row = [float(scores[s]) for s in SCORE_NAMES]
+    for h in HEATMAP_NAMES:
+        m = np.asarray(heatmaps[h], np.float64)
+        row += [float(m.mean()), float(m.max()), float((m > area_threshold).mean())]
+    n_words = max(1, len(prompt.split()))
+    row += [float(len(keywords)), len(keywords) / n_words]
+    return np.asarray(row, np.float64)
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge regression of y (N,) on x (N, F) with standardised columns and an unpenalised intercept.
+
+    Returns (mean (F,), scale (F,), weights (F + 1,), intercept first); predict with :func:`predict`.
+    """
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"x must be (N, F) and y (N,), got {x.shape} and {y.shape}")
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale[scale == 0] = 1.0  # a constant feature carries nothing; keep it finite
+    a = np.c_[np.ones(len(x)), (x - mean) / scale]
+    # min |a w - y|^2 + lam |w[1:]|^2 as one least-squares system; lstsq's minimum-norm answer gives a constant
+    # (all-zero standardised) column weight 0 even at lam = 0
+    rows = np.sqrt(lam) * np.eye(a.shape[1])[1:]
+    weights = np.linalg.lstsq(np.r_[a, rows], np.r_[y, np.zeros(len(rows))], rcond=None)[0]
+    return mean, scale, weights
+
+
+def predict(x: np.ndarray, fit: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """(N,) predictions of a :func:`fit_ridge` result for features x (N, F)."""
+    mean, scale, weights = fit
+    return np.c_[np.ones(len(x)), (x - mean) / scale] @ weights
+
+
+def readout_table(
+    x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray, lam: float
+) -> dict[str, dict[str, float]]:
+    """Per score: PLCC / SRCC of the head (its own column of x_eval) and of the read-out fit on (x_fit, y_fit).
+
+    y_* are (N, 4) true scores in SCORE_NAMES order; x_* (N, F) features whose first 4 columns are the head's scores.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for j, name in enumerate(SCORE_NAMES):
+        readout = predict(x_eval, fit_ridge(x_fit, y_fit[:, j], lam))
+        out[name] = {
+            "head_plcc": plcc(x_eval[:, j], y_eval[:, j]),
+            "head_srcc": srcc(x_eval[:, j], y_eval[:, j]),
+            "readout_plcc": plcc(readout, y_eval[:, j]),
+            "readout_srcc": srcc(readout, y_eval[:, j]),
+        }
+    return out
+
+
+def split_features(
+    model: str, data: Path, split: str, threads: int, batch_size: int, area_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, F) features of ``model``'s outputs and (N, 4) true scores for every example of ``data``/``split``."""
+    import torch
+    from PIL import Image
+
+    from rahf.data.richhf import read_split
+    from rahf.scorer import RAHFScorer
+
+    torch.set_num_threads(threads)
+    records, _ = read_split(data, split)
+    scorer = RAHFScorer.from_pretrained(model, batch_size=batch_size)
+    rows, truth = [], []
+    for start in range(0, len(records), 256):
+        chunk = records[start : start + 256]
+        images = [Image.open(r.image).convert("RGB") for r in chunk]
+        for r, fb in zip(chunk, scorer.score([r.prompt for r in chunk], images), strict=True):
+            rows.append(features(fb.scores, fb.heatmaps, fb.misaligned_keywords, r.prompt, area_threshold))
+            truth.append([r.example.scores[s] for s in SCORE_NAMES])
+    return np.stack(rows), np.asarray(truth, np.float64)
+
+
+def markdown(tables: dict[str, dict[str, dict[str, float]]], lam: float, fit: str, evaluated: str) -> str:
+    lines = [
+        f"Score heads as trained and a ridge read-out (λ = {lam:g}) of {len(FEATURE_NAMES)} outputs, fit on "
+        f"`{fit}`, PLCC / SRCC on `{evaluated}`:",
+        "",
+        "| model | score | head | read-out | PLCC gain |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for model, table in tables.items():
+        for name, t in table.items():
+            lines.append(
+                f"| {model} | {name} | {t['head_plcc']:.3f} / {t['head_srcc']:.3f} | "
+                f"{t['readout_plcc']:.3f} / {t['readout_srcc']:.3f} | {t['readout_plcc'] - t['head_plcc']:+.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="split folder with the fit and evaluation splits")
+    ap.add_argument("--model", action="append", required=True, help="a trained RAHF folder (repeatable)")
+    ap.add_argument("--fit-split", default="dev", help="split the read-out is fit on (default: dev)")
+    ap.add_argument("--eval-split", default="test", help="split it is measured on (default: test)")
+    ap.add_argument("--lam", type=float, default=10.0, help="ridge penalty on standardised features (default: 10)")
+    ap.add_argument("--area-threshold", type=float, default=0.25, help="heat level of the area feature (0.25)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    args = ap.parse_args(argv)
+    tables = {}
+    for model in args.model:
+        x_fit, y_fit = split_features(
+            model, args.data, args.fit_split, args.threads, args.batch_size, args.area_threshold
+        )
+        x_eval, y_eval = split_features(
+            model, args.data, args.eval_split, args.threads, args.batch_size, args.area_threshold
+        )
+        tables[model] = readout_table(x_fit, y_fit, x_eval, y_eval, args.lam)
+    text = markdown(tables, args.lam, args.fit_split, args.eval_split)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

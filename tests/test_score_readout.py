@@ -1,0 +1,78 @@
+"""benchmarks/score_readout.py: a dev-fit linear read-out of a model's own outputs against its score heads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.score_readout import FEATURE_NAMES, features, fit_ridge, main, predict, readout_table
+from common.names import HEATMAP_NAMES, SCORE_NAMES
+from tests.conftest import synthetic_split_folder
+
+
+def test_features_summarise_scores_maps_and_keywords():
+    scores = {s: 0.1 * (i + 1) for i, s in enumerate(SCORE_NAMES)}
+    maps = {h: np.zeros((4, 4), np.float32) for h in HEATMAP_NAMES}
+    maps[HEATMAP_NAMES[0]][0, :2] = [0.2, 1.0]  # mean 1.2 / 16, max 1, area above 0.25: 1 / 16
+    row = features(scores, maps, ["red", "two"], "two red squares and a circle")
+    assert row.shape == (len(FEATURE_NAMES),)
+    named = dict(zip(FEATURE_NAMES, row, strict=True))
+    assert named[SCORE_NAMES[2]] == pytest.approx(0.3)
+    assert named[f"{HEATMAP_NAMES[0]}/mean"] == pytest.approx(1.2 / 16)
+    assert named[f"{HEATMAP_NAMES[0]}/max"] == pytest.approx(1.0)
+    assert named[f"{HEATMAP_NAMES[0]}/area"] == pytest.approx(1 / 16)
+    assert named[f"{HEATMAP_NAMES[1]}/max"] == 0.0
+    assert named["keywords/count"] == 2 and named["keywords/share"] == pytest.approx(2 / 6)
+
+
+def test_ridge_recovers_a_linear_map_and_shrinks_with_the_penalty():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)) * [1.0, 5.0, 0.1] + [0.0, 2.0, -1.0]
+    x = np.c_[x, np.full(200, 7.0)]  # a constant column must not break the fit
+    y = 0.5 + x[:, 0] - 0.2 * x[:, 1] + 3.0 * x[:, 2]
+    exact = fit_ridge(x, y, lam=0.0)
+    assert np.allclose(predict(x, exact), y, atol=1e-9)
+    shrunk = fit_ridge(x, y, lam=1000.0)
+    assert np.abs(shrunk[2][1:]).sum() < np.abs(exact[2][1:]).sum()
+    assert shrunk[2][0] == pytest.approx(y.mean())  # the intercept is not penalised
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        fit_ridge(x, y, lam=-1.0)
+    with pytest.raises(ValueError, match=r"\(N, F\)"):
+        fit_ridge(x, y[:10], lam=1.0)
+
+
+def test_readout_gains_only_where_the_outputs_carry_the_truth():
+    rng = np.random.default_rng(1)
+
+    def split(n):
+        truth = rng.uniform(size=(n, 4))
+        heads = truth + rng.normal(scale=[0.5, 0.05, 0.05, 0.05], size=(n, 4))  # the first head is poor
+        extra = rng.normal(size=(n, len(FEATURE_NAMES) - 4))
+        extra[:, 0] = truth[:, 0] + rng.normal(scale=0.02, size=n)  # ... but a map feature knows the first score
+        return np.c_[heads, extra], truth
+
+    x_fit, y_fit = split(300)
+    x_eval, y_eval = split(300)
+    table = readout_table(x_fit, y_fit, x_eval, y_eval, lam=1.0)
+    first, second = table[SCORE_NAMES[0]], table[SCORE_NAMES[1]]
+    assert first["head_plcc"] < 0.6 and first["readout_plcc"] > 0.99
+    assert abs(second["readout_plcc"] - second["head_plcc"]) < 0.01  # nothing to add beyond a good head
+
+
+def test_command_scores_a_saved_model_on_two_splits(tmp_path_factory, tmp_path, capsys):
+    from rahf.presets import build_rahf
+
+    data = synthetic_split_folder(tmp_path_factory, "synth-readout", {"dev": 24, "test": 12}, seed=3)
+    model_dir = tmp_path / "model"
+    model, processor = build_rahf("rahf-tiny")
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    out = tmp_path / "readout.md"
+    assert main(["--data", str(data), "--model", str(model_dir), "--threads", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    rows = [line for line in text.splitlines() if line.startswith(f"| {model_dir} |")]
+    assert [r.split(" | ")[1] for r in rows] == list(SCORE_NAMES)
+    for r in rows:  # every cell is a pair of correlations in [-1, 1]
+        for cell in r.split(" | ")[2:4]:
+            assert all(-1.0 <= float(v) <= 1.0 for v in cell.split(" / "))
