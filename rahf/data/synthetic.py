@@ -17,6 +17,10 @@ Flaws, sampled from a :class:`FlawModel` (the world's "generator parameters"):
 * extra object: one more object than the count says; it is the misalignment map and the count word is
   misaligned.
 
+A missing and an extra object in the same group cancel in the image (the group is drawn with the prompt's count)
+but not in the labels: :func:`cancelled_groups` finds them and :func:`visible_scores` gives the scores of what the
+image shows, the ceiling of a model that sees only the image (about 2 % of images at the default rates).
+
 Scores (all in [0, 1], higher is better), from the flaws alone:
 
 * plausibility = 1 − min(1, 6 · A_impl), A_impl = implausible fraction of the image;
@@ -28,7 +32,7 @@ Scores (all in [0, 1], higher is better), from the flaws alone:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,6 +319,29 @@ def scene_scores(scene: Scene, implausibility: np.ndarray) -> dict[str, float]:
         "aesthetics": aesth,
         "overall": 0.4 * plaus + 0.4 * align + 0.2 * aesth,
     }
+
+
+def cancelled_groups(flaws: Sequence[str]) -> list[int]:
+    """Groups whose missing object and extra object cancel: the group is drawn with the prompt's count, shape and
+    colour, so the image shows nothing of either flaw, while the labels still mark its count and shape words (and
+    the misalignment map one of its objects). Indices of :func:`parse_prompt`'s groups, ascending."""
+    kinds = set(flaws)
+    groups = {int(f.split(":")[1]) for f in flaws if f.startswith("missing:")}
+    return sorted(g for g in groups if f"extra:{g}" in kinds)
+
+
+def visible_scores(prompt: str, flaws: Sequence[str], scores: Mapping[str, float]) -> dict[str, float]:
+    """The scores of what an image shows: its labelled ``scores`` with the count and shape words of every
+    :func:`cancelled_groups` group counted as aligned (alignment and overall rise; plausibility and aesthetics do
+    not depend on them). Scored against the labels, these give the ceiling of a model that sees only the image."""
+    _, roles = prompt_of(parse_prompt(prompt))
+    content = sum(1 for ro in roles if ro != "other")
+    out = {k: float(v) for k, v in scores.items()}
+    gain = 2 * len(cancelled_groups(flaws)) / content
+    if gain:
+        out["alignment"] = min(1.0, out["alignment"] + gain)  # min: labels are stored as float32
+        out["overall"] = min(1.0, out["overall"] + 0.4 * gain)
+    return out
 
 
 def sample_of(scene: Scene, uid: str = "sample") -> SyntheticSample:
