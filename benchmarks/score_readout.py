@@ -17,6 +17,7 @@ Usage: python benchmarks/score_readout.py --data SPLIT_FOLDER --model RUN/best [
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
+    from benchmarks import emit  # the repository root is on sys.path under pytest and when run as a script
+
     tables = {}
     for model in args.model:
         x_fit, y_fit = split_features(
@@ -158,11 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         tables[model] = readout_table(x_fit, y_fit, x_eval, y_eval, args.lam)
     text = markdown(tables, args.lam, args.fit_split, args.eval_split)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(text, args.out)
     return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     raise SystemExit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,12 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--split", default="test", help="split to measure (default: test)")
     ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
+    from benchmarks import emit  # the repository root is on sys.path under pytest and when run as a script
+
     text = markdown(visible_ceiling(args.data, args.split), args.data, args.split)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(text, args.out)
     return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     raise SystemExit(main())
