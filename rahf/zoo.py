@@ -2,7 +2,7 @@
 rich-feedback benchmark.
 
 The embedded default of the feedback loop scores with this model. It is produced by a fixed recipe (data size,
-steps, learning rate, loss settings: :data:`SYNTHETIC_RECIPE`, recipe r3 of docs/results.md rounds 11-12: the
+steps, learning rate, loss settings: :data:`SYNTHETIC_RECIPE`, recipe r3 of docs/results.md rounds 11-13: the
 training flags of run N, the run that first met the benchmark's bar, on nine times the data for nine times the
 steps) and shipped with the package in ``rahf/demo_model/`` (3.5 MB of safetensors, with its config, tokenizer,
 the recipe and its hash, the training summary, the evaluation tables and the scores of the bundled samples).
