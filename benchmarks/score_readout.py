@@ -99,28 +99,36 @@ def readout_table(
 
 def split_features(
     model: str, data: Path, split: str, threads: int, batch_size: int, area_threshold: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, F) features of ``model``'s outputs and (N, 4) true scores for every example of ``data``/``split``."""
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(N, F) features of ``model``'s outputs and (N, 4) true scores for every example of ``data``/``split`` that
+    could be scored, and ``"<image>: <why>"`` for each one that could not (an unreadable image skips that example)."""
     import torch
-    from PIL import Image
 
+    from common.records import ScoringFailure
     from rahf.data.richhf import read_split
     from rahf.scorer import RAHFScorer
 
     torch.set_num_threads(threads)
     records, _ = read_split(data, split)
     scorer = RAHFScorer.from_pretrained(model, batch_size=batch_size)
-    rows, truth = [], []
+    rows, truth, skipped = [], [], []
     for start in range(0, len(records), 256):
         chunk = records[start : start + 256]
-        images = [Image.open(r.image).convert("RGB") for r in chunk]
-        for r, fb in zip(chunk, scorer.score([r.prompt for r in chunk], images), strict=True):
+        scored = scorer.score([r.prompt for r in chunk], [r.image for r in chunk], errors="return")
+        for r, fb in zip(chunk, scored, strict=True):
+            if isinstance(fb, ScoringFailure):
+                skipped.append(f"{r.image}: {fb.error}")
+                continue
             rows.append(features(fb.scores, fb.heatmaps, fb.misaligned_keywords, r.prompt, area_threshold))
             truth.append([r.example.scores[s] for s in SCORE_NAMES])
-    return np.stack(rows), np.asarray(truth, np.float64)
+    if not rows:
+        raise ValueError(f"no example of {data}/{split} could be scored: {skipped[:1]}")
+    return np.stack(rows), np.asarray(truth, np.float64), skipped
 
 
-def markdown(tables: dict[str, dict[str, dict[str, float]]], lam: float, fit: str, evaluated: str) -> str:
+def markdown(
+    tables: dict[str, dict[str, dict[str, float]]], lam: float, fit: str, evaluated: str, skipped: Sequence[str] = ()
+) -> str:
     lines = [
         f"Score heads as trained and a ridge read-out (λ = {lam:g}) of {len(FEATURE_NAMES)} outputs, fit on "
         f"`{fit}`, PLCC / SRCC on `{evaluated}`:",
@@ -134,6 +142,8 @@ def markdown(tables: dict[str, dict[str, dict[str, float]]], lam: float, fit: st
                 f"| {model} | {name} | {t['head_plcc']:.3f} / {t['head_srcc']:.3f} | "
                 f"{t['readout_plcc']:.3f} / {t['readout_srcc']:.3f} | {t['readout_plcc'] - t['head_plcc']:+.3f} |"
             )
+    if skipped:
+        lines += ["", f"Skipped {len(skipped)} example(s) that could not be scored:", *[f"- {x}" for x in skipped]]
     return "\n".join(lines) + "\n"
 
 
@@ -151,16 +161,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from benchmarks import emit  # the repository root is on sys.path under pytest and when run as a script
 
-    tables = {}
+    tables, skipped = {}, []
     for model in args.model:
-        x_fit, y_fit = split_features(
+        x_fit, y_fit, bad_fit = split_features(
             model, args.data, args.fit_split, args.threads, args.batch_size, args.area_threshold
         )
-        x_eval, y_eval = split_features(
+        x_eval, y_eval, bad_eval = split_features(
             model, args.data, args.eval_split, args.threads, args.batch_size, args.area_threshold
         )
+        skipped += [x for x in bad_fit + bad_eval if x not in skipped]  # the same file fails for every model
         tables[model] = readout_table(x_fit, y_fit, x_eval, y_eval, args.lam)
-    text = markdown(tables, args.lam, args.fit_split, args.eval_split)
+    text = markdown(tables, args.lam, args.fit_split, args.eval_split, skipped)
     emit(text, args.out)
     return 0
 

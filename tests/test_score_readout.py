@@ -76,3 +76,21 @@ def test_command_scores_a_saved_model_on_two_splits(tmp_path_factory, tmp_path, 
     for r in rows:  # every cell is a pair of correlations in [-1, 1]
         for cell in r.split(" | ")[2:4]:
             assert all(-1.0 <= float(v) <= 1.0 for v in cell.split(" / "))
+
+
+def test_command_skips_an_unreadable_image_and_names_it(tmp_path_factory, tmp_path):
+    from rahf.data.richhf import read_split
+    from rahf.presets import build_rahf
+
+    data = synthetic_split_folder(tmp_path_factory, "synth-readout-bad", {"dev": 12, "test": 10}, seed=4)
+    broken = read_split(data, "test")[0].image(3)
+    broken.write_bytes(b"not a png")
+    model_dir = tmp_path / "model"
+    model, processor = build_rahf("rahf-tiny")
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    out = tmp_path / "readout.md"
+    assert main(["--data", str(data), "--model", str(model_dir), "--threads", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Skipped 1 example(s) that could not be scored:" in text and f"- {broken}: " in text
+    assert len([line for line in text.splitlines() if line.startswith(f"| {model_dir} |")]) == 4

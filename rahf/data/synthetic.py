@@ -313,12 +313,12 @@ def scene_scores(scene: Scene, implausibility: np.ndarray) -> dict[str, float]:
     plaus = 1.0 - min(1.0, 6.0 * a_impl)
     align = 1.0 - len(scene.misaligned_words) / content
     aesth = float(np.clip(0.9 - 3.0 * a_impl - 0.1 * max(0, len(scene.objects) - 3), 0.0, 1.0))
-    return {
-        "plausibility": plaus,
-        "alignment": align,
-        "aesthetics": aesth,
-        "overall": 0.4 * plaus + 0.4 * align + 0.2 * aesth,
-    }
+    return {"plausibility": plaus, "alignment": align, "aesthetics": aesth, "overall": overall_of(plaus, align, aesth)}
+
+
+def overall_of(plausibility: float, alignment: float, aesthetics: float) -> float:
+    """The world's overall score from the other three (module docstring), each in [0, 1]."""
+    return 0.4 * plausibility + 0.4 * alignment + 0.2 * aesthetics
 
 
 def cancelled_groups(flaws: Sequence[str]) -> list[int]:
@@ -337,10 +337,12 @@ def visible_scores(prompt: str, flaws: Sequence[str], scores: Mapping[str, float
     _, roles = prompt_of(parse_prompt(prompt))
     content = sum(1 for ro in roles if ro != "other")
     out = {k: float(v) for k, v in scores.items()}
-    gain = 2 * len(cancelled_groups(flaws)) / content
-    if gain:
-        out["alignment"] = min(1.0, out["alignment"] + gain)  # min: labels are stored as float32
-        out["overall"] = min(1.0, out["overall"] + 0.4 * gain)
+    words = 2 * len(cancelled_groups(flaws))  # each such group's count and shape word
+    if words:
+        align = 1.0 - (round((1.0 - out["alignment"]) * content) - words) / content  # labels are float32
+        overall = overall_of(out["plausibility"], align, out["aesthetics"])
+        # stored as the labels are (float32), so an image that equals another in truth ties with it here too
+        out["alignment"], out["overall"] = float(np.float32(align)), float(np.float32(overall))
     return out
 
 
