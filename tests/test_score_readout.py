@@ -59,20 +59,26 @@ def test_readout_gains_only_where_the_outputs_carry_the_truth():
     assert abs(second["readout_plcc"] - second["head_plcc"]) < 0.01  # nothing to add beyond a good head
 
 
-def test_command_scores_a_saved_model_on_two_splits(tmp_path_factory, tmp_path, capsys):
+def _run_on_tiny_model(data, tmp_path) -> tuple[str, str]:
+    """Save rahf-tiny (random init) and run the command on ``data``; (the model folder, the written table)."""
     from rahf.presets import build_rahf
 
-    data = synthetic_split_folder(tmp_path_factory, "synth-readout", {"dev": 24, "test": 12}, seed=3)
     model_dir = tmp_path / "model"
     model, processor = build_rahf("rahf-tiny")
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
     out = tmp_path / "readout.md"
     assert main(["--data", str(data), "--model", str(model_dir), "--threads", "1", "--out", str(out)]) == 0
-    text = out.read_text()
+    return str(model_dir), out.read_text()
+
+
+def test_command_scores_a_saved_model_on_two_splits(tmp_path_factory, tmp_path, capsys):
+    data = synthetic_split_folder(tmp_path_factory, "synth-readout", {"dev": 24, "test": 12}, seed=3)
+    model_dir, text = _run_on_tiny_model(data, tmp_path)
     assert text == capsys.readouterr().out.rstrip("\n") + "\n"
     rows = [line for line in text.splitlines() if line.startswith(f"| {model_dir} |")]
     assert [r.split(" | ")[1] for r in rows] == list(SCORE_NAMES)
+    assert "Skipped" not in text
     for r in rows:  # every cell is a pair of correlations in [-1, 1]
         for cell in r.split(" | ")[2:4]:
             assert all(-1.0 <= float(v) <= 1.0 for v in cell.split(" / "))
@@ -80,17 +86,10 @@ def test_command_scores_a_saved_model_on_two_splits(tmp_path_factory, tmp_path, 
 
 def test_command_skips_an_unreadable_image_and_names_it(tmp_path_factory, tmp_path):
     from rahf.data.richhf import read_split
-    from rahf.presets import build_rahf
 
     data = synthetic_split_folder(tmp_path_factory, "synth-readout-bad", {"dev": 12, "test": 10}, seed=4)
     broken = read_split(data, "test")[0].image(3)
     broken.write_bytes(b"not a png")
-    model_dir = tmp_path / "model"
-    model, processor = build_rahf("rahf-tiny")
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
-    out = tmp_path / "readout.md"
-    assert main(["--data", str(data), "--model", str(model_dir), "--threads", "1", "--out", str(out)]) == 0
-    text = out.read_text()
+    model_dir, text = _run_on_tiny_model(data, tmp_path)
     assert "Skipped 1 example(s) that could not be scored:" in text and f"- {broken}: " in text
     assert len([line for line in text.splitlines() if line.startswith(f"| {model_dir} |")]) == 4
