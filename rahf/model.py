@@ -250,6 +250,7 @@ TRAINING_FIELDS = (
     "heatmap_loss",
     "heatmap_weights",
     "itm_negatives",
+    "itm_swaps",
     "rank_temperature",
     "rank_min_gap",
 )
@@ -352,6 +353,10 @@ class RAHFConfig:
     itm_loss_weight: NonNegative = 0.0  # image-text matching BCE (paper: none); > 0 adds the ITM head (multi_head)
     itm_hidden: PositiveInt = 64  # hidden width of the ITM head's MLP
     itm_negatives: Count = 0  # images of a batch that also get a shifted-prompt negative (0: all of them)
+    # Classes of interchangeable words (colours, say). When given, every image whose prompt has a word of a class
+    # also gets an edited-prompt ITM negative: its own prompt with that word swapped for another of the class
+    # (rahf.words.swap_word). A shifted prompt differs in everything; an edited one only in what the word binds.
+    itm_swaps: tuple[tuple[str, ...], ...] = ()
     # Within-prompt ranking (paper: none): a pairwise logistic loss on each score over the pairs of a batch's
     # images of the same prompt (RAHFLabels.groups) whose true scores differ by more than rank_min_gap.
     rank_loss_weight: NonNegative = 0.0
@@ -448,6 +453,11 @@ class RAHFLabels:
     groups: torch.Tensor | None = None  # (B,) int: images with the same value share a prompt (for rank_loss_weight)
     # (B, T) float over the prompt tokens: 1 = the token's word is misaligned, 0 = aligned, -1 = no word (pads, EOS)
     word_targets: torch.Tensor | None = None
+    # edited-prompt ITM negatives (config.itm_swaps): token ids and mask (E, T') of the edited prompts of the
+    # images at swap_rows (E,) int64; each is a negative of its image
+    swap_ids: torch.Tensor | None = None
+    swap_mask: torch.Tensor | None = None
+    swap_rows: torch.Tensor | None = None
 
 
 def ranking_pairs(target: torch.Tensor, groups: torch.Tensor, min_gap: float) -> torch.Tensor:
@@ -627,7 +637,7 @@ class RAHFModel(nn.Module):
         if self.config.variant == "multi_head":
             itm = labels is not None and self.config.itm_loss_weight > 0 and input_ids.shape[0] > 1
             out = self._forward_multi_head(
-                image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads, itm=itm
+                image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads, itm=itm, labels=labels
             )
         else:
             out = self._forward_augmented(image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads)
@@ -639,7 +649,9 @@ class RAHFModel(nn.Module):
         """Tasks run by the augmented-prompt encoder, in batch order."""
         return [*heatmaps, *scores, *([KEYWORDS_TASK] if keywords else [])]
 
-    def _forward_multi_head(self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads, itm):
+    def _forward_multi_head(
+        self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads, itm, labels=None
+    ):
         if input_ids.dim() != 2:
             raise ValueError(f"multi_head expects input_ids (B, T), got {tuple(input_ids.shape)}")
         grid, text_states = self.fuse(image_tokens, input_ids, attention_mask)
@@ -659,13 +671,14 @@ class RAHFModel(nn.Module):
         if hasattr(self, "word_head"):
             out.word_logits = self.word_head(text_states).squeeze(-1)
         if itm:
-            self._image_text_matching(out, grid, image_tokens, input_ids, attention_mask)
+            self._image_text_matching(out, grid, image_tokens, input_ids, attention_mask, labels)
         return out
 
-    def _image_text_matching(self, out, grid, image_tokens, input_ids, attention_mask) -> None:
+    def _image_text_matching(self, out, grid, image_tokens, input_ids, attention_mask, labels=None) -> None:
         """ITM logits for each image with its own prompt and, for the first n images, with the previous sample's
         prompt (the batch rolled by one). A rolled pairing is a negative unless both prompts are the same tokens.
-        A batch of one image has no other prompt, so it gets no ITM loss.
+        A batch of one image has no other prompt, so it gets no ITM loss. Edited-prompt negatives of ``labels``
+        (``swap_ids`` for the images at ``swap_rows``, see ``config.itm_swaps``) follow, each a negative.
         """
         b = input_ids.shape[0]
         n = min(b, self.config.itm_negatives or b)  # the first n images get a negative (fewer: a cheaper step)
@@ -675,6 +688,11 @@ class RAHFModel(nn.Module):
         out.itm_logits = self.itm_head(pooled).squeeze(1)
         same = (input_ids[shift] == input_ids[:n]).all(dim=1) & (attention_mask[shift] == attention_mask[:n]).all(dim=1)
         out.itm_targets = torch.cat([torch.ones(b, device=same.device), same.float()])
+        if labels is not None and labels.swap_rows is not None and len(labels.swap_rows):
+            rows = labels.swap_rows
+            swap_grid, _ = self.fuse(image_tokens[rows], labels.swap_ids, labels.swap_mask)
+            out.itm_logits = torch.cat([out.itm_logits, self.itm_head(swap_grid.mean(dim=(2, 3))).squeeze(1)])
+            out.itm_targets = torch.cat([out.itm_targets, torch.zeros(len(rows), device=same.device)])
 
     def _forward_augmented(self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads):
         tasks = self.task_order(heatmaps, scores, keywords)

@@ -49,6 +49,7 @@ from rahf.model import (
 )
 from rahf.presets import build_rahf
 from rahf.processor import RAHFProcessor
+from rahf.words import swap_word
 from training.harness import (
     TrainingRun,
     accumulate_step,
@@ -94,6 +95,7 @@ class TrainConfig:
     heatmap_loss: str | None = None  # override the per-pixel map loss: "mse" | "bce"
     heatmap_weights: dict[str, float] | None = None  # override the per-map factors on the heatmap loss weight
     itm_negatives: int | None = None  # override how many images per batch get an ITM negative (0: all)
+    itm_swaps: list[list[str]] | None = None  # override the word classes of edited-prompt ITM negatives
     rank_loss_weight: float | None = None  # override the within-prompt ranking loss weight (> 0 turns it on)
     rank_temperature: float | None = None  # override its temperature
     rank_min_gap: float | None = None  # override the true-score gap below which a pair is a tie
@@ -216,8 +218,13 @@ def _resize_map(m: np.ndarray, size: int) -> torch.Tensor:
     return t.clamp(0, 1)
 
 
-def batch_inputs(model: RAHFModel, processor: RAHFProcessor, data: SplitData, index: torch.Tensor):
-    """Model inputs and labels for the examples at ``index``: (pixels, input_ids, attention_mask, labels)."""
+def batch_inputs(
+    model: RAHFModel, processor: RAHFProcessor, data: SplitData, index: torch.Tensor, swap_seed: Sequence[int] = (0,)
+):
+    """Model inputs and labels for the examples at ``index``: (pixels, input_ids, attention_mask, labels).
+
+    With ``config.itm_swaps`` and an ITM head, the labels carry each prompt's edited-prompt negative, drawn by a
+    generator seeded with ``swap_seed`` (the same batch and seed give the same edits: resume is exact)."""
     batch = data.batch(index)
     if model.config.variant == "multi_head":
         text = processor.tokenize(batch.prompts)
@@ -231,6 +238,14 @@ def batch_inputs(model: RAHFModel, processor: RAHFProcessor, data: SplitData, in
         groups=prompt_groups(batch.prompts),
         word_targets=processor.word_targets(batch.prompts, batch.word_labels) if hasattr(model, "word_head") else None,
     )
+    if model.config.itm_swaps and hasattr(model, "itm_head"):
+        rng = np.random.default_rng([*swap_seed, 7919])
+        edits = [swap_word(p, model.config.itm_swaps, rng) for p in batch.prompts]
+        rows = [i for i, e in enumerate(edits) if e is not None]
+        swapped = processor.tokenize([edits[i] for i in rows]) if rows else None
+        labels.swap_rows = torch.tensor(rows, dtype=torch.int64)
+        labels.swap_ids = swapped.input_ids if swapped else torch.zeros(0, 1, dtype=torch.int64)
+        labels.swap_mask = swapped.attention_mask if swapped else torch.zeros(0, 1, dtype=torch.int64)
     return batch.pixels, text.input_ids, text.attention_mask, labels
 
 
@@ -429,7 +444,7 @@ def dev_loss(
         if j % world != rank:
             continue
         index = torch.arange(start, min(start + batch_size, len(data)))
-        px, ids, mask, labels = batch_inputs(model, processor, data, index)
+        px, ids, mask, labels = batch_inputs(model, processor, data, index, (start,))
         labels = _to(labels, device)
         out = model(px.to(device), ids.to(device), mask.to(device), labels=labels)
         total += float(out.loss) * len(index)
@@ -464,6 +479,7 @@ def _to(labels: RAHFLabels, device) -> RAHFLabels:
         labels.keyword_ids.to(device) if labels.keyword_ids is not None else None,
         labels.groups.to(device) if labels.groups is not None else None,
         labels.word_targets.to(device) if labels.word_targets is not None else None,
+        *(t.to(device) if t is not None else None for t in (labels.swap_ids, labels.swap_mask, labels.swap_rows)),
     )
 
 
@@ -543,7 +559,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
             index = rank_batch_index(
                 k, len(train_data), cfg.batch_size, cfg.seed, rank, world, train_prompts, cfg.prompt_group
             )
-            px, ids, mask, labels = batch_inputs(raw, processor, train_data, index)
+            px, ids, mask, labels = batch_inputs(raw, processor, train_data, index, (cfg.seed, k, rank))
             labels = _to(labels, device)
 
             def compute(px=px, ids=ids, mask=mask, labels=labels) -> tuple[torch.Tensor, dict[str, float]]:

@@ -26,3 +26,19 @@ def keyword_sequence(prompt: str, word_labels: Sequence[int], suffix: str = "_0"
     if len(words) != len(word_labels):
         raise ValueError(f"prompt has {len(words)} words but {len(word_labels)} labels: {prompt!r}")
     return " ".join(w + suffix if lab == 0 else w for w, lab in zip(words, word_labels))
+
+
+def swap_word(prompt: str, classes: Sequence[Sequence[str]], rng) -> str | None:
+    """The cleaned prompt with one word replaced by another member of its class (a hard negative for
+    image-text matching: ``"a red circle"`` -> ``"a blue circle"``), or None when no word of the prompt belongs to
+    a class of two or more words. Matching is case-insensitive; the word and its replacement are drawn uniformly by
+    ``rng`` (a ``numpy.random.Generator``)."""
+    lookup = {w.lower(): [c for c in cls if c.lower() != w.lower()] for cls in classes for w in cls}
+    words = prompt_words(prompt)
+    spots = [i for i, w in enumerate(words) if lookup.get(w.lower())]
+    if not spots:
+        return None
+    i = spots[int(rng.integers(len(spots)))]
+    others = lookup[words[i].lower()]
+    words[i] = others[int(rng.integers(len(others)))]
+    return " ".join(words)

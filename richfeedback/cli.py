@@ -560,6 +560,20 @@ def cmd_data_pair(args: argparse.Namespace) -> int:
     return 0
 
 
+def itm_swap_classes(spec: str) -> list[list[str]]:
+    """The word classes of ``--itm-swaps``: the synthetic world's, or a JSON file's list of lists of words."""
+    if spec == "synthetic":
+        from rahf.data.synthetic import SWAP_CLASSES
+
+        return [list(c) for c in SWAP_CLASSES]
+    classes = json.loads(Path(spec).read_text())
+    if not isinstance(classes, list) or not all(
+        isinstance(c, list) and all(isinstance(w, str) and w for w in c) for c in classes
+    ):
+        raise ValueError(f'{spec}: want a JSON list of lists of words, e.g. [["red", "blue"]]')
+    return classes
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -577,6 +591,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(f"error: --heatmap-weight wants MAP=FACTOR, got {spec!r}", file=sys.stderr)
                 return 2
         flags["heatmap_weights"] = weights
+    spec = getattr(args, "itm_swap_spec", None)
+    if spec:
+        try:
+            flags["itm_swaps"] = itm_swap_classes(spec)
+        except (OSError, ValueError) as err:
+            print(f"error: --itm-swaps: {err}", file=sys.stderr)
+            return 2
     if args.config:
         cfg = TrainConfig.from_json(args.config, **flags)
     else:
@@ -922,6 +943,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("mse", "bce"),
         default=None,
         help="per-pixel map loss (default mse)",
+    )
+    p.add_argument(
+        "--itm-swaps",
+        dest="itm_swap_spec",
+        metavar="synthetic|FILE.json",
+        help="word classes for edited-prompt ITM negatives: 'synthetic' (the synthetic world's colours, shapes and "
+        "counts) or a JSON list of lists of interchangeable words (default: the model config's, none)",
     )
     p.add_argument(
         "--heatmap-weight",

@@ -655,3 +655,24 @@ def test_trained_word_head_marks_the_misaligned_words_and_round_trips(images, tm
         p = torch.sigmoid(loaded(pixels, text.input_ids, text.attention_mask, keywords=False).word_logits)
     t = labels.word_targets
     assert float(p[t == 1].min()) > 0.5 > float(p[t == 0].max())
+
+
+def test_edited_prompt_itm_negatives_follow_the_shifted_ones(images):
+    """Labels' swap rows add one negative each: the image at that row fused with its edited prompt."""
+    import torch.nn.functional as F
+
+    model, processor = build_rahf("rahf-tiny", seed=0, config_overrides={"itm_loss_weight": 1.0})
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    labels = labels_for(model, processor, prompts, [[1] * 7, [1, 1], [1] * 8])
+    edited = processor.tokenize(["a green cat on a blue mat", "an astronaut riding a horse photo 4k detailed"])
+    labels.swap_ids, labels.swap_mask, labels.swap_rows = edited.input_ids, edited.attention_mask, torch.tensor([0, 2])
+    pixels, text = model_inputs(model, processor, images, prompts)
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+    assert out.itm_targets.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    torch.testing.assert_close(
+        out.loss_parts["itm"], F.binary_cross_entropy_with_logits(out.itm_logits, out.itm_targets)
+    )
+    assert abs(float(out.itm_logits[6] - out.itm_logits[0])) > 1e-6  # the edit changes image 0's logit
+    # row 2's "edit" is its own prompt cleaned (the same tokens): its logit is the positive pairing's
+    assert out.itm_logits[7] == pytest.approx(float(out.itm_logits[2]), abs=1e-5)

@@ -146,3 +146,29 @@ def test_keyword_budget_covers_every_word_marked(proc):
         assert len(proc.tokenizer(worst)["input_ids"]) <= budget
     assert budgets[0] < budgets[1]
     assert proc.keyword_budgets(batch, limit=5) == [5, 5]
+
+
+def test_swap_word_changes_exactly_one_word_of_its_class():
+    from rahf.data.synthetic import SWAP_CLASSES, parse_prompt
+    from rahf.words import swap_word
+
+    prompt = "two red circles at the left and a blue square in the middle"
+    rng = np.random.default_rng(0)
+    edits = [swap_word(prompt, SWAP_CLASSES, rng) for _ in range(200)]
+    words = prompt.split()
+    changed = set()
+    for e in edits:
+        diff = [i for i, (a, b) in enumerate(zip(words, e.split(), strict=True)) if a != b]
+        assert len(diff) == 1
+        i = diff[0]
+        changed.add(i)
+        cls = next(c for c in SWAP_CLASSES if words[i] in c)
+        assert e.split()[i] in cls  # a colour for a colour, a plural shape for a plural shape
+        parse_prompt(e)  # still a prompt of the grammar
+    assert changed == {0, 1, 2, 8, 9}  # every swappable word is drawn ("a" has no partner)
+    # the same generator state gives the same edits (exact resume); no swappable word gives None
+    assert swap_word(prompt, SWAP_CLASSES, np.random.default_rng(5)) == swap_word(
+        prompt, SWAP_CLASSES, np.random.default_rng(5)
+    )
+    assert swap_word("A cat, sleeping.", SWAP_CLASSES, rng) is None
+    assert swap_word("A Red cat", [["red", "blue"]], rng) == "A blue cat"  # case-insensitive match

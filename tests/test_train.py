@@ -286,3 +286,55 @@ def test_score_reads_prompt_is_built_from_a_preset_and_cannot_change_on_a_saved_
     assert float(weights.abs().max()) > 0  # trained away from its zero init
     with pytest.raises(ValueError, match="saved with score_reads_prompt=True"):
         train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "reads" / "best"), score_reads_prompt=False))
+
+
+def test_itm_swaps_add_one_edited_negative_per_prompt_and_reach_the_saved_model(data_dir, tmp_path, capsys):
+    from rahf.data.synthetic import SWAP_CLASSES
+    from rahf.processor import RAHFProcessor
+    from rahf.train import batch_inputs, load_split
+
+    classes = [list(c) for c in SWAP_CLASSES]
+    train(config(data_dir, tmp_path / "s", steps=2, itm_loss_weight=1.0, itm_swaps=classes))
+    model = RAHFModel.from_pretrained(tmp_path / "s" / "best")
+    assert model.config.itm_swaps == tuple(map(tuple, classes))
+    processor = RAHFProcessor.from_pretrained(tmp_path / "s" / "best")
+    data = load_split(data_dir, "train", processor)
+    _, ids, _, labels = batch_inputs(model, processor, data, torch.arange(4), (0, 1))
+    _, _, _, again = batch_inputs(model, processor, data, torch.arange(4), (0, 1))
+    assert labels.swap_rows.tolist() == list(range(4))  # every synthetic prompt has a colour to swap
+    assert torch.equal(labels.swap_ids, again.swap_ids)  # seeded: the same edits on a rerun (exact resume)
+    for row, edit in zip(labels.swap_rows.tolist(), labels.swap_ids, strict=True):
+        own = processor.tokenizer.decode(ids[row], skip_special_tokens=True).split()
+        new = processor.tokenizer.decode(edit, skip_special_tokens=True).split()
+        assert len(own) == len(new) and sum(a != b for a, b in zip(own, new)) == 1
+    with torch.no_grad():
+        out = model(*[t for t in batch_inputs(model, processor, data, torch.arange(4))[:3]], labels=labels)
+    assert out.itm_targets.tolist() == [1] * 4 + [0] * 4 + [0] * 4  # own, shifted, then edited pairings
+    # the command line takes the world's classes by name or from a file, and refuses a malformed file
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(data_dir),
+                "--out-dir",
+                str(tmp_path / "c"),
+                "--steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--itm-loss-weight",
+                "1",
+                "--itm-swaps",
+                "synthetic",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "c" / "best" / "config.json").read_text())["itm_swaps"] == classes
+    bad = tmp_path / "bad.json"
+    bad.write_text('["red", "blue"]')
+    assert main(["train", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "d"), "--itm-swaps", str(bad)]) == 2
+    assert "want a JSON list of lists of words" in capsys.readouterr().err

@@ -61,6 +61,14 @@ PLACES = {  # phrase -> centre of the region objects are scattered in, as fracti
     "in the middle": (0.5, 0.5),
 }
 COUNTS = {1: "a", 2: "two", 3: "three"}
+#: Interchangeable words of the grammar, for edited-prompt ITM negatives (``rahf.words.swap_word``): a swap
+#: keeps the prompt grammatical and changes exactly one thing it asks of the image.
+SWAP_CLASSES: tuple[tuple[str, ...], ...] = (
+    tuple(COLOURS),
+    SHAPES,
+    tuple(s + "s" for s in SHAPES),
+    ("two", "three"),
+)
 BACKGROUNDS = ((200, 220, 235), (225, 215, 195), (205, 230, 205), (230, 225, 235))
 _SCALE = 2  # scenes are drawn at twice the image size and downsampled, for smooth edges
 
