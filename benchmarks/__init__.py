@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from common.atomic import atomic_write_text
 
@@ -12,3 +14,8 @@ def emit(text: str, out: str | Path | None) -> None:
     print(text)
     if out:
         atomic_write_text(out, text)
+
+
+def synthetic_rows(data: Path, split: str) -> list[dict[str, Any]]:
+    """The rows of a synthetic split's ``<split>.jsonl`` (uid, image, prompt, flaws), in file order."""
+    return [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines() if line.strip()]

@@ -13,7 +13,6 @@ Usage: python benchmarks/visible_ceiling.py --data SPLIT_FOLDER [--split test] [
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,9 @@ from rahf.metrics import plcc, srcc
 def visible_ceiling(data: Path, split: str) -> dict[str, object]:
     """PLCC / SRCC of the visible scores against the labels for every score of ``data``/``split`` (a split folder
     of the synthetic world: ``<split>.jsonl`` with each image's flaws beside ``<split>.tfrecord``)."""
-    rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+    from benchmarks import synthetic_rows
+
+    rows = synthetic_rows(data, split)
     labels = {e.uid: e.scores for e in read_richhf(data / f"{split}.tfrecord")}
     missing = [r["uid"] for r in rows if r["uid"] not in labels]
     if missing:

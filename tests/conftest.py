@@ -83,3 +83,13 @@ def synthetic_split_folder(tmp_path_factory, name: str, sizes: dict[str, int], s
     for split, n in sizes.items():
         write_split(folder, split, n, size=64, seed=seed, per_prompt=per_prompt)
     return folder
+
+
+def save_tiny_rahf(folder) -> str:
+    """Save rahf-tiny at random init (model and processor) to ``folder``; returns it as a string."""
+    from rahf.presets import build_rahf
+
+    model, processor = build_rahf("rahf-tiny")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.score_readout import FEATURE_NAMES, features, fit_ridge, main, predict, readout_table
 from common.names import HEATMAP_NAMES, SCORE_NAMES
-from tests.conftest import synthetic_split_folder
+from tests.conftest import save_tiny_rahf, synthetic_split_folder
 
 
 def test_features_summarise_scores_maps_and_keywords():
@@ -61,15 +61,10 @@ def test_readout_gains_only_where_the_outputs_carry_the_truth():
 
 def _run_on_tiny_model(data, tmp_path) -> tuple[str, str]:
     """Save rahf-tiny (random init) and run the command on ``data``; (the model folder, the written table)."""
-    from rahf.presets import build_rahf
-
-    model_dir = tmp_path / "model"
-    model, processor = build_rahf("rahf-tiny")
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model_dir = save_tiny_rahf(tmp_path / "model")
     out = tmp_path / "readout.md"
-    assert main(["--data", str(data), "--model", str(model_dir), "--threads", "1", "--out", str(out)]) == 0
-    return str(model_dir), out.read_text()
+    assert main(["--data", str(data), "--model", model_dir, "--threads", "1", "--out", str(out)]) == 0
+    return model_dir, out.read_text()
 
 
 def test_command_scores_a_saved_model_on_two_splits(tmp_path_factory, tmp_path, capsys):
