@@ -19,3 +19,10 @@ def emit(text: str, out: str | Path | None) -> None:
 def synthetic_rows(data: Path, split: str) -> list[dict[str, Any]]:
     """The rows of a synthetic split's ``<split>.jsonl`` (uid, image, prompt, flaws), in file order."""
     return [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+
+
+def skipped_note(skipped: list[str] | tuple[str, ...], what: str = "image") -> list[str]:
+    """Markdown lines naming the inputs a diagnostic could not score (none when nothing was skipped)."""
+    if not skipped:
+        return []
+    return ["", f"Skipped {len(skipped)} {what}(s) that could not be scored:", *[f"- {x}" for x in skipped]]

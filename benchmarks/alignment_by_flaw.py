@@ -88,7 +88,20 @@ def model_rows(model: str, data: Path, split: str, threads: int) -> tuple[list, 
     return rows, skipped
 
 
-def markdown(tables: dict[str, dict], min_count: int, skipped: Sequence[str] = ()) -> str:
+def model_tables(specs: Sequence[str], data: Path, split: str, threads: int) -> tuple[dict[str, dict], list[str]]:
+    """(name -> :func:`by_flaw` table, skipped images) for ``NAME=PATH`` specs (a bare PATH is named after its
+    folder); an image that fails for several models is named once."""
+    tables: dict[str, dict] = {}
+    skipped: list[str] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        rows, bad = model_rows(path if sep else spec, data, split, threads)
+        tables[name if sep else Path(spec).name] = by_flaw(rows)
+        skipped += [x for x in bad if x not in skipped]
+    return tables, skipped
+
+
+def markdown(tables: dict[str, dict], skipped: Sequence[str], min_count: int) -> str:
     lines = [
         f"Alignment by misalignment kind (groups of at least {min_count} images): mean true alignment, mean score, "
         "mean misalignment-map peak, mean marked words.",
@@ -106,9 +119,9 @@ def markdown(tables: dict[str, dict], min_count: int, skipped: Sequence[str] = (
     for name, table in tables.items():
         parts = [f"{kind} {t:.3f} / {s:.3f}" for kind, (t, s) in gaps(table).items()]
         lines.append(f"- {name}: " + "; ".join(parts))
-    if skipped:
-        lines += ["", f"Skipped {len(skipped)} image(s) that could not be scored:", *[f"- {x}" for x in skipped]]
-    return "\n".join(lines) + "\n"
+    from benchmarks import skipped_note
+
+    return "\n".join(lines + skipped_note(list(skipped))) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,15 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from benchmarks import emit  # the repository root is on sys.path under pytest and when run as a script
 
-    tables, skipped = {}, []
-    for spec in args.model:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).name, spec
-        rows, bad = model_rows(path, args.data, args.split, args.threads)
-        tables[name] = by_flaw(rows)
-        skipped += bad
-    emit(markdown(tables, args.min_count, skipped), args.out)
+    emit(markdown(*model_tables(args.model, args.data, args.split, args.threads), args.min_count), args.out)
     return 0
 
 

@@ -142,9 +142,9 @@ def markdown(
                 f"| {model} | {name} | {t['head_plcc']:.3f} / {t['head_srcc']:.3f} | "
                 f"{t['readout_plcc']:.3f} / {t['readout_srcc']:.3f} | {t['readout_plcc'] - t['head_plcc']:+.3f} |"
             )
-    if skipped:
-        lines += ["", f"Skipped {len(skipped)} example(s) that could not be scored:", *[f"- {x}" for x in skipped]]
-    return "\n".join(lines) + "\n"
+    from benchmarks import skipped_note
+
+    return "\n".join(lines + skipped_note(list(skipped), "example")) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

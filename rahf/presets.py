@@ -3,6 +3,8 @@
 * ``rahf-tiny``: a small ViT and T5 at random init with the offline tokenizer; builds anywhere in milliseconds.
 * ``rahf-tiny-p4``: ``rahf-tiny`` with 4-pixel patches (a 16×16 token grid at 64 px, two upsampling stages in
   the heatmap heads): the model of the synthetic benchmark's bar (docs/results.md), about 2× slower to train.
+* ``rahf-tiny-p4-f4``: ``rahf-tiny-p4`` with four fusion (T5 encoder) layers instead of two, the same width,
+  decoder and heads: more steps of image-word exchange for comparing what a word asks with what the image shows.
 * ``rahf-small-p4``: ``rahf-tiny-p4`` twice as wide (128 channels in the ViT and the T5, 32 per attention head),
   the same heads; about 1.5× the time of a training step of ``rahf-tiny-p4`` on a CPU.
 * ``richhf-base``: ``google/vit-large-patch16-384`` + ``t5-base`` (642.6M parameters), the paper's backbones as
@@ -123,6 +125,13 @@ PRESETS["rahf-tiny-p4"] = Preset(
     vision={**PRESETS["rahf-tiny"].vision, "patch_size": 4},
     text=dict(PRESETS["rahf-tiny"].text),
     heads={**PRESETS["rahf-tiny"].heads, "heatmap_up_channels": (32, 16)},
+)
+
+PRESETS["rahf-tiny-p4-f4"] = Preset(
+    name="rahf-tiny-p4-f4",
+    vision=dict(PRESETS["rahf-tiny-p4"].vision),
+    text={**PRESETS["rahf-tiny-p4"].text, "num_layers": 4},
+    heads=dict(PRESETS["rahf-tiny-p4"].heads),
 )
 
 PRESETS["rahf-small-p4"] = Preset(

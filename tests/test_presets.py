@@ -91,3 +91,14 @@ def test_small_p4_is_tiny_p4_twice_as_wide_with_the_same_heads():
     with torch.no_grad():
         out = model(pixels, text.input_ids, text.attention_mask, keywords=False)
     assert out.heatmaps["misalignment"].shape == (1, 64, 64) and out.scores["overall"].shape == (1,)
+
+
+def test_f4_is_tiny_p4_with_four_fusion_layers_and_the_same_everything_else():
+    p4, f4 = preset_config("rahf-tiny-p4"), preset_config("rahf-tiny-p4-f4")
+    assert (f4.text["num_layers"], p4.text["num_layers"]) == (4, 2)
+    assert f4.text["num_decoder_layers"] == p4.text["num_decoder_layers"] == 2
+    assert {**f4.text, "num_layers": 2} == p4.text and f4.vision == p4.vision
+    assert (f4.heatmap_up_channels, f4.score_channels) == (p4.heatmap_up_channels, p4.score_channels)
+    model, _ = build_rahf("rahf-tiny-p4-f4", seed=0)
+    assert len(model.text.encoder.block) == 4 and len(model.text.decoder.block) == 2
+    assert 0.93e6 < model.num_parameters() < 0.95e6  # rahf-tiny-p4: 0.88M
