@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +27,23 @@ def skipped_note(skipped: list[str] | tuple[str, ...], what: str = "image") -> l
     if not skipped:
         return []
     return ["", f"Skipped {len(skipped)} {what}(s) that could not be scored:", *[f"- {x}" for x in skipped]]
+
+
+def score_each(
+    scorer: Any, prompts: Sequence[str], images: Sequence[str | Path], chunk: int = 256
+) -> tuple[list[tuple[int, Any]], list[str]]:
+    """Score every (prompt, image) pair with a ``RAHFScorer``, ``chunk`` pairs a call: ([(index, RichFeedback)]
+    for the pairs that could be scored, ``"<image>: <why>"`` for each that could not). One unreadable image skips
+    that pair only."""
+    from common.records import ScoringFailure
+
+    scored, skipped = [], []
+    for start in range(0, len(prompts), chunk):
+        stop = start + chunk
+        out = scorer.score(list(prompts[start:stop]), [str(x) for x in images[start:stop]], errors="return")
+        for i, fb in enumerate(out, start):
+            if isinstance(fb, ScoringFailure):
+                skipped.append(f"{images[i]}: {fb.error}")
+            else:
+                scored.append((i, fb))
+    return scored, skipped

@@ -65,8 +65,7 @@ def model_rows(model: str, data: Path, split: str, threads: int) -> tuple[list, 
     ``"<image>: <why>"`` for each that could not."""
     import torch
 
-    from benchmarks import synthetic_rows
-    from common.records import ScoringFailure
+    from benchmarks import score_each, synthetic_rows
     from rahf.data.richhf import read_richhf
     from rahf.scorer import RAHFScorer
 
@@ -74,17 +73,13 @@ def model_rows(model: str, data: Path, split: str, threads: int) -> tuple[list, 
     meta = synthetic_rows(data, split)
     truth = {e.uid: e.scores[ALIGNMENT] for e in read_richhf(data / f"{split}.tfrecord")}
     scorer = RAHFScorer.from_pretrained(model)
-    rows, skipped = [], []
-    for start in range(0, len(meta), 256):
-        chunk = meta[start : start + 256]
-        scored = scorer.score([m["prompt"] for m in chunk], [str(data / m["image"]) for m in chunk], errors="return")
-        for m, fb in zip(chunk, scored, strict=True):
-            if isinstance(fb, ScoringFailure):
-                skipped.append(f"{m['image']}: {fb.error}")
-                continue
-            peak = float(np.max(fb.heatmaps[MISALIGNMENT]))
-            key = flaw_key(m["prompt"], m["flaws"])
-            rows.append((key, truth[m["uid"]], fb.scores[ALIGNMENT], peak, len(fb.misaligned_keywords)))
+    scored, skipped = score_each(scorer, [m["prompt"] for m in meta], [data / m["image"] for m in meta])
+    rows = []
+    for i, fb in scored:
+        m = meta[i]
+        peak = float(np.max(fb.heatmaps[MISALIGNMENT]))
+        key = flaw_key(m["prompt"], m["flaws"])
+        rows.append((key, truth[m["uid"]], fb.scores[ALIGNMENT], peak, len(fb.misaligned_keywords)))
     return rows, skipped
 
 

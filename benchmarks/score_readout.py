@@ -104,23 +104,20 @@ def split_features(
     could be scored, and ``"<image>: <why>"`` for each one that could not (an unreadable image skips that example)."""
     import torch
 
-    from common.records import ScoringFailure
+    from benchmarks import score_each
     from rahf.data.richhf import read_split
     from rahf.scorer import RAHFScorer
 
     torch.set_num_threads(threads)
     records, _ = read_split(data, split)
     scorer = RAHFScorer.from_pretrained(model, batch_size=batch_size)
-    rows, truth, skipped = [], [], []
-    for start in range(0, len(records), 256):
-        chunk = records[start : start + 256]
-        scored = scorer.score([r.prompt for r in chunk], [r.image for r in chunk], errors="return")
-        for r, fb in zip(chunk, scored, strict=True):
-            if isinstance(fb, ScoringFailure):
-                skipped.append(f"{r.image}: {fb.error}")
-                continue
-            rows.append(features(fb.scores, fb.heatmaps, fb.misaligned_keywords, r.prompt, area_threshold))
-            truth.append([r.example.scores[s] for s in SCORE_NAMES])
+    scored, skipped = score_each(scorer, records.prompts, [records.image(i) for i in range(len(records))])
+    labels = records.read(i for i, _ in scored)
+    rows = [
+        features(fb.scores, fb.heatmaps, fb.misaligned_keywords, r.prompt, area_threshold)
+        for (_, fb), r in zip(scored, labels, strict=True)
+    ]
+    truth = [[r.example.scores[s] for s in SCORE_NAMES] for r in labels]
     if not rows:
         raise ValueError(f"no example of {data}/{split} could be scored: {skipped[:1]}")
     return np.stack(rows), np.asarray(truth, np.float64), skipped

@@ -49,3 +49,18 @@ def test_command_scores_a_saved_model_and_every_image_lands_in_one_row(tmp_path_
         if r[2] == "none":
             assert float(r[4]) == pytest.approx(1.0)  # a flawless image is fully aligned in truth
     assert "- tiny: " in text and "Skipped" not in text
+
+
+def test_command_skips_an_unreadable_image_and_names_it(tmp_path_factory, tmp_path):
+    from benchmarks import synthetic_rows
+
+    data = synthetic_split_folder(tmp_path_factory, "synth-by-flaw-bad", {"test": 12}, seed=6)
+    broken = data / synthetic_rows(data, "test")[4]["image"]
+    broken.write_bytes(b"not a png")
+    model_dir = save_tiny_rahf(tmp_path / "model")
+    out = tmp_path / "by_flaw.md"
+    assert main(["--data", str(data), "--model", f"tiny={model_dir}", "--min-count", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Skipped 1 image(s) that could not be scored:" in text and f"- {broken}: " in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| tiny |")]
+    assert sum(int(r[3]) for r in rows) == 11  # the other images are all scored
