@@ -77,6 +77,9 @@ def model_rows(model: str, data: Path, split: str, threads: int) -> tuple[list, 
     rows = []
     for i, fb in scored:
         m = meta[i]
+        if m["uid"] not in truth:
+            skipped.append(f"{m['image']}: no label for uid {m['uid']!r} in {split}.tfrecord")
+            continue
         peak = float(np.max(fb.heatmaps[MISALIGNMENT]))
         key = flaw_key(m["prompt"], m["flaws"])
         rows.append((key, truth[m["uid"]], fb.scores[ALIGNMENT], peak, len(fb.misaligned_keywords)))

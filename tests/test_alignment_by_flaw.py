@@ -64,3 +64,19 @@ def test_command_skips_an_unreadable_image_and_names_it(tmp_path_factory, tmp_pa
     assert "Skipped 1 image(s) that could not be scored:" in text and f"- {broken}: " in text
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| tiny |")]
     assert sum(int(r[3]) for r in rows) == 11  # the other images are all scored
+
+
+def test_an_image_without_a_label_is_skipped_and_named(tmp_path_factory, tmp_path):
+    import json
+
+    data = synthetic_split_folder(tmp_path_factory, "synth-by-flaw-nolabel", {"test": 6}, seed=7)
+    jsonl = data / "test.jsonl"
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    extra = {**rows[0], "uid": "not-in-the-tfrecord"}
+    jsonl.write_text("\n".join(json.dumps(r) for r in [*rows, extra]) + "\n")
+    model_dir = save_tiny_rahf(tmp_path / "model")
+    out = tmp_path / "by_flaw.md"
+    assert main(["--data", str(data), "--model", f"tiny={model_dir}", "--min-count", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "no label for uid 'not-in-the-tfrecord'" in text
+    assert sum(int(r.split(" | ")[3]) for r in text.splitlines() if r.startswith("| tiny |")) == 6
