@@ -22,6 +22,15 @@ def synthetic_rows(data: Path, split: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines() if line.strip()]
 
 
+def named_models(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, path) of ``NAME=PATH`` model specs; a bare PATH is named after its folder."""
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        out.append((name, path) if sep else (Path(spec).name, spec))
+    return out
+
+
 def skipped_note(skipped: list[str] | tuple[str, ...], what: str = "image") -> list[str]:
     """Markdown lines naming the inputs a diagnostic could not score (none when nothing was skipped)."""
     if not skipped:

@@ -89,12 +89,13 @@ def model_rows(model: str, data: Path, split: str, threads: int) -> tuple[list, 
 def model_tables(specs: Sequence[str], data: Path, split: str, threads: int) -> tuple[dict[str, dict], list[str]]:
     """(name -> :func:`by_flaw` table, skipped images) for ``NAME=PATH`` specs (a bare PATH is named after its
     folder); an image that fails for several models is named once."""
+    from benchmarks import named_models
+
     tables: dict[str, dict] = {}
     skipped: list[str] = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        rows, bad = model_rows(path if sep else spec, data, split, threads)
-        tables[name if sep else Path(spec).name] = by_flaw(rows)
+    for name, path in named_models(specs):
+        rows, bad = model_rows(path, data, split, threads)
+        tables[name] = by_flaw(rows)
         skipped += [x for x in bad if x not in skipped]
     return tables, skipped
 

@@ -1,9 +1,12 @@
-"""The RichHF-18K word rule, without torch: split on any of ``,.?!":;`` and spaces, drop empty pieces."""
+"""Prompt words without torch: the RichHF-18K word rule (split on any of ``,.?!":;`` and spaces, drop empty
+pieces), the keyword sequence and one-word prompt edits."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 _WORD_SPLIT = re.compile(r'[,.?!":; ]+')
 
@@ -42,3 +45,18 @@ def swap_word(prompt: str, classes: Sequence[Sequence[str]], rng) -> str | None:
     others = lookup[words[i].lower()]
     words[i] = others[int(rng.integers(len(others)))]
     return " ".join(words)
+
+
+def load_swap_classes(spec: str) -> list[list[str]]:
+    """Word classes for :func:`swap_word`: ``"synthetic"`` for the synthetic world's, else a JSON file holding a
+    list of lists of words (``[["red", "blue"], ["cat", "dog"]]``); ValueError names what is off in the file."""
+    if spec == "synthetic":
+        from rahf.data.synthetic import SWAP_CLASSES
+
+        return [list(c) for c in SWAP_CLASSES]
+    classes = json.loads(Path(spec).read_text())
+    if not isinstance(classes, list) or not all(
+        isinstance(c, list) and all(isinstance(w, str) and w for w in c) for c in classes
+    ):
+        raise ValueError(f'{spec}: want a JSON list of lists of words, e.g. [["red", "blue"]]')
+    return classes

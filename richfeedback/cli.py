@@ -560,20 +560,6 @@ def cmd_data_pair(args: argparse.Namespace) -> int:
     return 0
 
 
-def itm_swap_classes(spec: str) -> list[list[str]]:
-    """The word classes of ``--itm-swaps``: the synthetic world's, or a JSON file's list of lists of words."""
-    if spec == "synthetic":
-        from rahf.data.synthetic import SWAP_CLASSES
-
-        return [list(c) for c in SWAP_CLASSES]
-    classes = json.loads(Path(spec).read_text())
-    if not isinstance(classes, list) or not all(
-        isinstance(c, list) and all(isinstance(w, str) and w for w in c) for c in classes
-    ):
-        raise ValueError(f'{spec}: want a JSON list of lists of words, e.g. [["red", "blue"]]')
-    return classes
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -593,8 +579,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         flags["heatmap_weights"] = weights
     spec = getattr(args, "itm_swap_spec", None)
     if spec:
+        from rahf.words import load_swap_classes
+
         try:
-            flags["itm_swaps"] = itm_swap_classes(spec)
+            flags["itm_swaps"] = load_swap_classes(spec)
         except (OSError, ValueError) as err:
             print(f"error: --itm-swaps: {err}", file=sys.stderr)
             return 2
