@@ -244,6 +244,7 @@ LOSS_WEIGHTS = (
 )
 HeatmapLoss = Literal["mse", "bce"]
 HEATMAP_LOSSES = get_args(HeatmapLoss)  # per-pixel map losses (see heatmap_loss)
+ItmPool = Literal["mean", "mean_max"]
 # Config fields that only shape the training loss: a training run may override them (rahf.train.TrainConfig).
 TRAINING_FIELDS = (
     *LOSS_WEIGHTS,
@@ -353,6 +354,10 @@ class RAHFConfig:
     itm_loss_weight: NonNegative = 0.0  # image-text matching BCE (paper: none); > 0 adds the ITM head (multi_head)
     itm_hidden: PositiveInt = 64  # hidden width of the ITM head's MLP
     itm_negatives: Count = 0  # images of a batch that also get a shifted-prompt negative (0: all of them)
+    # How the ITM head pools the fused image tokens: "mean" (B, D), or "mean_max" (B, 2D), mean and max over the
+    # grid. A prompt that disagrees with one object shows on that object's few tokens; the mean dilutes them by
+    # the whole grid (1/256 at a 16x16 grid) and so does the gradient that teaches the fusion to read the prompt.
+    itm_pool: ItmPool = "mean"
     # Classes of interchangeable words (colours, say). When given, every image whose prompt has a word of a class
     # also gets an edited-prompt ITM negative: its own prompt with that word swapped for another of the class
     # (rahf.words.swap_word). A shifted prompt differs in everything; an edited one only in what the word binds.
@@ -561,7 +566,7 @@ class RAHFModel(nn.Module):
             self.heatmap_heads = nn.ModuleDict({"shared": HeatmapHead(config)})
             self.score_heads = nn.ModuleDict({"shared": ScoreHead(config)})
         if config.itm_loss_weight > 0:  # only then, so checkpoints without ITM keep their exact keys
-            d = config.text["d_model"]
+            d = config.text["d_model"] * (2 if config.itm_pool == "mean_max" else 1)
             self.itm_head = nn.Sequential(nn.Linear(d, config.itm_hidden), nn.ReLU(), nn.Linear(config.itm_hidden, 1))
         if config.gate_loss_weight > 0:  # likewise: a model without gates keeps its exact keys
             self.heatmap_gates = nn.ModuleDict({n: PresenceGate(config) for n in config.heatmap_names})
@@ -684,7 +689,7 @@ class RAHFModel(nn.Module):
         n = min(b, self.config.itm_negatives or b)  # the first n images get a negative (fewer: a cheaper step)
         shift = torch.roll(torch.arange(b, device=input_ids.device), 1)[:n]
         neg_grid, _ = self.fuse(image_tokens[:n], input_ids[shift], attention_mask[shift])
-        pooled = torch.cat([grid.mean(dim=(2, 3)), neg_grid.mean(dim=(2, 3))])
+        pooled = torch.cat([self._itm_pool(grid), self._itm_pool(neg_grid)])
         out.itm_logits = self.itm_head(pooled).squeeze(1)
         same = (input_ids[shift] == input_ids[:n]).all(dim=1) & (attention_mask[shift] == attention_mask[:n]).all(dim=1)
         out.itm_targets = torch.cat([torch.ones(b, device=same.device), same.float()])
@@ -693,6 +698,11 @@ class RAHFModel(nn.Module):
             swap_grid, _ = self.fuse(image_tokens[rows], labels.swap_ids, labels.swap_mask)
             out.itm_logits = torch.cat([out.itm_logits, self.itm_head(swap_grid.mean(dim=(2, 3))).squeeze(1)])
             out.itm_targets = torch.cat([out.itm_targets, torch.zeros(len(rows), device=same.device)])
+
+    def _itm_pool(self, grid: torch.Tensor) -> torch.Tensor:
+        """Feature grid (B, D, g, g) -> the ITM head's input: (B, D) mean, or (B, 2D) mean and max (config.itm_pool)."""
+        mean = grid.mean(dim=(2, 3))
+        return torch.cat([mean, grid.amax(dim=(2, 3))], dim=1) if self.config.itm_pool == "mean_max" else mean
 
     def _forward_augmented(self, image_tokens, input_ids, attention_mask, heatmaps, scores, keywords, heads):
         tasks = self.task_order(heatmaps, scores, keywords)

@@ -101,6 +101,7 @@ class TrainConfig:
     rank_min_gap: float | None = None  # override the true-score gap below which a pair is a tie
     gate_loss_weight: float | None = None  # override the presence gates' loss weight (> 0 adds the gates)
     score_reads_prompt: bool | None = None  # score heads also read the pooled encoded prompt (presets only)
+    itm_pool: str | None = None  # ITM head pooling, "mean" | "mean_max" (presets only)
     word_loss_weight: float | None = None  # override the word head's loss weight (> 0 adds the head)
     prompt_group: int = 1  # images of one prompt kept together in a batch (> 1 for the ranking loss)
     train_split: str = "train"
@@ -492,6 +493,11 @@ WEIGHTED_HEADS = {
 }
 
 
+# RAHFConfig fields that shape the architecture and that a run from a preset may set (TrainConfig fields of the
+# same name); a run that continues from a saved folder keeps the folder's and refuses another value.
+ARCHITECTURE_FIELDS = ("score_reads_prompt", "itm_pool")
+
+
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) training; ``stop_after`` ends early after that many optimizer steps (tests of resume).
 
@@ -519,16 +525,16 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         for weight, (module, what) in WEIGHTED_HEADS.items():
             if overrides.get(weight, 0.0) > 0 and not hasattr(model, module):
                 raise ValueError(f"{cfg.preset} was saved without {what}; {weight} must stay 0 for it")
-        if cfg.score_reads_prompt is not None and cfg.score_reads_prompt != model.config.score_reads_prompt:
-            raise ValueError(
-                f"{cfg.preset} was saved with score_reads_prompt={model.config.score_reads_prompt}; "
-                "an architecture field cannot change when training continues from a folder"
-            )
+        for name in ARCHITECTURE_FIELDS:
+            if getattr(cfg, name) is not None and getattr(cfg, name) != getattr(model.config, name):
+                raise ValueError(
+                    f"{cfg.preset} was saved with {name}={getattr(model.config, name)!r}; "
+                    "an architecture field cannot change when training continues from a folder"
+                )
         # The config is rebuilt, not patched, so its checks (finite weights >= 0, ...) apply to the overrides.
         model.config = RAHFConfig.from_dict({**model.config.to_dict(), **overrides})
     else:  # the overrides are part of the config the model is built from (the ITM head exists only if w > 0)
-        if cfg.score_reads_prompt is not None:
-            overrides["score_reads_prompt"] = cfg.score_reads_prompt
+        overrides |= {n: getattr(cfg, n) for n in ARCHITECTURE_FIELDS if getattr(cfg, n) is not None}
         model, processor = build_rahf(cfg.preset, variant=cfg.variant, seed=cfg.seed, config_overrides=overrides)
     train_data = load_split(cfg.data_dir, cfg.train_split, processor)
     dev_data = load_split(cfg.data_dir, cfg.dev_split, processor)

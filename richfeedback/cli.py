@@ -926,6 +926,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="score heads also read the pooled encoded prompt (presets only; default: off, or a saved folder's)",
     )
     p.add_argument(
+        "--itm-pool",
+        dest="itm_pool",
+        choices=("mean", "mean_max"),
+        default=None,
+        help="how the ITM head pools the fused image tokens (presets only; default: mean, or a saved folder's)",
+    )
+    p.add_argument(
         "--heatmap-loss",
         dest="heatmap_loss",
         choices=("mse", "bce"),

@@ -471,6 +471,34 @@ def test_itm_model_round_trips(tmp_path):
         assert torch.equal(v, loaded.state_dict()[k]), k
 
 
+def test_itm_pool_mean_max_feeds_the_head_the_grid_mean_and_max(images):
+    """itm_pool="mean_max": the head reads (B, 2D), the grid's mean then its max; a saved model keeps the choice."""
+    model, processor = build_rahf(
+        "rahf-tiny", seed=0, config_overrides={"itm_loss_weight": 1.0, "itm_pool": "mean_max"}
+    )
+    d = model.config.text["d_model"]
+    assert model.itm_head[0].in_features == 2 * d
+    grid = torch.zeros(2, d, 4, 4)
+    grid[0, 3, 1, 2] = 8.0  # one hot token: its max is 8, its mean 8 / 16
+    grid[1] -= 1.0
+    pooled = model._itm_pool(grid)
+    assert pooled.shape == (2, 2 * d)
+    assert float(pooled[0, 3]) == pytest.approx(0.5) and float(pooled[0, d + 3]) == pytest.approx(8.0)
+    assert torch.equal(pooled[1], torch.full((2 * d,), -1.0))
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    labels = labels_for(model, processor, prompts, [[1] * 7, [1, 1]])
+    pixels, text = model_inputs(model, processor, images[:2], prompts)
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+        grid_own, _ = model.fuse(model.encode_image(pixels), text.input_ids, text.attention_mask)
+    assert out.itm_targets.tolist() == [1, 1, 0, 0]
+    torch.testing.assert_close(out.itm_logits[:2], model.itm_head(model._itm_pool(grid_own)).squeeze(1))
+    plain, _ = build_rahf("rahf-tiny", seed=0, config_overrides={"itm_loss_weight": 1.0})
+    assert plain.itm_head[0].in_features == d  # the default pools by the mean alone
+    with pytest.raises(ValueError, match="field itm_pool: expected one of"):
+        preset_config("rahf-tiny", overrides={"itm_pool": "max"})
+
+
 def test_itm_negatives_limits_the_shifted_pairs(images):
     model, processor = build_rahf("rahf-tiny", seed=0, config_overrides={"itm_loss_weight": 1.0, "itm_negatives": 1})
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1]]

@@ -288,6 +288,14 @@ def test_score_reads_prompt_is_built_from_a_preset_and_cannot_change_on_a_saved_
         train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "reads" / "best"), score_reads_prompt=False))
 
 
+def test_itm_pool_is_built_from_a_preset_saved_and_cannot_change_on_a_saved_model(data_dir, tmp_path):
+    train(config(data_dir, tmp_path / "pool", steps=2, itm_loss_weight=1.0, itm_pool="mean_max"))
+    model = RAHFModel.from_pretrained(tmp_path / "pool" / "best")
+    assert model.config.itm_pool == "mean_max" and model.itm_head[0].in_features == 2 * model.config.text["d_model"]
+    with pytest.raises(ValueError, match="saved with itm_pool='mean_max'"):
+        train(config(data_dir, tmp_path / "again", preset=str(tmp_path / "pool" / "best"), itm_pool="mean"))
+
+
 def test_itm_swaps_add_one_edited_negative_per_prompt_and_reach_the_saved_model(data_dir, tmp_path, capsys):
     from rahf.data.synthetic import SWAP_CLASSES
     from rahf.processor import RAHFProcessor
