@@ -696,7 +696,7 @@ class RAHFModel(nn.Module):
         if labels is not None and labels.swap_rows is not None and len(labels.swap_rows):
             rows = labels.swap_rows
             swap_grid, _ = self.fuse(image_tokens[rows], labels.swap_ids, labels.swap_mask)
-            out.itm_logits = torch.cat([out.itm_logits, self.itm_head(swap_grid.mean(dim=(2, 3))).squeeze(1)])
+            out.itm_logits = torch.cat([out.itm_logits, self.itm_head(self._itm_pool(swap_grid)).squeeze(1)])
             out.itm_targets = torch.cat([out.itm_targets, torch.zeros(len(rows), device=same.device)])
 
     def _itm_pool(self, grid: torch.Tensor) -> torch.Tensor:

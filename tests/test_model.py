@@ -685,11 +685,12 @@ def test_trained_word_head_marks_the_misaligned_words_and_round_trips(images, tm
     assert float(p[t == 1].min()) > 0.5 > float(p[t == 0].max())
 
 
-def test_edited_prompt_itm_negatives_follow_the_shifted_ones(images):
+@pytest.mark.parametrize("pool", ["mean", "mean_max"])
+def test_edited_prompt_itm_negatives_follow_the_shifted_ones(images, pool):
     """Labels' swap rows add one negative each: the image at that row fused with its edited prompt."""
     import torch.nn.functional as F
 
-    model, processor = build_rahf("rahf-tiny", seed=0, config_overrides={"itm_loss_weight": 1.0})
+    model, processor = build_rahf("rahf-tiny", seed=0, config_overrides={"itm_loss_weight": 1.0, "itm_pool": pool})
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
     labels = labels_for(model, processor, prompts, [[1] * 7, [1, 1], [1] * 8])
     edited = processor.tokenize(["a green cat on a blue mat", "an astronaut riding a horse photo 4k detailed"])
