@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +32,27 @@ def named_models(specs: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def skipped_note(skipped: list[str] | tuple[str, ...], what: str = "image") -> list[str]:
-    """Markdown lines naming the inputs a diagnostic could not score (none when nothing was skipped)."""
-    if not skipped:
-        return []
-    return ["", f"Skipped {len(skipped)} {what}(s) that could not be scored:", *[f"- {x}" for x in skipped]]
+def with_skipped(lines: Sequence[str], skipped: Sequence[str], what: str = "image") -> str:
+    """A diagnostic's markdown: ``lines`` and, when inputs were skipped, a list naming each (with why)."""
+    if skipped:
+        lines = [
+            *lines,
+            "",
+            f"Skipped {len(skipped)} {what}(s) that could not be scored:",
+            *[f"- {x}" for x in skipped],
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def diagnostic_parser(doc: str, data_help: str, model_help: str) -> argparse.ArgumentParser:
+    """The arguments every model diagnostic takes: ``--data`` and ``--model`` (both required, ``--model``
+    repeatable), ``--threads`` and ``--out``; the description is the first line of ``doc``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help=data_help)
+    ap.add_argument("--model", action="append", required=True, help=model_help)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    return ap
 
 
 def score_each(

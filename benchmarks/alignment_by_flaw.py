@@ -17,7 +17,6 @@ Usage: python benchmarks/alignment_by_flaw.py --data SPLIT_FOLDER --model NAME=R
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -118,22 +117,19 @@ def markdown(tables: dict[str, dict], skipped: Sequence[str], min_count: int) ->
     for name, table in tables.items():
         parts = [f"{kind} {t:.3f} / {s:.3f}" for kind, (t, s) in gaps(table).items()]
         lines.append(f"- {name}: " + "; ".join(parts))
-    from benchmarks import skipped_note
+    from benchmarks import with_skipped
 
-    return "\n".join(lines + skipped_note(list(skipped))) + "\n"
+    return with_skipped(lines, skipped)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="split folder of the synthetic world")
-    ap.add_argument("--model", action="append", required=True, help="NAME=PATH of a RAHF folder (repeatable)")
+    # the repository root is on sys.path under pytest and when run as a script
+    from benchmarks import diagnostic_parser, emit
+
+    ap = diagnostic_parser(__doc__, "split folder of the synthetic world", "NAME=PATH of a RAHF folder (repeatable)")
     ap.add_argument("--split", default="test", help="split to measure (default: test)")
     ap.add_argument("--min-count", type=int, default=3, help="leave out groups of fewer images (default: 3)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
-    from benchmarks import emit  # the repository root is on sys.path under pytest and when run as a script
-
     emit(markdown(*model_tables(args.model, args.data, args.split, args.threads), args.min_count), args.out)
     return 0
 

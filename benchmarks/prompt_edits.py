@@ -17,7 +17,6 @@ Usage: python benchmarks/prompt_edits.py --data SPLIT_FOLDER --model NAME=RUN/be
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,23 +121,22 @@ def markdown(tables: dict[str, np.ndarray], classes: Sequence[Sequence[str]], sk
             if not np.isnan(row[0]):
                 cells = [str(int(row[0]))] + [f"{v:.3f}" for v in row[1:]]
                 lines.append(f"| {name} | {class_name(cls)} | " + " | ".join(cells) + " |")
-    from benchmarks import skipped_note
+    from benchmarks import with_skipped
 
-    return "\n".join(lines + skipped_note(list(skipped))) + "\n"
+    return with_skipped(lines, skipped)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="split folder (<split>.tfrecord + <split>.jsonl)")
-    ap.add_argument("--model", action="append", required=True, help="NAME=PATH of a RAHF folder (repeatable)")
+    # the repository root is on sys.path under pytest and when run as a script
+    from benchmarks import diagnostic_parser, emit, named_models
+
+    ap = diagnostic_parser(
+        __doc__, "split folder (<split>.tfrecord + <split>.jsonl)", "NAME=PATH of a RAHF folder (repeatable)"
+    )
     ap.add_argument("--classes", default="synthetic", help="'synthetic' or a JSON list of word lists")
     ap.add_argument("--split", default="test", help="split to measure (default: test)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the edits (default: 0)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
-    # the repository root is on sys.path under pytest and when run as a script
-    from benchmarks import emit, named_models
     from rahf.words import load_swap_classes
 
     try:

@@ -16,7 +16,6 @@ Usage: python benchmarks/score_readout.py --data SPLIT_FOLDER --model RUN/best [
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,25 +138,24 @@ def markdown(
                 f"| {model} | {name} | {t['head_plcc']:.3f} / {t['head_srcc']:.3f} | "
                 f"{t['readout_plcc']:.3f} / {t['readout_srcc']:.3f} | {t['readout_plcc'] - t['head_plcc']:+.3f} |"
             )
-    from benchmarks import skipped_note
+    from benchmarks import with_skipped
 
-    return "\n".join(lines + skipped_note(list(skipped), "example")) + "\n"
+    return with_skipped(lines, skipped, "example")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="split folder with the fit and evaluation splits")
-    ap.add_argument("--model", action="append", required=True, help="a trained RAHF folder (repeatable)")
+    # the repository root is on sys.path under pytest and when run as a script
+    from benchmarks import diagnostic_parser, emit
+
+    ap = diagnostic_parser(
+        __doc__, "split folder with the fit and evaluation splits", "a trained RAHF folder (repeatable)"
+    )
     ap.add_argument("--fit-split", default="dev", help="split the read-out is fit on (default: dev)")
     ap.add_argument("--eval-split", default="test", help="split it is measured on (default: test)")
     ap.add_argument("--lam", type=float, default=10.0, help="ridge penalty on standardised features (default: 10)")
     ap.add_argument("--area-threshold", type=float, default=0.25, help="heat level of the area feature (0.25)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
-    from benchmarks import emit  # the repository root is on sys.path under pytest and when run as a script
-
     tables, skipped = {}, []
     for model in args.model:
         x_fit, y_fit, bad_fit = split_features(
