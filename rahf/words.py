@@ -54,7 +54,10 @@ def load_swap_classes(spec: str) -> list[list[str]]:
         from rahf.data.synthetic import SWAP_CLASSES
 
         return [list(c) for c in SWAP_CLASSES]
-    classes = json.loads(Path(spec).read_text())
+    try:
+        classes = json.loads(Path(spec).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{spec}: not JSON: {err}") from err
     if not isinstance(classes, list) or not all(
         isinstance(c, list) and all(isinstance(w, str) and w for w in c) for c in classes
     ):

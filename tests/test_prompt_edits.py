@@ -60,6 +60,10 @@ def test_swap_classes_load_by_name_or_from_a_file_and_a_bad_file_is_named(tmp_pa
     bad.write_text(json.dumps({"colours": ["red"]}))
     with pytest.raises(ValueError, match=r"bad\.json: want a JSON list of lists"):
         load_swap_classes(str(bad))
+    broken = tmp_path / "broken.json"
+    broken.write_text('[["red", "blue"')
+    with pytest.raises(ValueError, match=r"broken\.json: not JSON"):
+        load_swap_classes(str(broken))
 
 
 def test_command_scores_every_edit_of_the_fully_aligned_images(tmp_path_factory, tmp_path, capsys):
