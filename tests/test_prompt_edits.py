@@ -91,3 +91,13 @@ def test_command_refuses_a_malformed_classes_file(tmp_path, capsys):
     bad.write_text("[1, 2]")
     assert main(["--data", str(tmp_path), "--model", "x", "--classes", str(bad)]) == 2
     assert "--classes:" in capsys.readouterr().err
+
+
+def test_model_specs_are_named_by_their_name_or_their_folder():
+    from benchmarks import named_models
+
+    assert named_models(["a=runs/x/best", "runs/y/best", "b=c=d"]) == [
+        ("a", "runs/x/best"),
+        ("best", "runs/y/best"),
+        ("b", "c=d"),  # only the first "=" splits
+    ]
