@@ -189,3 +189,14 @@ def test_a_child_past_its_timeout_is_killed_with_its_helpers_and_its_results_kep
     while _alive(helper) and time.perf_counter() < deadline:
         time.sleep(0.1)
     assert not _alive(helper)  # a helper of the child (a compile worker, say) does not outlive the kill
+
+
+def test_child_env_keeps_the_callers_python_path_after_the_repository(monkeypatch):
+    from benchmarks.score_throughput import ROOT, child_env
+
+    monkeypatch.setenv("PYTHONPATH", "/opt/site-a:/opt/site-b")
+    env = child_env(3)
+    assert env["PYTHONPATH"].split(":") == [str(ROOT), "/opt/site-a", "/opt/site-b"]
+    assert env["OMP_NUM_THREADS"] == "3"
+    monkeypatch.delenv("PYTHONPATH")
+    assert child_env(1)["PYTHONPATH"] == str(ROOT)
