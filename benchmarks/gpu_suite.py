@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -55,6 +56,21 @@ from benchmarks.score_throughput import (  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
 
 SECTION = "gpu-suite"
+#: Modules the two jobs import (the project's dependencies they reach, by import name). A machine that lacks one
+#: is refused at start with their names, rather than recording every row that needs it as failed.
+REQUIRED_MODULES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "diffusers",
+    "accelerate",
+    "peft",
+    "numpy",
+    "PIL",
+    "cv2",
+    "crc32c",
+)
 MODES = ("all", "impl", "scores")
 BASE_OPTIONS = {"attention": "sdpa", "channels_last": True, "compile": False}
 GRACE_S = 30.0  # a job's hard timeout is its budget plus this, so a row running at the budget can finish
@@ -123,6 +139,12 @@ def score_plan(cfg: SuiteConfig) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------
 # Children
 # ---------------------------------------------------------------------------------------------------------
+
+
+def missing_modules(names: tuple[str, ...] | None = None) -> list[str]:
+    """The names among ``names`` (default :data:`REQUIRED_MODULES`) that this Python cannot import (looked up
+    without importing them)."""
+    return [n for n in (REQUIRED_MODULES if names is None else names) if importlib.util.find_spec(n) is None]
 
 
 def emit(row: dict[str, Any]) -> None:
@@ -491,6 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         {"score": score_job, "tiny": tiny_job}[spec["job"]](spec)
         return 0
 
+    missing = missing_modules()
+    if missing:
+        print(
+            f"error: this Python cannot import {', '.join(missing)}; install the project's dependencies "
+            "(`pip install -e .`) or put them on PYTHONPATH, then run the suite again"
+        )
+        return 2
     if args.dry_run:
         cfg = SuiteConfig.dry_run(threads=args.threads or 1)
     else:

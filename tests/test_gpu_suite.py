@@ -200,3 +200,14 @@ def test_child_env_keeps_the_callers_python_path_after_the_repository(monkeypatc
     assert env["OMP_NUM_THREADS"] == "3"
     monkeypatch.delenv("PYTHONPATH")
     assert child_env(1)["PYTHONPATH"] == str(ROOT)
+
+
+def test_a_missing_dependency_is_named_before_any_job_runs(monkeypatch, capsys, tmp_path):
+    assert gpu_suite.missing_modules() == []  # the test environment has every module the jobs import
+    monkeypatch.setattr(gpu_suite, "REQUIRED_MODULES", (*gpu_suite.REQUIRED_MODULES, "no_such_module_xyz"))
+    ran = []
+    monkeypatch.setattr(gpu_suite, "run_suite", lambda *a, **k: ran.append(a))
+    out = tmp_path / "suite.md"
+    assert gpu_suite.main(["--dry-run", "--out", str(out)]) == 2
+    assert "no_such_module_xyz" in capsys.readouterr().out
+    assert ran == [] and not out.exists()
