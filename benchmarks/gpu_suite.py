@@ -56,8 +56,8 @@ from benchmarks.score_throughput import (  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
 
 SECTION = "gpu-suite"
-#: Modules the two jobs import (the project's dependencies they reach, by import name). A machine that lacks one
-#: is refused at start with their names, rather than recording every row that needs it as failed.
+#: Modules the two jobs import (the project's dependencies they reach, by import name). A Python that lacks any is
+#: refused at start, naming what it lacks, rather than recording every row that needs it as failed.
 REQUIRED_MODULES = (
     "torch",
     "transformers",
