@@ -188,11 +188,11 @@ print(json.dumps({{"matmul_gflops": mm, "conv_gflops": cv}}))
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def child_env(threads: int, env_extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(threads: int, env_extra: dict[str, str] | None = None, code: Path = ROOT) -> dict[str, str]:
     """The environment of a benchmark child: offline hub, ``threads`` OpenMP threads, no Prefect settings of ours.
-    The repository comes first on ``PYTHONPATH``; what the caller had there (packages installed with ``--target``,
-    say) stays after it."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    ``code`` (default: this repository; another revision's extracted tree, say) comes first on ``PYTHONPATH``; what
+    the caller had there (packages installed with ``--target``, say) stays after it."""
+    path = os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
         env.pop(name, None)

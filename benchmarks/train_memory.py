@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -100,7 +99,9 @@ def run_child(spec: dict) -> dict:
 
 
 def launch(spec: dict, code: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"])}
+    from benchmarks.score_throughput import child_env
+
+    env = child_env(spec["threads"], code=code)
     res = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=code
     )

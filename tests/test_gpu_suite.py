@@ -198,6 +198,7 @@ def test_child_env_keeps_the_callers_python_path_after_the_repository(monkeypatc
     env = child_env(3)
     assert env["PYTHONPATH"].split(":") == [str(ROOT), "/opt/site-a", "/opt/site-b"]
     assert env["OMP_NUM_THREADS"] == "3"
+    assert child_env(3, code=ROOT / "other")["PYTHONPATH"].split(":")[:2] == [str(ROOT / "other"), "/opt/site-a"]
     monkeypatch.delenv("PYTHONPATH")
     assert child_env(1)["PYTHONPATH"] == str(ROOT)
 
