@@ -118,14 +118,14 @@ def ensure_synthetic_rahf(
 
 
 def _write_data(recipe: dict[str, Any], data: Path, log: Callable[[str], None], test: int = 0) -> None:
-    from rahf.data.synthetic import write_split
+    from rahf.data.synthetic import auto_workers, write_split
 
     d = recipe["data"]
     for split, n in (("train", d["train"]), ("dev", d["dev"]), ("test", test)):
         if n and not (data / f"{split}.tfrecord").is_file():
             log(f"writing the synthetic benchmark's {split} split ({n} images) to {data}")
             per_prompt = d.get("per_prompt", 1) if split != "test" else 1  # the test split stays the benchmark's
-            write_split(data, split, n, size=d["size"], seed=d["seed"], per_prompt=per_prompt)
+            write_split(data, split, n, size=d["size"], seed=d["seed"], per_prompt=per_prompt, workers=auto_workers(n))
 
 
 def _train(recipe: dict[str, Any], data: Path, run: Path, log: Callable[[str], None]) -> dict[str, Any]:

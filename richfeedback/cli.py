@@ -482,10 +482,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
     else:
         from rahf.data.synthetic import write_split
 
+    from rahf.data.synthetic import auto_workers
+
+    if args.workers < 0:
+        raise SystemExit(f"synth: --workers must be >= 0, got {args.workers}")
     size = args.size or (128 if args.world == "alt" else 64)
     for split, n in (("train", args.train), ("dev", args.dev), ("test", args.test)):
         if n:
-            path = write_split(args.out, split, n, size=size, seed=args.seed, per_prompt=args.per_prompt)
+            workers = args.workers or auto_workers(n)
+            path = write_split(
+                args.out, split, n, size=size, seed=args.seed, per_prompt=args.per_prompt, workers=workers
+            )
             print(f"{split}: {n} examples -> {path}")
     return 0
 
@@ -867,6 +874,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="example i of a split depends only on (seed, split, i)")
     p.add_argument(
         "--per-prompt", type=int, default=1, help="consecutive examples sharing one prompt (1: a prompt each)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes rendering the images; the files do not depend on it (0: one per core, at least 2,000 "
+        "examples each)",
     )
     p.add_argument(
         "--world",

@@ -82,6 +82,23 @@ def test_synth_command_writes_a_readable_split(tmp_path):
         assert ex.heatmaps["implausibility"].shape == (32, 32)
 
 
+def test_workers_write_the_same_bytes_as_one_process(tmp_path):
+    from rahf.data import synthetic_alt
+
+    args = ["synth", "--train", "30", "--dev", "0", "--test", "0", "--size", "32", "--per-prompt", "4"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--workers", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "three"), "--workers", "3"]) == 0
+    synthetic_alt.write_split(tmp_path / "alt1", "dev", 10, size=32, seed=2)
+    synthetic_alt.write_split(tmp_path / "alt2", "dev", 10, size=32, seed=2, workers=2)
+    for a, b, split in (("one", "three", "train"), ("alt1", "alt2", "dev")):
+        names = sorted(p.name for p in (tmp_path / a / split).iterdir())
+        assert len(names) == (30 if split == "train" else 10)
+        for name in [f"{split}.tfrecord", f"{split}.jsonl"] + [f"{split}/{n}" for n in names]:
+            assert (tmp_path / a / name).read_bytes() == (tmp_path / b / name).read_bytes(), name
+    with pytest.raises(SystemExit, match="--workers must be >= 0"):
+        main([*args, "--out", str(tmp_path / "bad"), "--workers", "-1"])
+
+
 def test_renderer_imports_without_torch():
     code = "import sys; import rahf.data.synthetic; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -32,15 +32,21 @@ Scores (all in [0, 1], higher is better), from the flaws alone:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
+from itertools import repeat
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from rahf.data.richhf import RichHFExample, write_richhf
+from rahf.data.richhf import RichHFExample, example_features
+from rahf.data.tfrecord import encode_example, write_records
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {
@@ -478,8 +484,10 @@ def generate(
     split: str = "train",
     flaws: FlawModel | None = None,
     per_prompt: int = 1,
+    start: int = 0,
 ) -> Iterator[SyntheticSample]:
-    """``n`` samples of a split; sample i depends only on (seed, split, i), so any prefix is reproducible.
+    """Samples ``start`` .. ``n - 1`` of a split; sample i depends only on (seed, split, i), so any prefix is
+    reproducible and any range can be made on its own (see :func:`write_split`'s ``workers``).
 
     ``per_prompt`` > 1 writes groups of that many consecutive samples sharing one prompt (the last group may be
     shorter), each its own scene: what a generator's candidates for one prompt look like, and what a
@@ -488,7 +496,7 @@ def generate(
     if per_prompt < 1:
         raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
     split_id = split_seed(split)
-    for i in range(n):
+    for i in range(start, n):
         uid = f"{split}/{split}-{seed}-{i:06d}"
         rng = np.random.default_rng([seed, split_id, i])
         if per_prompt == 1:
@@ -507,12 +515,28 @@ def write_split(
     seed: int = 0,
     flaws: FlawModel | None = None,
     per_prompt: int = 1,
+    workers: int = 1,
 ) -> Path:
     """Write ``<split>.tfrecord`` (RichHF-18K schema), the images, and ``<split>.jsonl`` (uid, image, prompt,
-    flaws) under ``out_dir``; returns the TFRecord path. ``per_prompt``: see :func:`generate`."""
-    return write_samples(
-        out_dir, split, generate(n, size=size, seed=seed, split=split, flaws=flaws, per_prompt=per_prompt)
-    )
+    flaws) under ``out_dir``; returns the TFRecord path. ``per_prompt``: see :func:`generate`. ``workers`` > 1
+    renders ranges of samples in that many processes; the files are byte for byte those of one process."""
+    make = partial(generate, size=size, seed=seed, split=split, flaws=flaws, per_prompt=per_prompt)
+    if workers > 1:
+        return write_parallel(out_dir, split, n, make, workers)
+    return write_samples(out_dir, split, make(n))
+
+
+def auto_workers(n: int, per_worker: int = 2000) -> int:
+    """Processes worth starting for ``n`` samples: one per CPU core, but about ``per_worker`` samples each at
+    least (a process costs about a second to start)."""
+    return max(1, min(os.cpu_count() or 1, n // per_worker))
+
+
+def _stored(out: Path, sample: Any) -> tuple[bytes, dict[str, Any]]:
+    """Save a sample's image under ``out``; its TFRecord payload and its ``.jsonl`` row."""
+    sample.image.save(out / sample.example.filename)
+    row = {"uid": sample.example.uid, "image": sample.example.filename, "prompt": sample.prompt, "flaws": sample.flaws}
+    return encode_example(example_features(sample.example)), row
 
 
 def write_samples(out_dir: str | Path, split: str, samples: Iterable[Any]) -> Path:
@@ -522,20 +546,44 @@ def write_samples(out_dir: str | Path, split: str, samples: Iterable[Any]) -> Pa
     (out / split).mkdir(parents=True, exist_ok=True)
     rows = []
 
-    def examples() -> Iterator[RichHFExample]:  # streamed: no sample outlives its record
+    def payloads() -> Iterator[bytes]:  # streamed: no sample outlives its record
         for sample in samples:
-            sample.image.save(out / sample.example.filename)
-            rows.append(
-                {
-                    "uid": sample.example.uid,
-                    "image": sample.example.filename,
-                    "prompt": sample.prompt,
-                    "flaws": sample.flaws,
-                }
-            )
-            yield sample.example
+            payload, row = _stored(out, sample)
+            rows.append(row)
+            yield payload
 
+    return _finish(out, split, payloads(), rows)
+
+
+def _finish(out: Path, split: str, payloads: Iterable[bytes], rows: list[dict[str, Any]]) -> Path:
     path = out / f"{split}.tfrecord"
-    write_richhf(path, examples())
+    write_records(path, payloads)  # rows fill while the payloads stream
     (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def _make_range(
+    make: Callable[..., Iterable[Any]], out: Path, start: int, stop: int
+) -> list[tuple[bytes, dict[str, Any]]]:
+    return [_stored(out, sample) for sample in make(stop, start=start)]
+
+
+def write_parallel(out_dir: str | Path, split: str, n: int, make: Callable[..., Iterable[Any]], workers: int) -> Path:
+    """:func:`write_samples` of ``make(n)``, rendered by ``workers`` processes in ranges ``make(stop, start=a)``
+    (``make`` must be picklable: a module-level function or a ``partial`` of one). Records are written in index
+    order, so the output does not depend on ``workers``."""
+    out = Path(out_dir)
+    (out / split).mkdir(parents=True, exist_ok=True)
+    chunk = max(1, -(-n // (workers * 8)))
+    starts = range(0, n, chunk)
+    rows: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        parts = pool.map(_make_range, repeat(make), repeat(out), starts, [min(a + chunk, n) for a in starts])
+
+        def payloads() -> Iterator[bytes]:
+            for part in parts:
+                for payload, row in part:
+                    rows.append(row)
+                    yield payload
+
+        return _finish(out, split, payloads(), rows)

@@ -43,13 +43,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from rahf.data.richhf import RichHFExample
-from rahf.data.synthetic import split_seed, write_samples
+from rahf.data.synthetic import split_seed, write_parallel, write_samples
 
 SUPERSAMPLE = 2  # drawing pixels per image pixel along each side
 KINDS = ("ring", "star", "moon", "flower", "cube")
@@ -553,14 +554,15 @@ def scenes(
     split: str = "train",
     rates: AltFlawRates | None = None,
     per_prompt: int = 1,
+    start: int = 0,
 ) -> Iterator[AltScene]:
-    """The scenes of :func:`generate` without rendering them (cheap: for statistics)."""
+    """Scenes ``start`` .. ``n - 1`` of :func:`generate` without rendering them (cheap: for statistics)."""
     if per_prompt < 1:
         raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
     sid = split_seed(split)
-    for i in range(n):
+    for i in range(start, n):
         rng = np.random.default_rng([seed, sid, i, _WORLD])
         prompt_rng = rng if per_prompt == 1 else np.random.default_rng([seed, sid, i // per_prompt, per_prompt, _WORLD])
         groups, relation, sky = sample_groups(prompt_rng)
@@ -575,12 +577,15 @@ def generate(
     split: str = "train",
     rates: AltFlawRates | None = None,
     per_prompt: int = 1,
+    start: int = 0,
 ) -> Iterator[AltSample]:
-    """``n`` samples of a split; sample i depends only on (seed, split, i), so any prefix is reproducible.
+    """Samples ``start`` .. ``n - 1`` of a split; sample i depends only on (seed, split, i), so any prefix is
+    reproducible and any range can be made on its own.
 
     ``per_prompt`` > 1: consecutive groups of that many samples share one prompt, each its own scene.
     """
-    for i, scene in enumerate(scenes(n, size=size, seed=seed, split=split, rates=rates, per_prompt=per_prompt)):
+    made = scenes(n, size=size, seed=seed, split=split, rates=rates, per_prompt=per_prompt, start=start)
+    for i, scene in enumerate(made, start):
         yield sample_of(scene, _uid(split, seed, i))
 
 
@@ -593,10 +598,12 @@ def write_split(
     seed: int = 0,
     rates: AltFlawRates | None = None,
     per_prompt: int = 1,
+    workers: int = 1,
 ) -> Path:
     """Write ``<split>.tfrecord`` (RichHF-18K schema), the images under ``<split>/`` and ``<split>.jsonl`` (uid,
-    image, prompt, flaws) under ``out_dir``, as :func:`rahf.data.synthetic.write_split` does; returns the
-    TFRecord path."""
-    return write_samples(
-        out_dir, split, generate(n, size=size, seed=seed, split=split, rates=rates, per_prompt=per_prompt)
-    )
+    image, prompt, flaws) under ``out_dir``, as :func:`rahf.data.synthetic.write_split` does (``workers`` too);
+    returns the TFRecord path."""
+    make = partial(generate, size=size, seed=seed, split=split, rates=rates, per_prompt=per_prompt)
+    if workers > 1:
+        return write_parallel(out_dir, split, n, make, workers)
+    return write_samples(out_dir, split, make(n))
