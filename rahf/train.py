@@ -51,6 +51,7 @@ from rahf.presets import build_rahf
 from rahf.processor import RAHFProcessor
 from rahf.words import swap_word
 from training.harness import (
+    Prefetcher,
     TrainingRun,
     accumulate_step,
     adamw,
@@ -87,6 +88,7 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
     channels_last: bool = False  # run the convolutional heads channels-last (faster on CPU; same maths)
+    prefetch: bool | None = None  # next batch made in a background thread (None: on for an accelerator, off on CPU)
     heatmap_loss_weight: float | None = None  # override the model config's w_h (None: keep)
     score_loss_weight: float | None = None  # override w_s
     token_loss_weight: float | None = None  # override w_t
@@ -556,16 +558,21 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     device = accelerator.device
     write_model = _model_writer(raw, processor)
 
+    def micro_batch(k: int):  # micro-batch k of this process: a function of k alone (exact resume, prefetch)
+        index = rank_batch_index(
+            k, len(train_data), cfg.batch_size, cfg.seed, rank, world, train_prompts, cfg.prompt_group
+        )
+        return batch_inputs(raw, processor, train_data, index, (cfg.seed, k, rank))
+
+    batches = Prefetcher(micro_batch, enabled=cfg.prefetch if cfg.prefetch is not None else device.type != "cpu")
+
     def train_step(step: int) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         parts_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             k = step * cfg.grad_accum + micro
-            index = rank_batch_index(
-                k, len(train_data), cfg.batch_size, cfg.seed, rank, world, train_prompts, cfg.prompt_group
-            )
-            px, ids, mask, labels = batch_inputs(raw, processor, train_data, index, (cfg.seed, k, rank))
+            px, ids, mask, labels = batches.get(k)
             labels = _to(labels, device)
 
             def compute(px=px, ids=ids, mask=mask, labels=labels) -> tuple[torch.Tensor, dict[str, float]]:
@@ -594,6 +601,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         nonlocal best
         if not due(step, cfg.eval_every, cfg.steps):
             return
+        batches.wait()  # the dev batches use the processor the prefetch thread uses
         spread: dict[str, float] = {}
         loss_dev = dev_loss(raw, processor, dev_data, cfg.batch_size, device, accelerator, spread)
         low = sorted(k for k, v in spread.items() if v < cfg.collapse_spread)
@@ -614,19 +622,21 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     collapsed: list[str] = []  # outputs collapsed at the latest dev evaluation
 
     def checkpoint(step: int) -> None:
+        batches.wait()  # the checkpoint writes the processor's tokenizer
         run.save(step, write_model, optimizer, {"best_dev_loss": best})
 
     started = time.perf_counter()
-    step = run.loop(
-        step,
-        cfg.steps,
-        train_step,
-        log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every,
-        checkpoint=checkpoint,
-        after_step=evaluate,
-        stop_after=stop_after,
-    )
+    with batches:
+        step = run.loop(
+            step,
+            cfg.steps,
+            train_step,
+            log_every=cfg.log_every,
+            checkpoint_every=cfg.checkpoint_every,
+            checkpoint=checkpoint,
+            after_step=evaluate,
+            stop_after=stop_after,
+        )
     accelerator.wait_for_everyone()
     return {
         "step": step,

@@ -933,6 +933,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="channels-last heads (faster on CPU, same maths; default: off)",
     )
     p.add_argument(
+        "--prefetch",
+        dest="prefetch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="make the next batch in a background thread while the device works (same batches; default: on for an "
+        "accelerator, off on a CPU)",
+    )
+    p.add_argument(
         "--score-reads-prompt",
         dest="score_reads_prompt",
         action=argparse.BooleanOptionalAction,

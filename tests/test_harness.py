@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.harness import (
+    Prefetcher,
     TrainingRun,
     adamw,
     batches_per_epoch,
@@ -178,3 +179,37 @@ def test_progress_bar_only_on_a_terminal_and_when_asked(tmp_path):
         _toy_run(tmp_path / name, stream=stream, progress=progress)
         assert stream.getvalue() == ""
     assert show_progress(True, Tty()) and not show_progress(True, io.StringIO()) and not show_progress(False, Tty())
+
+
+def test_prefetcher_makes_the_next_item_ahead_and_never_two_at_once():
+    import threading
+    import time
+
+    running, made = [], []
+    lock = threading.Lock()
+
+    def make(k: int) -> int:
+        with lock:
+            running.append(k)
+            assert len(running) == 1, "two make() calls overlapped"
+        time.sleep(0.01)
+        made.append((k, threading.current_thread().name))
+        with lock:
+            running.remove(k)
+        if k == 7:
+            raise ValueError("corrupt item 7")
+        return k * k
+
+    with Prefetcher(make) as ahead:
+        assert [ahead.get(k) for k in (0, 1, 2)] == [0, 1, 4]
+        assert ahead.get(5) == 25  # not the prefetched 3: it is waited for, dropped, and 5 is made now
+        ahead.wait()
+        assert made[-1] == (6, made[-1][1]) and made[-1][1].startswith("prefetch")
+        assert ahead.get(6) == 36  # made ahead
+        with pytest.raises(ValueError, match="corrupt item 7"):
+            ahead.get(7)  # an error made ahead surfaces at the get of its item
+    assert [k for k, _ in made] == [0, 1, 2, 3, 5, 6, 7]  # nothing is made ahead after an error
+    assert made[0][1] == "MainThread" and all(t.startswith("prefetch") for k, t in made if k in (1, 2, 3, 6, 7))
+    plain = Prefetcher(make, enabled=False)
+    made.clear()
+    assert [plain.get(k) for k in (0, 1)] == [0, 1] and [t for _, t in made] == ["MainThread"] * 2

@@ -235,6 +235,31 @@ def test_channels_last_training_matches_the_default_layout(data_dir, tmp_path, m
         torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3, msg=k)
 
 
+def test_prefetched_batches_train_the_same_bits(data_dir, tmp_path, monkeypatch):
+    import threading
+
+    import rahf.train as rt
+
+    threads: list[str] = []
+    make = rt.batch_inputs
+    monkeypatch.setattr(
+        rt, "batch_inputs", lambda *a, **k: threads.append(threading.current_thread().name) or make(*a, **k)
+    )
+    # itm on: each batch also draws its edited-prompt negatives, and the dev evaluation (step 3) tokenizes
+    kw = {"steps": 5, "itm_loss_weight": 1.0, "itm_swaps": [["red", "blue", "green"]]}
+    train(config(data_dir, tmp_path / "a", **kw))
+    assert threads and all(t == "MainThread" for t in threads)  # a CPU run makes its batches itself
+    threads.clear()
+    train(config(data_dir, tmp_path / "b", prefetch=True, **kw))
+    made_ahead = [t for t in threads if t.startswith("prefetch")]
+    assert len(made_ahead) >= 5  # steps 2.. and the one after the last were made on the prefetch thread
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step-5" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step-5" / "model.safetensors"))
+    for k in a:  # bit-identical: the same batches in the same order
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "a" / "log.jsonl").read_text() == (tmp_path / "b" / "log.jsonl").read_text()
+
+
 def test_output_spread_is_zero_for_a_constant_output_only():
     from rahf.train import output_spread
 

@@ -26,6 +26,8 @@ A caller builds its model and its loss; the harness owns everything around them:
   and (when a ``no_decay`` rule is given) without.
 * **Accelerate.** :func:`make_accelerator` (device, mixed precision, gradient accumulation) and
   :func:`accumulate_step` (one micro-batch: forward under autocast, backward, step).
+* **Prefetch.** :class:`Prefetcher` makes the next batch in a background thread while the accelerator runs the
+  current one (batches are functions of their index, so the order and the bits are those of a plain loop).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import json
 import shutil
 import sys
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -104,6 +107,51 @@ def accumulate_step(
         optimizer.step()
         optimizer.zero_grad()
     return loss, extra
+
+
+T = TypeVar("T")
+
+
+class Prefetcher(Generic[T]):
+    """``get(k)`` returns ``make(k)`` and starts ``make(k + 1)`` in one background thread, so reading and decoding
+    the next batch overlaps the accelerator's work on this one. ``make`` must depend on k only; calls never
+    overlap (a prefetched item that is not asked for is waited for and dropped). ``enabled=False`` makes every
+    item on the caller's thread (on a CPU the thread would only take cores from the math)."""
+
+    def __init__(self, make: Callable[[int], T], enabled: bool = True) -> None:
+        self._make = make
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if enabled else None
+        self._next: tuple[int, Future[T]] | None = None
+
+    def get(self, k: int) -> T:
+        pending, self._next = self._next, None
+        if pending is not None and pending[0] == k:
+            item = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].exception()  # wait: make() calls never run side by side
+            item = self._make(k)
+        if self._pool is not None:
+            self._next = (k + 1, self._pool.submit(self._make, k + 1))
+        return item
+
+    def wait(self) -> None:
+        """Wait until the item being made is done: call it before the caller itself uses what ``make`` uses (a
+        tokenizer is not safe to share between threads)."""
+        if self._next is not None:
+            self._next[1].exception()
+
+    def close(self) -> None:
+        """Wait for a running ``make`` and stop the thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._next = None
+
+    def __enter__(self) -> Prefetcher[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def param_groups(
