@@ -626,17 +626,17 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         run.save(step, write_model, optimizer, {"best_dev_loss": best})
 
     started = time.perf_counter()
-    with batches:
-        step = run.loop(
-            step,
-            cfg.steps,
-            train_step,
-            log_every=cfg.log_every,
-            checkpoint_every=cfg.checkpoint_every,
-            checkpoint=checkpoint,
-            after_step=evaluate,
-            stop_after=stop_after,
-        )
+    step = run.loop(
+        step,
+        cfg.steps,
+        train_step,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint=checkpoint,
+        after_step=evaluate,
+        stop_after=stop_after,
+    )
+    batches.close()  # (after an error the pool goes with this frame, and its thread exits)
     accelerator.wait_for_everyone()
     return {
         "step": step,
