@@ -571,7 +571,8 @@ def _make_range(
 def write_parallel(out_dir: str | Path, split: str, n: int, make: Callable[..., Iterable[Any]], workers: int) -> Path:
     """:func:`write_samples` of ``make(n)``, rendered by ``workers`` processes in ranges ``make(stop, start=a)``
     (``make`` must be picklable: a module-level function or a ``partial`` of one). Records are written in index
-    order, so the output does not depend on ``workers``."""
+    order, so the output does not depend on ``workers``. The workers are spawned, so they import the caller's
+    main module: a script that calls this must keep its work under ``if __name__ == "__main__":``."""
     out = Path(out_dir)
     (out / split).mkdir(parents=True, exist_ok=True)
     chunk = max(1, -(-n // (workers * 8)))
