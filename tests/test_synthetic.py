@@ -99,6 +99,16 @@ def test_workers_write_the_same_bytes_as_one_process(tmp_path):
         main([*args, "--out", str(tmp_path / "bad"), "--workers", "-1"])
 
 
+def test_auto_workers_is_one_per_core_but_a_share_of_the_split_each(monkeypatch):
+    from rahf.data import synthetic
+
+    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 16)
+    assert [synthetic.auto_workers(n) for n in (0, 200, 3999, 4000, 36000, 10**6)] == [1, 1, 1, 2, 16, 16]
+    assert synthetic.auto_workers(36000, per_worker=5000) == 7
+    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: None)  # unknown: one process
+    assert synthetic.auto_workers(36000) == 1
+
+
 def test_renderer_imports_without_torch():
     code = "import sys; import rahf.data.synthetic; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -521,9 +521,7 @@ def write_split(
     flaws) under ``out_dir``; returns the TFRecord path. ``per_prompt``: see :func:`generate`. ``workers`` > 1
     renders ranges of samples in that many processes; the files are byte for byte those of one process."""
     make = partial(generate, size=size, seed=seed, split=split, flaws=flaws, per_prompt=per_prompt)
-    if workers > 1:
-        return write_parallel(out_dir, split, n, make, workers)
-    return write_samples(out_dir, split, make(n))
+    return write_parallel(out_dir, split, n, make, workers)
 
 
 def auto_workers(n: int, per_worker: int = 2000) -> int:
@@ -569,10 +567,13 @@ def _make_range(
 
 
 def write_parallel(out_dir: str | Path, split: str, n: int, make: Callable[..., Iterable[Any]], workers: int) -> Path:
-    """:func:`write_samples` of ``make(n)``, rendered by ``workers`` processes in ranges ``make(stop, start=a)``
-    (``make`` must be picklable: a module-level function or a ``partial`` of one). Records are written in index
-    order, so the output does not depend on ``workers``. The workers are spawned, so they import the caller's
-    main module: a script that calls this must keep its work under ``if __name__ == "__main__":``."""
+    """:func:`write_samples` of ``make(n)``; with ``workers`` > 1 rendered by that many processes in ranges
+    ``make(stop, start=a)`` (``make`` must be picklable: a module-level function or a ``partial`` of one). Records
+    are written in index order, so the output does not depend on ``workers``. The workers are spawned, so they
+    import the caller's main module: a script that calls this with ``workers`` > 1 must keep its work under
+    ``if __name__ == "__main__":``."""
+    if workers <= 1:
+        return write_samples(out_dir, split, make(n))
     out = Path(out_dir)
     (out / split).mkdir(parents=True, exist_ok=True)
     chunk = max(1, -(-n // (workers * 8)))

@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from rahf.data.richhf import RichHFExample
-from rahf.data.synthetic import split_seed, write_parallel, write_samples
+from rahf.data.synthetic import split_seed, write_parallel
 
 SUPERSAMPLE = 2  # drawing pixels per image pixel along each side
 KINDS = ("ring", "star", "moon", "flower", "cube")
@@ -604,6 +604,4 @@ def write_split(
     image, prompt, flaws) under ``out_dir``, as :func:`rahf.data.synthetic.write_split` does (``workers`` too);
     returns the TFRecord path."""
     make = partial(generate, size=size, seed=seed, split=split, rates=rates, per_prompt=per_prompt)
-    if workers > 1:
-        return write_parallel(out_dir, split, n, make, workers)
-    return write_samples(out_dir, split, make(n))
+    return write_parallel(out_dir, split, n, make, workers)
