@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from rahf.model import RAHFModel
 from rahf.processor import RAHFProcessor
@@ -64,7 +65,12 @@ def average_run(run: str | Path, last: int, out: str | Path) -> list[Path]:
     if last < 1:
         raise ValueError(f"last must be >= 1, got {last}")
     folders = run_checkpoints(run)[-last:]
-    models = [RAHFModel.from_pretrained(f) for f in folders]
+    models = []
+    for f in folders:  # nothing is written unless every checkpoint loads
+        try:
+            models.append(RAHFModel.from_pretrained(f))
+        except (OSError, SafetensorError) as err:
+            raise ValueError(f"checkpoint {f} cannot be read: {err}") from err
     averaged = models[-1]
     averaged.load_state_dict(average_weights([m.state_dict() for m in models]))
     averaged.save_pretrained(out)

@@ -49,3 +49,16 @@ def test_mismatched_states_and_empty_runs_are_refused(tmp_path, capsys):
     assert torch.equal(average_weights([x, {"w": torch.zeros(2), "n": torch.tensor([3])}])["w"], torch.full((2,), 0.5))
     assert main(["--run", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no step-N checkpoints" in capsys.readouterr().err
+
+
+def test_a_corrupt_checkpoint_is_named_and_nothing_is_written(tmp_path, capsys):
+    run = _run_with_checkpoints(tmp_path / "run", [(1, 1), (2, 2)])
+    (run / "checkpoints" / "step-1" / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "avg"
+    assert main(["--run", str(run), "--last", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "step-1 cannot be read" in err
+    assert not out.exists()  # nothing half-written
+    # the last checkpoint alone still averages (to itself): the good one is not lost
+    assert main(["--run", str(run), "--last", "1", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
