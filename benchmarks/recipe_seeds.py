@@ -11,7 +11,7 @@ did in the loop: each round's share of the oracle's selection gain, the true pla
 its within-prompt Spearman on the round-1 candidates, the held-out true scores after the last round and the
 change of the true implausible area that round-1 repair made.
 
-Usage: python benchmarks/recipe_seeds.py --base runs/eval-a-s0 runs/eval-a-s1 ... --new runs/eval-b-s0 ...
+Usage: python benchmarks/recipe_seeds.py --base runs/eval-a-s0 runs/eval-a-s1:model-s1 ... --new runs/eval-b-s0 ...
        [--base-name A] [--new-name B] [--model NAME] [--ranking | --loop] [--per-seed] [--out table.md]
 """
 
@@ -91,8 +91,13 @@ def load_loops(folders: list[str | Path]) -> list[dict]:
 
 
 def load(folder: str | Path, model: str | None = None) -> dict:
-    """The tables of one model in ``folder/metrics.json`` (the only model, or ``model``)."""
-    tables = json.loads((Path(folder) / "metrics.json").read_text())
+    """The tables of one model in ``folder/metrics.json`` (the only model, or ``model``). ``folder`` may name its
+    model itself as ``FOLDER:MODEL`` (when no folder of that whole name exists), which overrides ``model``."""
+    folder = Path(folder)
+    if not folder.exists() and ":" in folder.name:
+        name, _, model = str(folder).rpartition(":")
+        folder = Path(name)
+    tables = json.loads((folder / "metrics.json").read_text())
     if model is None and len(tables) == 1:
         return next(iter(tables.values()))
     if model not in tables:
@@ -166,8 +171,15 @@ def markdown(rows: list[dict], base_name: str, new_name: str, per_seed: bool = F
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", nargs="+", required=True, help="evaluation folders of the base recipe, one per seed")
-    p.add_argument("--new", nargs="+", required=True, help="evaluation folders of the new recipe, one per seed")
+    p.add_argument(
+        "--base",
+        nargs="+",
+        required=True,
+        help="evaluation folders of the base recipe, one per seed (FOLDER:MODEL names the model in it)",
+    )
+    p.add_argument(
+        "--new", nargs="+", required=True, help="evaluation folders of the new recipe, one per seed (FOLDER:MODEL too)"
+    )
     p.add_argument("--base-name", default="base")
     p.add_argument("--new-name", default="new")
     p.add_argument("--model", help="the model's name in metrics.json when a folder holds several")

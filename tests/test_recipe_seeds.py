@@ -49,6 +49,10 @@ def test_the_25_numbers_and_loading(tmp_path):
     for model in (None, "c"):  # two models and none named, or a name that is not there
         with pytest.raises(ValueError, match=r"holds \['a', 'b'\]: name one of them with --model"):
             load(tmp_path, model)
+    assert load(f"{tmp_path}:b")["scores"]["plausibility"]["plcc"] == 0.6  # FOLDER:MODEL names the model
+    assert load(f"{tmp_path}:a", "b")["scores"]["plausibility"]["plcc"] == 0.5  # ... and overrides --model
+    with pytest.raises(ValueError, match="holds"):
+        load(f"{tmp_path}:c")
 
 
 def _loop(folder, shares: list[float], final_overall: float, area_diff: float, prompts: int = 32) -> None:
