@@ -13,16 +13,17 @@ Usage: python benchmarks/seed_ensemble.py --data SPLIT_DIR --model A=DIR --model
 from __future__ import annotations
 
 import argparse
-import difflib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from common.names import HEATMAP_NAMES, SCORE_NAMES
 from rahf.evaluate import Predictions, evaluate, load_ground_truth, predict_with_scorer, write_results
-from rahf.metrics import _marked
+from rahf.metrics import align_words, marked_words
 
 
 def vote_keywords(prompt: str, sequences: Sequence[str], suffix: str = "_0") -> str:
@@ -32,11 +33,9 @@ def vote_keywords(prompt: str, sequences: Sequence[str], suffix: str = "_0") -> 
     words = prompt.split()
     votes = [0] * len(words)
     for seq in sequences:
-        seq_words, marks = _marked(seq.split(), suffix)
-        match = difflib.SequenceMatcher(a=seq_words, b=words, autojunk=False)
-        for block in match.get_matching_blocks():
-            for k in range(block.size):
-                votes[block.b + k] += marks[block.a + k]
+        seq_words, marks = marked_words(seq, suffix)
+        for i, j in align_words(seq_words, words).items():
+            votes[j] += marks[i]
     return " ".join(w + suffix if 2 * v > len(sequences) else w for w, v in zip(words, votes, strict=True))
 
 
@@ -45,6 +44,10 @@ def ensemble(preds: Sequence[Predictions], prompts: Sequence[str]) -> Prediction
     keywords by :func:`vote_keywords`."""
     if not preds:
         raise ValueError("no predictions to combine")
+    for n in HEATMAP_NAMES:
+        shapes = sorted({p.heatmaps[n].shape for p in preds})
+        if len(shapes) > 1:
+            raise ValueError(f"the models' {n} heatmaps differ in shape {shapes}: combine models of one resolution")
     return Predictions(
         scores={n: np.mean([p.scores[n] for p in preds], axis=0) for n in SCORE_NAMES},
         heatmaps={n: np.mean([p.heatmaps[n] for p in preds], axis=0) for n in HEATMAP_NAMES},
@@ -63,16 +66,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = [m.partition("=") for m in args.model]
     if len(models) < 2 or any(not name or not folder for name, _, folder in models):
         p.error("give two or more --model NAME=DIR")
+    names = [name for name, _, _ in models]
+    if len(set(names)) < len(names):
+        p.error(f"--model names must differ, got {names}")
     torch.set_num_threads(args.threads)
     from rahf.scorer import RAHFScorer
 
-    gt = load_ground_truth(args.data, args.split)
-    preds, results = [], {}
-    for name, _, folder in models:
-        pred = predict_with_scorer(RAHFScorer.from_pretrained(folder, device="cpu"), gt)
-        preds.append(pred)
-        results[name] = evaluate(pred, gt)
-    results["ensemble of " + " + ".join(name for name, _, _ in models)] = evaluate(ensemble(preds, gt.prompts), gt)
+    try:
+        gt = load_ground_truth(args.data, args.split)
+        scorers = []
+        for name, _, folder in models:  # every model loads before any scoring, so a bad folder fails fast
+            try:
+                scorers.append(RAHFScorer.from_pretrained(folder, device="cpu"))
+            except (OSError, ValueError, SafetensorError) as err:
+                raise ValueError(f"model {name} ({folder}) does not load: {err}") from err
+        preds = [predict_with_scorer(scorer, gt) for scorer in scorers]
+        results = {name: evaluate(pred, gt) for name, pred in zip(names, preds, strict=True)}
+        results["ensemble of " + " + ".join(names)] = evaluate(ensemble(preds, gt.prompts), gt)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     write_results(args.out, results)
     print((Path(args.out) / "metrics.md").read_text())
     return 0

@@ -220,6 +220,18 @@ def _marked(words: Sequence[str], suffix: str) -> tuple[list[str], list[bool]]:
     return base, flags
 
 
+def marked_words(sequence: str, suffix: str = "_0") -> tuple[list[str], list[bool]]:
+    """A keyword sequence's words with ``suffix`` removed, and whether each was marked misaligned."""
+    return _marked(sequence.split(), suffix)
+
+
+def align_words(a: Sequence[str], b: Sequence[str]) -> dict[int, int]:
+    """{index in ``a``: index in ``b``} for the words the two sequences share in order (difflib's longest
+    matching blocks), so a sequence that drops, adds or changes words still lines up with the other."""
+    match = difflib.SequenceMatcher(a=list(a), b=list(b), autojunk=False)
+    return {block.a + k: block.b + k for block in match.get_matching_blocks() for k in range(block.size)}
+
+
 def keyword_counts(pred_sequence: str, target_sequence: str, suffix: str = "_0") -> tuple[int, int, int]:
     """(TP, FP, FN) of misaligned-word predictions for one sample.
 
@@ -230,11 +242,7 @@ def keyword_counts(pred_sequence: str, target_sequence: str, suffix: str = "_0")
     """
     pw, pm = _marked(pred_sequence.split(), suffix)
     tw, tm = _marked(target_sequence.split(), suffix)
-    match = difflib.SequenceMatcher(a=pw, b=tw, autojunk=False)
-    aligned = {}
-    for block in match.get_matching_blocks():
-        for k in range(block.size):
-            aligned[block.a + k] = block.b + k
+    aligned = align_words(pw, tw)
     tp = sum(1 for i, m in enumerate(pm) if m and i in aligned and tm[aligned[i]])
     fp = sum(pm) - tp
     fn = sum(tm) - tp

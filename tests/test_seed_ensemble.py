@@ -40,3 +40,32 @@ def test_the_command_wants_two_named_models(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--data", "x", "--model", "a=dir", "--out", "o"])
     assert exit_.value.code == 2 and "two or more --model NAME=DIR" in capsys.readouterr().err
+
+
+def test_models_of_different_map_sizes_are_refused():
+    def pred(side: int) -> Predictions:
+        return Predictions(
+            scores={n: np.zeros(1) for n in SCORE_NAMES},
+            heatmaps={n: np.zeros((1, side, side)) for n in HEATMAP_NAMES},
+            sequences=["a"],
+        )
+
+    with pytest.raises(ValueError, match=r"heatmaps differ in shape .*one resolution"):
+        ensemble([pred(4), pred(8)], ["a"])
+
+
+def test_a_model_that_does_not_load_is_named_and_nothing_is_written(tmp_path, capsys):
+    from rahf.data.synthetic import write_split
+
+    write_split(tmp_path / "data", "test", 2, size=32, seed=0)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    out = tmp_path / "out"
+    args = ["--data", str(tmp_path / "data"), "--model", f"a={tmp_path / 'missing'}", "--model"]
+    assert main([*args, f"b={tmp_path / 'broken'}", "--out", str(out), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "model a (" in err and "does not load" in err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", "x", "--model", "a=d1", "--model", "a=d2", "--out", str(out)])
+    assert exit_.value.code == 2 and "names must differ" in capsys.readouterr().err
