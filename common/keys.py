@@ -165,6 +165,11 @@ def id_of_record_key(key: str) -> str | None:
     return _id_in(key, RECORDS, ".json")
 
 
+def id_of_claim_key(key: str) -> str | None:
+    """The id of a :func:`claim_key`, or None when ``key`` is not one."""
+    return _id_in(key, CLAIMS, ".json")
+
+
 def id_of_repair_key(key: str) -> str | None:
     """The id of a :func:`repair_key`, or None when ``key`` is not one."""
     return _id_in(key, REPAIRS, ".json")

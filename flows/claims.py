@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from common.keys import CLAIMS, claim_key
+from common.keys import CLAIMS, claim_key, id_of_claim_key
 from flows.storage import RunStore
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,22 @@ class Claims:
             else:
                 busy.append(id)
         return mine, busy
+
+    def clear_finished(self, finished: Iterable[str]) -> list[str]:
+        """Delete the abandoned claims of images that already have their record: a process killed between writing
+        a record and releasing its claim leaves one that no later run would take over, since none redoes that
+        image. One listing of ``claims/``; a live process's claim is left alone. Returns the ids cleared."""
+        done = set(finished)
+        cleared = []
+        for key in self.store.list(CLAIMS):
+            id = id_of_claim_key(key)
+            if id is None or id not in done:
+                continue
+            claim = self._read(id)
+            if claim is not None and claim.get("token") != self.token and self.abandoned(claim):
+                self.store.delete(key)
+                cleared.append(id)
+        return cleared
 
     def release(self, ids: Iterable[str]) -> None:
         """Delete this process's claims of ``ids`` (a claim another process took over is left alone)."""

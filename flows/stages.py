@@ -176,6 +176,8 @@ def generate_and_score(
     if progress:
         progress(done, len(ids))
     claims = Claims(store, config.claim_ttl_s)
+    if cleared := claims.clear_finished(finished):
+        log.info("cleared %d abandoned claims of finished images", len(cleared))
     by_others: set[str] = set()  # finished by another process while this one ran
     pending = list(dict.fromkeys(todo))  # a repeated prompt plans the same id twice: do it once
     while pending:

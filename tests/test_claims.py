@@ -77,6 +77,24 @@ def test_claims_skip_live_owners_and_take_over_abandoned_ones(tmp_path):
     assert store.list("claims") == [claim_key("live-here"), claim_key("other-host-fresh")]
 
 
+def test_abandoned_claims_of_finished_images_are_cleared_and_live_ones_kept(tmp_path):
+    # a process killed between writing a record and releasing its claim: no later run redoes that image, so
+    # nothing would ever take the claim over
+    store = RunStore(str(tmp_path / "run"))
+    claims = Claims(store, ttl_s=30)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _foreign_claim(store, "done-dead", claims.host, dead.pid, age_s=1)
+    _foreign_claim(store, "done-live", claims.host, os.getppid(), age_s=1)  # still at work: left alone
+    _foreign_claim(store, "todo-dead", claims.host, dead.pid, age_s=1)  # not finished: acquire takes it over
+    assert claims.acquire(["done-mine"]) == (["done-mine"], [])  # its own claim, of a finished image: kept
+    store.write_bytes("claims/notes.txt", b"not a claim")  # other keys under claims/ are ignored
+    assert claims.clear_finished(["done-dead", "done-live", "done-mine", "absent"]) == ["done-dead"]
+    assert sorted(store.list("claims")) == sorted(
+        [claim_key(i) for i in ("done-live", "todo-dead", "done-mine")] + ["claims/notes.txt"]
+    )
+
+
 @pytest.mark.slow
 def test_two_processes_on_overlapping_prompts_do_no_work_twice(tmp_path):
     root = str(tmp_path / "run")

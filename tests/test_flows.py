@@ -73,6 +73,26 @@ def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
     assert again.generated == () and again.scored == () and again.skipped == 48
 
 
+def test_a_rerun_clears_the_claims_a_killed_run_left_on_finished_images(tmp_path):
+    # killed after writing a record and before releasing its claim: the rerun skips that image, and still must not
+    # leave its claim behind; a live process's claim stays
+    from flows.claims import Claims, claim_key
+
+    root = str(tmp_path / "run")
+    first = stages.generate_and_score(root, [PROMPTS[2]], tiny(per_prompt=2))
+    store = RunStore(root)
+    assert len(first.scored) == 2 and store.list("claims") == []
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = Claims(store).host
+    for id, pid in zip(first.scored, (dead.pid, os.getppid()), strict=True):
+        body = {"host": host, "pid": pid, "token": "killed-run", "time": time.time()}
+        store.write_bytes(claim_key(id), json.dumps(body).encode())
+    again = stages.generate_and_score(root, [PROMPTS[2]], tiny(per_prompt=2))
+    assert again.skipped == 2 and again.generated == ()
+    assert store.list("claims") == [claim_key(first.scored[1])]
+
+
 def test_a_failing_item_becomes_an_error_record_and_the_batch_goes_on(tmp_path):
     root = str(tmp_path / "run")
     report = stages.generate_and_score(root, [PROMPTS[2], "a photo of a cat"], tiny(per_prompt=2))
