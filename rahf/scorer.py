@@ -2,7 +2,8 @@
 
 Callers ask only for what they need — every output costs: at ``richhf-base`` size the two heatmap heads are
 about three quarters of the compute and keyword decoding most of the rest. ``scores_only=True`` runs the ViT,
-the fusion encoder and the four score heads only.
+the fusion encoder and the four score heads only — and the heatmap heads too when the model has a score read-out
+(:mod:`rahf.readout`), which computes the scores from the head scores and the maps.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rahf.model import RAHFModel
 from rahf.oom import is_out_of_memory, release_memory, run_in_batches
 from rahf.presets import PRESETS, build_rahf
 from rahf.processor import DEFAULT_MAX_PIXELS, ImageInput, InvalidImageError, RAHFProcessor, load_image, to_rgb
+from rahf.readout import READOUT_FILE, ScoreReadout
 
 DTYPES = {
     "fp32": torch.float32,
@@ -63,6 +65,8 @@ class RAHFScorer:
         channels_last: run the convolutional heads channels-last (faster on CPU and GPU; same values).
         head_chunk: feature maps per head call; bounds the memory of full-resolution heatmap activations
             (~0.5 GB per image at richhf-base size) without slowing down.
+        score_readout: a fitted :class:`~rahf.readout.ScoreReadout`; the scores returned are then its calibrated
+            scores instead of the heads'. ``from_pretrained`` loads the folder's own unless ``score_readout=False``.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class RAHFScorer:
         batch_size: int = 8,
         channels_last: bool = True,
         head_chunk: int | None = 2,
+        score_readout: ScoreReadout | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -86,6 +91,9 @@ class RAHFScorer:
         self.head_chunk = head_chunk
         self.processor = processor
         self.model = model.to(self.device).eval()
+        if score_readout is not None:
+            score_readout.check_model(model.config.score_names, model.config.heatmap_names, "RAHFScorer")
+        self.score_readout = score_readout
         #: what scored an image (recorded beside every score): where the weights came from and their hash
         self.identity: dict[str, str | None] = {"source": "in-memory", "weights_hash": None}
         if channels_last:
@@ -95,23 +103,34 @@ class RAHFScorer:
     # -- construction --------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, **kwargs) -> RAHFScorer:
-        """Load a saved RAHF folder, a hub id of one, or build a preset name at random init (seed 0)."""
+    def from_pretrained(cls, source: str | Path, *, score_readout: bool = True, **kwargs) -> RAHFScorer:
+        """Load a saved RAHF folder, a hub id of one, or build a preset name at random init (seed 0).
+
+        A folder's score read-out (``score_readout.safetensors``) is applied unless ``score_readout=False`` (the
+        heads' own scores); the weights hash of the identity then covers the read-out too."""
         if str(source) in PRESETS and not Path(source).exists():
             model, processor = build_rahf(str(source))
             scorer = cls(model, processor, **kwargs)
             scorer.identity = {"source": f"{source} (random init, seed 0)", "weights_hash": None}
             return scorer
-        directory = resolve_model_dir(source)
-        scorer = cls(RAHFModel.from_pretrained(directory), RAHFProcessor.from_pretrained(directory), **kwargs)
-        weights = Path(directory) / "model.safetensors"
-        scorer.identity = {"source": str(source), "weights_hash": _file_hash(weights) if weights.is_file() else None}
+        directory = Path(resolve_model_dir(source))
+        readout = ScoreReadout.load(directory) if score_readout else None
+        model, processor = RAHFModel.from_pretrained(directory), RAHFProcessor.from_pretrained(directory)
+        scorer = cls(model, processor, score_readout=readout, **kwargs)
+        weights = directory / "model.safetensors"
+        digest = _file_hash(weights) if weights.is_file() else None
+        if digest is not None and readout is not None:
+            digest = f"{digest}+{_file_hash(directory / READOUT_FILE)}"
+        scorer.identity = {"source": str(source), "weights_hash": digest}
         return scorer
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the model and its processor as one RAHF folder (``from_pretrained`` reads it back)."""
+        """Write the model, its processor and its score read-out as one RAHF folder (``from_pretrained`` reads it
+        back)."""
         self.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
+        if self.score_readout is not None:
+            self.score_readout.save(directory)
 
     # -- scoring -------------------------------------------------------------------------------------------
 
@@ -135,7 +154,8 @@ class RAHFScorer:
             images: PIL images (any mode, any size), paths or encoded bytes.
             heatmaps: heatmap names to predict (default all); ``()`` for none.
             keywords: decode the misaligned-keyword sequence.
-            scores_only: only the four scores (no heatmaps, no decoding): the cheapest path.
+            scores_only: only the four scores (no heatmaps, no decoding): the cheapest path (a model with a score
+                read-out still runs its heatmap heads, which the read-out reads).
             heatmap_size: ``"model"`` ((S, S), the ViT input size) or ``"image"`` (each image's own (H, W)).
             errors: ``"raise"`` stops at the first bad input with a message naming it; ``"return"`` puts a
                 :class:`ScoringFailure` at that position and scores the rest (an image that cannot be opened,
@@ -241,40 +261,48 @@ class RAHFScorer:
             text = proc.tokenize(list(prompts))
         else:
             text = proc.tokenize_tasks(list(prompts), [model.config.task_prefixes[score]])
+        readout = self.score_readout
         with self._autocast():
             out = model(
                 x,
                 text.input_ids.to(self.device),
                 text.attention_mask.to(self.device),
-                heatmaps=(),
-                scores=(score,),
+                heatmaps=readout.heatmap_names if readout else (),
+                scores=readout.score_names if readout else (score,),
                 keywords=False,
                 channels_last=self.channels_last,
                 head_chunk=self.head_chunk,
             )
+        if readout is not None and score in readout.score_names:
+            return readout.apply(out.scores, out.heatmaps)[score]
         return out.scores[score].float()
 
     @torch.inference_mode()
     def _score_batch(self, prompts, images, names, keywords, heatmap_size) -> list[RichFeedback]:
-        model, proc = self.model, self.processor
+        model, proc, readout = self.model, self.processor, self.score_readout
         pixels = proc.preprocess_images(images).to(self.device)
         scores = model.config.score_names
+        computed = names
+        if readout is not None:  # the maps the read-out reads, in the model's order
+            computed = tuple(n for n in model.config.heatmap_names if n in names or n in readout.heatmap_names)
         if model.config.variant == "multi_head":
             text = proc.tokenize(prompts)
         else:
-            tasks = model.task_order(names, scores, keywords)
+            tasks = model.task_order(computed, scores, keywords)
             text = proc.tokenize_tasks(prompts, [model.config.task_prefixes[t] for t in tasks])
         with self._autocast():
             out = model(
                 pixels,
                 text.input_ids.to(self.device),
                 text.attention_mask.to(self.device),
-                heatmaps=names,
+                heatmaps=computed,
                 scores=scores,
                 keywords=keywords,
                 channels_last=self.channels_last,
                 head_chunk=self.head_chunk,
             )
+            if readout is not None:
+                out.scores = {**out.scores, **readout.apply(out.scores, out.heatmaps)}
             sequences = None
             if keywords:
                 budgets = proc.keyword_budgets(text, model.config.max_keyword_tokens)

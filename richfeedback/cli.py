@@ -445,6 +445,26 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit a score read-out of a trained RAHF on a labelled split and save it in the model folder."""
+    from rahf.readout import READOUT_FILE, ReadoutConfig, fit_score_readout
+
+    set_threads(args.threads)
+    config = ReadoutConfig(split=args.split, lam=args.lam, area_threshold=args.area_threshold)
+    readout, table = fit_score_readout(args.model, args.data, config, batch_size=args.batch_size, device=args.device)
+    readout.save(args.model)
+    print(f"score read-out fit on {readout.info['examples']} examples of {args.data}/{args.split} (in-sample):")
+    print("| score | head PLCC / SRCC | read-out PLCC / SRCC |")
+    print("|---|---:|---:|")
+    for name, t in table.items():
+        head, fit = f"{t['head_plcc']:.3f} / {t['head_srcc']:.3f}", f"{t['readout_plcc']:.3f} / {t['readout_srcc']:.3f}"
+        print(f"| {name} | {head} | {fit} |")
+    if readout.info["skipped"]:
+        print(f"{readout.info['skipped']} examples skipped: their image could not be read")
+    print(f"wrote {Path(args.model) / READOUT_FILE}; scoring with this folder now uses it (eval --raw-scores: not)")
+    return 0
+
+
 def cmd_select(args: argparse.Namespace) -> int:
     """Best of N per prompt of a run folder -> its finetune-data/ folder (the scheduled selection, on demand)."""
     from flows.config import SELECT_FLAGS, config_from_args
@@ -617,7 +637,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     scorer = None
     for spec in args.model or []:
         name, _, path = spec.rpartition("=")
-        scorer = RAHFScorer.from_pretrained(path, device=args.device, batch_size=args.batch_size)
+        scorer = RAHFScorer.from_pretrained(
+            path, device=args.device, batch_size=args.batch_size, score_readout=not args.raw_scores
+        )
         results[name or path] = evaluate(predict_with_scorer(scorer, gt), gt)
     if args.baselines:
         from rahf.baselines import MeanPredictor, predict_small_cnn, train_small_cnn
@@ -767,6 +789,8 @@ def add_config_flags(p: argparse.ArgumentParser, flags: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rahf.readout import ReadoutConfig
+
     parser = argparse.ArgumentParser(prog="richfeedback", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -851,6 +875,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse-run", default=None, help="package a finished training run of the same recipe instead of retraining"
     )
     p.set_defaults(func=cmd_demo_model)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a score read-out of a trained RAHF on a labelled split (dev) and save it in the model folder",
+        description="Fit, per score, a ridge regression from the model's own outputs (its four head scores and each "
+        "heatmap's mean, peak and hot area) to the labelled scores of a held-out split, and save it as "
+        "score_readout.safetensors in the model folder; every later scoring with the folder returns the read-out's "
+        "scores. Fit on a split the model was not trained on.",
+    )
+    p.add_argument("--model", required=True, help="the trained RAHF folder (the read-out is written into it)")
+    p.add_argument("--data", required=True, help="split folder with <split>.tfrecord and <split>.jsonl")
+    p.add_argument("--split", default=ReadoutConfig.split, help="labelled split to fit on (not the training split)")
+    p.add_argument("--lam", type=float, default=ReadoutConfig.lam, help="ridge penalty on standardised features")
+    p.add_argument(
+        "--area-threshold",
+        type=float,
+        default=ReadoutConfig.area_threshold,
+        help="a heatmap pixel above this counts toward the hot-area feature",
+    )
+    p.add_argument("--device", default="cpu", help="device of the model: cpu, cuda, ...")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("save-preset", help="build a RAHF preset and save it as a model folder")
     p.add_argument("preset", help="rahf-tiny | rahf-tiny-p4 | richhf-base")
@@ -1011,6 +1058,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for metrics.json and metrics.md")
     p.add_argument("--device", default="cpu", help="device of the RAHF models: cpu, cuda, ...")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass of a RAHF model")
+    p.add_argument(
+        "--raw-scores",
+        action="store_true",
+        help="score with the models' score heads, not their score read-outs (`calibrate`) where they have one",
+    )
     _add_threads_arg(p)
     p.set_defaults(func=cmd_eval)
 
