@@ -8,7 +8,9 @@ applied to the evaluation split. The table shows PLCC / SRCC of the score head a
 read-out. A large gain says the head underuses what the model already computes (its maps, its keywords); no gain
 says the missing information is not in the outputs at all.
 
-Nothing here changes the model; it tells where a better score head would come from.
+Nothing here changes the model; it tells where a better score head would come from. A model folder's own score
+read-out (``richfeedback calibrate``, :mod:`rahf.readout`, the same fit without the keyword features) is ignored:
+the heads are what is compared.
 
 Usage: python benchmarks/score_readout.py --data SPLIT_FOLDER --model RUN/best [--model ...]
        [--fit-split dev] [--eval-split test] [--lam 10] [--threads 2] [--out readout.md]
@@ -24,6 +26,7 @@ import numpy as np
 
 from common.names import HEATMAP_NAMES, SCORE_NAMES
 from rahf.metrics import plcc, srcc
+from rahf.readout import fit_ridge, predict
 
 #: the features of one image, in column order (scores, then per heatmap mean / max / area, then keywords)
 FEATURE_NAMES: tuple[str, ...] = (
@@ -49,32 +52,6 @@ def features(
     n_words = max(1, len(prompt.split()))
     row += [float(len(keywords)), len(keywords) / n_words]
     return np.asarray(row, np.float64)
-
-
-def fit_ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ridge regression of y (N,) on x (N, F) with standardised columns and an unpenalised intercept.
-
-    Returns (mean (F,), scale (F,), weights (F + 1,), intercept first); predict with :func:`predict`.
-    """
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    if x.ndim != 2 or y.shape != (x.shape[0],):
-        raise ValueError(f"x must be (N, F) and y (N,), got {x.shape} and {y.shape}")
-    mean = x.mean(0)
-    scale = x.std(0)
-    scale[scale == 0] = 1.0  # a constant feature carries nothing; keep it finite
-    a = np.c_[np.ones(len(x)), (x - mean) / scale]
-    # min |a w - y|^2 + lam |w[1:]|^2 as one least-squares system; lstsq's minimum-norm answer gives a constant
-    # (all-zero standardised) column weight 0 even at lam = 0
-    rows = np.sqrt(lam) * np.eye(a.shape[1])[1:]
-    weights = np.linalg.lstsq(np.r_[a, rows], np.r_[y, np.zeros(len(rows))], rcond=None)[0]
-    return mean, scale, weights
-
-
-def predict(x: np.ndarray, fit: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    """(N,) predictions of a :func:`fit_ridge` result for features x (N, F)."""
-    mean, scale, weights = fit
-    return np.c_[np.ones(len(x)), (x - mean) / scale] @ weights
 
 
 def readout_table(
@@ -109,7 +86,7 @@ def split_features(
 
     torch.set_num_threads(threads)
     records, _ = read_split(data, split)
-    scorer = RAHFScorer.from_pretrained(model, batch_size=batch_size)
+    scorer = RAHFScorer.from_pretrained(model, batch_size=batch_size, score_readout=False)  # the heads' own scores
     scored, skipped = score_each(scorer, records.prompts, [records.image(i) for i in range(len(records))])
     labels = records.read(i for i, _ in scored)
     rows = [

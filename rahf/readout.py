@@ -204,7 +204,7 @@ class ScoreReadout:
         path = Path(folder) / READOUT_FILE
         if not path.is_file():
             return None
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), "numpy") as f:
@@ -217,7 +217,7 @@ class ScoreReadout:
                 info=json.loads(meta.get("info", "{}")),
                 **{k: arrays[k] for k in ("mean", "scale", "weight", "bias")},
             )
-        except (KeyError, ValueError, OSError, RuntimeError) as err:  # safetensors raises several kinds
+        except (KeyError, ValueError, OSError, SafetensorError) as err:
             raise ValueError(f"{path}: not a score read-out ({type(err).__name__}: {err})") from err
 
     def check_model(self, score_names: Sequence[str], heatmap_names: Sequence[str], where: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.score_readout import FEATURE_NAMES, features, fit_ridge, main, predict, readout_table
+from benchmarks.score_readout import FEATURE_NAMES, features, main, readout_table
 from common.names import HEATMAP_NAMES, SCORE_NAMES
 from tests.conftest import save_tiny_rahf, synthetic_split_folder
 
@@ -23,22 +23,6 @@ def test_features_summarise_scores_maps_and_keywords():
     assert named[f"{HEATMAP_NAMES[0]}/area"] == pytest.approx(1 / 16)
     assert named[f"{HEATMAP_NAMES[1]}/max"] == 0.0
     assert named["keywords/count"] == 2 and named["keywords/share"] == pytest.approx(2 / 6)
-
-
-def test_ridge_recovers_a_linear_map_and_shrinks_with_the_penalty():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, 3)) * [1.0, 5.0, 0.1] + [0.0, 2.0, -1.0]
-    x = np.c_[x, np.full(200, 7.0)]  # a constant column must not break the fit
-    y = 0.5 + x[:, 0] - 0.2 * x[:, 1] + 3.0 * x[:, 2]
-    exact = fit_ridge(x, y, lam=0.0)
-    assert np.allclose(predict(x, exact), y, atol=1e-9)
-    shrunk = fit_ridge(x, y, lam=1000.0)
-    assert np.abs(shrunk[2][1:]).sum() < np.abs(exact[2][1:]).sum()
-    assert shrunk[2][0] == pytest.approx(y.mean())  # the intercept is not penalised
-    with pytest.raises(ValueError, match="lam must be >= 0"):
-        fit_ridge(x, y, lam=-1.0)
-    with pytest.raises(ValueError, match=r"\(N, F\)"):
-        fit_ridge(x, y[:10], lam=1.0)
 
 
 def test_readout_gains_only_where_the_outputs_carry_the_truth():
