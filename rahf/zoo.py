@@ -4,9 +4,10 @@ rich-feedback benchmark.
 The embedded default of the feedback loop scores with this model. It is produced by a fixed recipe (data size,
 steps, learning rate, loss settings: :data:`SYNTHETIC_RECIPE`, the mean-max recipe of docs/results.md rounds
 15-17: recipe r3 — the training flags of run N, the run that first met the benchmark's bar, on nine times the data
-for nine times the steps — with the image-text matching head pooling the fused tokens by mean and max) and
-shipped with the package in ``rahf/demo_model/`` (3.5 MB of safetensors, with its config, tokenizer, the recipe and
-its hash, the training summary, the evaluation tables and the scores of the bundled samples).
+for nine times the steps — with the image-text matching head pooling the fused tokens by mean and max; after
+training, a score read-out fit on the dev split, :mod:`rahf.readout`, round 20) and shipped with the package in
+``rahf/demo_model/`` (3.5 MB of safetensors, with its config, tokenizer, score read-out, the recipe and its hash,
+the training summary, the evaluation tables and the scores of the bundled samples).
 :func:`ensure_synthetic_rahf` returns the shipped folder when its manifest matches the recipe and its
 files match their hashes; for any other recipe it trains on first use and caches the result under
 ``$RICHFEEDBACK_CACHE`` (default ``~/.cache/richfeedback``) in a folder named after the recipe's hash (a killed
@@ -23,6 +24,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from rahf.readout import READOUT_FILE
 
 SYNTHETIC_RECIPE: dict[str, Any] = {
     "data": {"train": 36000, "dev": 200, "size": 64, "seed": 0},
@@ -46,6 +49,8 @@ SYNTHETIC_RECIPE: dict[str, Any] = {
         "itm_pool": "mean_max",
         "seed": 0,
     },
+    # after training: a score read-out fit on the dev split (rahf.readout; docs/results.md round 20)
+    "readout": {"split": "dev", "lam": 10.0, "area_threshold": 0.25},
 }
 
 
@@ -62,6 +67,11 @@ SHIPPED_DIR = Path(__file__).with_name("demo_model")
 #: Files of a loadable model folder; their SHA-256 digests are in the bundle's manifest.
 MODEL_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json")
 MANIFEST = "manifest.json"
+
+
+def bundle_files(recipe: dict[str, Any]) -> tuple[str, ...]:
+    """The files of a recipe's model folder: :data:`MODEL_FILES`, plus the score read-out when the recipe fits one."""
+    return (*MODEL_FILES, *((READOUT_FILE,) if "readout" in recipe else ()))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -84,7 +94,7 @@ def shipped_model_problem(recipe: dict[str, Any], folder: str | Path | None = No
         return f"{folder / MANIFEST}: unreadable ({err})"
     if manifest.get("recipe_hash") != recipe_hash(recipe):
         return f"{folder} holds recipe {manifest.get('recipe_hash')}, not {recipe_hash(recipe)}"
-    for name in MODEL_FILES:
+    for name in bundle_files(recipe):
         if not (folder / name).is_file():
             return f"{folder / name}: missing"
         if file_sha256(folder / name) != manifest.get("files", {}).get(name):
@@ -115,6 +125,7 @@ def ensure_synthetic_rahf(
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(run / "best", tmp, ignore=shutil.ignore_patterns("optimizer.safetensors", "trainer_state.json"))
+    _calibrate(recipe, data, tmp, log)
     tmp.rename(target)
     return target
 
@@ -140,6 +151,22 @@ def _train(recipe: dict[str, Any], data: Path, run: Path, log: Callable[[str], N
     summary = train(TrainConfig(data_dir=str(data), out_dir=str(run), device="cpu", **recipe["train"]))
     log(f"trained in {summary['seconds']:.0f} s, best dev loss {summary['best_dev_loss']:.4f}")
     return summary
+
+
+def _calibrate(recipe: dict[str, Any], data: Path, folder: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Fit the recipe's score read-out (if it has one) on its split of ``data`` and save it in ``folder``; its
+    record (split, examples, penalty, in-sample fit table), or None."""
+    if "readout" not in recipe:
+        return None
+    from rahf.readout import ReadoutConfig, fit_score_readout
+
+    readout, table = fit_score_readout(folder, data, ReadoutConfig(**recipe["readout"]))
+    readout.save(folder)
+    log(
+        f"score read-out fit on {readout.info['examples']} {readout.info['split']} examples: PLCC "
+        + ", ".join(f"{n} {t['head_plcc']:.3f} -> {t['readout_plcc']:.3f}" for n, t in table.items())
+    )
+    return readout.info
 
 
 def _finished_run_summary(recipe: dict[str, Any], run: Path) -> dict[str, Any]:
@@ -228,11 +255,13 @@ def build_demo_model(
     else:
         run = Path(reuse_run)
         summary = _finished_run_summary(recipe, run)
-        _write_data({"data": {**recipe["data"], "train": 0, "dev": 0}}, data, log, test=test_size)
+        dev = recipe["data"]["dev"] if "readout" in recipe else 0  # the read-out is fit on the dev split
+        _write_data({"data": {**recipe["data"], "train": 0, "dev": dev}}, data, log, test=test_size)
     shutil.rmtree(bundle, ignore_errors=True)
     bundle.mkdir(parents=True)
     for name in MODEL_FILES:
         shutil.copy2(run / "best" / name, bundle / name)
+    readout = _calibrate(recipe, data, bundle, log)
     gt = load_ground_truth(data, "test")
     scorer = RAHFScorer.from_pretrained(bundle, device="cpu")
     write_results(bundle, {"demo model": evaluate(predict_with_scorer(scorer, gt), gt)})
@@ -245,13 +274,14 @@ def build_demo_model(
         "threads": torch.get_num_threads() if reuse_run is None else None,
         "python": platform.python_version(),
         "test_examples": test_size,
+        **({"score_readout": readout} if readout is not None else {}),
     }
     (bundle / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (bundle / "samples.json").write_text(json.dumps(samples, indent=2, sort_keys=True) + "\n")
     manifest = {
         "recipe": recipe,
         "recipe_hash": recipe_hash(recipe),
-        "files": {name: file_sha256(bundle / name) for name in MODEL_FILES},
+        "files": {name: file_sha256(bundle / name) for name in bundle_files(recipe)},
     }
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     report: dict[str, Any] = {"bundle": str(bundle), "summary": summary, "recipe_hash": manifest["recipe_hash"]}

@@ -13,7 +13,7 @@ from rahf.data.synthetic import parse_prompt, sample_prompts
 from rahf.zoo import ensure_synthetic_rahf, recipe_hash
 
 TINY_RECIPE = {
-    "data": {"train": 16, "dev": 8, "size": 64, "seed": 0},
+    "data": {"train": 16, "dev": 12, "size": 64, "seed": 0},
     "train": {
         "preset": "rahf-tiny",
         "steps": 2,
@@ -24,6 +24,7 @@ TINY_RECIPE = {
         "warmup_steps": 1,
         "seed": 0,
     },
+    "readout": {"split": "dev", "lam": 10.0, "area_threshold": 0.25},
 }
 
 
@@ -41,6 +42,7 @@ def test_trained_once_then_reused_from_the_cache(tmp_path):
 
     scorer = RAHFScorer.from_pretrained(first)
     assert scorer.identity["weights_hash"] and scorer.identity["source"] == str(first)
+    assert scorer.score_readout is not None and scorer.score_readout.info["examples"] == 12  # fit on the dev split
 
 
 def test_the_demo_recipe_is_a_valid_training_config_of_the_bar_model():
@@ -88,7 +90,10 @@ def test_build_writes_a_bundle_that_reproduces_bit_for_bit_and_ships(tmp_path):
     first = zoo.build_demo_model(tmp_path / "a", TINY_RECIPE, test_size=8, shipped=shipped, ship=True, log=lambda m: 0)
     bundle = tmp_path / "a" / "model"
     assert first["bundle"] == str(bundle) and "vs_shipped" not in first  # nothing shipped before
-    for name in (*zoo.MODEL_FILES, "manifest.json", "summary.json", "metrics.json", "metrics.md", "samples.json"):
+    records = ("manifest.json", "summary.json", "metrics.json", "metrics.md", "samples.json")
+    files = (*zoo.bundle_files(TINY_RECIPE), *records)
+    assert "score_readout.safetensors" in files
+    for name in files:
         assert (bundle / name).is_file() and (shipped / name).is_file(), name
     manifest = json.loads((shipped / "manifest.json").read_text())
     assert manifest["recipe_hash"] == recipe_hash(TINY_RECIPE) and manifest["recipe"] == TINY_RECIPE
@@ -102,6 +107,11 @@ def test_build_writes_a_bundle_that_reproduces_bit_for_bit_and_ships(tmp_path):
     assert samples == zoo.score_samples(shipped)  # stored values are what the shipped files score
     summary = json.loads((bundle / "summary.json").read_text())
     assert summary["step"] == 2 and summary["test_examples"] == 8
+    assert summary["score_readout"]["examples"] == 12 and summary["score_readout"]["split"] == "dev"
+    assert manifest["files"]["score_readout.safetensors"] == zoo.file_sha256(shipped / "score_readout.safetensors")
+    from rahf.scorer import RAHFScorer
+
+    assert RAHFScorer.from_pretrained(shipped).score_readout is not None  # the bundle scores through its read-out
 
     # a second build from scratch in another folder: the same bits, reported as a zero difference
     second = zoo.build_demo_model(tmp_path / "b", TINY_RECIPE, test_size=8, shipped=shipped, log=lambda m: 0)
