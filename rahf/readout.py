@@ -6,9 +6,16 @@ use (a plausibility score falls with the implausible area, an aesthetics score w
 takes, for each image, the four head scores and each heatmap's mean, peak and hot area (share of pixels above
 ``area_threshold``) — :func:`feature_names` — and fits one ridge regression per score on a held-out labelled
 split (standardised features, unpenalised intercept, penalty ``lam``). At scoring time the calibrated score is
-that regression's value clipped to [0, 1]. The model's weights are untouched; the read-out is saved beside
-them as ``score_readout.safetensors`` (its numbers as tensors, its settings and fit statistics as metadata)
-and :class:`rahf.scorer.RAHFScorer` applies it whenever the folder has one.
+that regression's value clipped to [0, 1].
+
+The read-out also fits, per heatmap, a presence gate: a logistic regression on the same features that gives the
+probability that the image has any of that heat (its labelled map is not empty). The map returned is the model's
+map times that probability, which takes faint false heat off flawless images; the scale-free map metrics of a
+flawed image (CC, KLD, SIM, NSS, AUC-Judd) do not change, since a map is only scaled.
+
+The model's weights are untouched; the read-out is saved beside them as ``score_readout.safetensors`` (its
+numbers as tensors, its settings and fit statistics as metadata) and :class:`rahf.scorer.RAHFScorer` applies it
+whenever the folder has one.
 
 Fit it on a split the model was not trained on (the dev split): fit on training images, the read-out learns
 how the heads behave on images they have memorised. ``richfeedback calibrate`` fits and saves one.
@@ -44,6 +51,7 @@ class ReadoutConfig:
     split: str = "dev"  # the labelled split it is fit on (not the training split)
     lam: float = 10.0  # ridge penalty on the standardised features
     area_threshold: float = 0.25  # a heatmap pixel above this counts toward the hot area
+    map_gates: bool = True  # also fit a presence gate per heatmap (the map returned is scaled by it)
 
     def __post_init__(self) -> None:
         if not self.lam >= 0:
@@ -96,6 +104,23 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.
     return mean, scale, weights
 
 
+def fit_logistic(x: np.ndarray, y: np.ndarray, lam: float, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """L2-penalised logistic regression of y (N,) in {0, 1} on x (N, F) standardised by ``mean``/``scale``
+    (Newton's method; the intercept unpenalised). Returns the weights (F + 1,), intercept first."""
+    a = np.c_[np.ones(len(x)), (x - mean) / scale]
+    penalty = np.eye(a.shape[1]) * max(lam, 1e-6)  # a little even at lam = 0: separable data stays finite
+    penalty[0, 0] = 0.0
+    w = np.zeros(a.shape[1])
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-np.clip(a @ w, -30, 30)))
+        hessian = a.T @ (a * (p * (1 - p))[:, None]) + penalty
+        step = np.linalg.solve(hessian + 1e-9 * np.eye(len(w)), a.T @ (p - y) + penalty @ w)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w
+
+
 def predict(x: np.ndarray, fit: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
     """(N,) predictions of a :func:`fit_ridge` result for features x (N, F)."""
     mean, scale, weights = fit
@@ -104,10 +129,13 @@ def predict(x: np.ndarray, fit: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np
 
 @dataclass
 class ScoreReadout:
-    """A fitted read-out: per score, ``clip(bias + weight · (features − mean) / scale, 0, 1)``.
+    """A fitted read-out: per score, ``clip(bias + weight · (features − mean) / scale, 0, 1)``; per heatmap, the
+    presence probability ``sigmoid(gate_bias + gate_weight · (features − mean) / scale)`` that scales the map.
 
     ``mean``/``scale`` are (F,), ``weight`` (S, F) and ``bias`` (S,) float64 for the S ``score_names`` and the F
-    :func:`feature_names` columns; ``info`` records how it was fit (split, examples, penalty, fit statistics).
+    :func:`feature_names` columns; ``gate_weight`` (M, F) and ``gate_bias`` (M,) are the gates of the M
+    ``heatmap_names`` (None: maps are returned as the model makes them); ``info`` records how it was fit (split,
+    examples, penalty, fit statistics).
     """
 
     score_names: tuple[str, ...]
@@ -117,14 +145,24 @@ class ScoreReadout:
     scale: np.ndarray
     weight: np.ndarray
     bias: np.ndarray
+    gate_weight: np.ndarray | None = None
+    gate_bias: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         f, s = len(feature_names(self.score_names, self.heatmap_names)), len(self.score_names)
+        m = len(self.heatmap_names)
         shapes = (self.mean.shape, self.scale.shape, self.weight.shape, self.bias.shape)
         if shapes != ((f,), (f,), (s, f), (s,)):
             raise ValueError(f"read-out arrays have shapes {shapes}, expected {((f,), (f,), (s, f), (s,))}")
-        if not (np.all(np.isfinite(self.weight)) and np.all(self.scale > 0)):
+        if (self.gate_weight is None) != (self.gate_bias is None):
+            raise ValueError("a read-out has both gate arrays or neither")
+        gates = () if self.gate_weight is None else (self.gate_weight, self.gate_bias)
+        if gates and (gates[0].shape, gates[1].shape) != ((m, f), (m,)):
+            raise ValueError(
+                f"gate arrays have shapes {gates[0].shape} and {gates[1].shape}, expected {(m, f)}, {(m,)}"
+            )
+        if not (all(np.all(np.isfinite(a)) for a in (self.weight, self.bias, *gates)) and np.all(self.scale > 0)):
             raise ValueError("read-out weights must be finite and its feature scales positive")
 
     @classmethod
@@ -135,8 +173,10 @@ class ScoreReadout:
         score_names: Sequence[str],
         heatmap_names: Sequence[str],
         config: ReadoutConfig,
+        present: np.ndarray | None = None,
     ) -> ScoreReadout:
-        """Fit on features (N, F) of :func:`output_features` and true scores (N, S) in ``score_names`` order."""
+        """Fit on features (N, F) of :func:`output_features` and true scores (N, S) in ``score_names`` order; with
+        ``config.map_gates``, ``present`` (N, M) bool says which labelled maps have heat (``heatmap_names`` order)."""
         f = len(feature_names(score_names, heatmap_names))
         if features.shape[1:] != (f,) or truth.shape != (len(features), len(score_names)):
             raise ValueError(
@@ -148,6 +188,15 @@ class ScoreReadout:
             )
         fits = [fit_ridge(features, truth[:, j], config.lam) for j in range(len(score_names))]
         mean, scale = fits[0][0], fits[0][1]  # the same standardisation for every score
+        gates = []
+        if config.map_gates:
+            if present is None or present.shape != (len(features), len(heatmap_names)):
+                got = None if present is None else present.shape
+                raise ValueError(f"map gates need present (N, {len(heatmap_names)}) bool, got {got}")
+            gates = [
+                fit_logistic(features, present[:, k].astype(np.float64), config.lam, mean, scale)
+                for k in range(len(heatmap_names))
+            ]
         return cls(
             score_names=tuple(score_names),
             heatmap_names=tuple(heatmap_names),
@@ -156,6 +205,8 @@ class ScoreReadout:
             scale=scale,
             weight=np.stack([w[1:] for _, _, w in fits]),
             bias=np.array([w[0] for _, _, w in fits]),
+            gate_weight=np.stack([w[1:] for w in gates]) if gates else None,
+            gate_bias=np.array([w[0] for w in gates]) if gates else None,
             info={"split": config.split, "lam": config.lam, "examples": len(features)},
         )
 
@@ -163,27 +214,43 @@ class ScoreReadout:
         """(N, F) features -> (N, S) calibrated scores in [0, 1]."""
         return np.clip(self.bias + ((features - self.mean) / self.scale) @ self.weight.T, 0.0, 1.0)
 
+    def gates_numpy(self, features: np.ndarray) -> np.ndarray | None:
+        """(N, F) features -> (N, M) presence probabilities in (0, 1), or None without gates."""
+        if self.gate_weight is None:
+            return None
+        return 1.0 / (1.0 + np.exp(-(self.gate_bias + ((features - self.mean) / self.scale) @ self.gate_weight.T)))
+
     def apply(
         self, scores: Mapping[str, torch.Tensor], heatmaps: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Calibrated scores {name: (B,) float32 in [0, 1]} from a batch's head scores and heatmaps (all of
-        ``score_names`` and ``heatmap_names`` must be present); differentiable like :func:`output_features`."""
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Calibrated scores {name: (B,) float32 in [0, 1]} and maps {name: (B, H, W)} (each scaled by its gate;
+        as given without gates) of a batch's raw head scores and heatmaps, all of ``score_names`` and
+        ``heatmap_names``. Both come from the raw outputs; differentiable like :func:`output_features`."""
+        import torch
+
         missing = [n for n in self.score_names if n not in scores] + [
             n for n in self.heatmap_names if n not in heatmaps
         ]
         if missing:
             raise ValueError(f"the score read-out needs the outputs {missing}")
-        import torch
-
         device = next(iter(scores.values())).device
         with torch.autocast(device.type, enabled=False):  # float32 whatever the scorer's autocast
             x = output_features(scores, heatmaps, self.score_names, self.heatmap_names, self.area_threshold)
             t = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in self._arrays().items()}
-            y = (t["bias"] + ((x - t["mean"]) / t["scale"]) @ t["weight"].T).clamp(0.0, 1.0)
-        return {n: y[:, j] for j, n in enumerate(self.score_names)}
+            z = (x - t["mean"]) / t["scale"]
+            y = (t["bias"] + z @ t["weight"].T).clamp(0.0, 1.0)
+            maps = dict(heatmaps)
+            if "gate_weight" in t:
+                p = torch.sigmoid(t["gate_bias"] + z @ t["gate_weight"].T)
+                for k, n in enumerate(self.heatmap_names):
+                    maps[n] = heatmaps[n] * p[:, k, None, None].to(heatmaps[n].dtype)
+        return {n: y[:, j] for j, n in enumerate(self.score_names)}, maps
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias}
+        arrays = {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias}
+        if self.gate_weight is not None:
+            arrays |= {"gate_weight": self.gate_weight, "gate_bias": self.gate_bias}
+        return arrays
 
     # -- files ------------------------------------------------------------------------------------------------
 
@@ -216,6 +283,8 @@ class ScoreReadout:
                 area_threshold=float(meta["area_threshold"]),
                 info=json.loads(meta.get("info", "{}")),
                 **{k: arrays[k] for k in ("mean", "scale", "weight", "bias")},
+                gate_weight=arrays.get("gate_weight"),
+                gate_bias=arrays.get("gate_bias"),
             )
         except (KeyError, ValueError, OSError, SafetensorError) as err:
             raise ValueError(f"{path}: not a score read-out ({type(err).__name__}: {err})") from err
@@ -240,7 +309,8 @@ def fit_score_readout(
     """Score ``data_dir``/``config.split`` with the model's heads (any saved read-out ignored) and fit a read-out.
 
     Returns the read-out (not yet saved) and, per score, PLCC / SRCC of the head and of the read-out on the fit
-    split (``{"head_plcc", "head_srcc", "readout_plcc", "readout_srcc"}``; in-sample, so optimistic). Examples
+    split (``{"head_plcc", "head_srcc", "readout_plcc", "readout_srcc"}``; in-sample, so optimistic). The gates' fit
+    (per heatmap ``{"accuracy", "with_heat"}``, the share with heat) is in ``info["gates"]``. Examples
     whose image cannot be read are left out and counted in ``info["skipped"]``.
     """
     import torch
@@ -271,8 +341,10 @@ def fit_score_readout(
             for i in kept
         ]
     ).astype(np.float64)
-    truth = np.asarray([[r.example.scores[n] for n in cfg.score_names] for r in records.read(kept)], np.float64)
-    readout = ScoreReadout.fit(x, truth, cfg.score_names, cfg.heatmap_names, config)
+    labels = records.read(kept)
+    truth = np.asarray([[r.example.scores[n] for n in cfg.score_names] for r in labels], np.float64)
+    present = np.asarray([[float(np.max(r.example.heatmaps[n])) > 0 for n in cfg.heatmap_names] for r in labels])
+    readout = ScoreReadout.fit(x, truth, cfg.score_names, cfg.heatmap_names, config, present)
     fitted = readout.apply_numpy(x)
     table = {
         n: {
@@ -283,9 +355,22 @@ def fit_score_readout(
         }
         for j, n in enumerate(cfg.score_names)
     }
+    gates = readout.gates_numpy(x)
+    gate_fit = (
+        {  # in-sample: the share of images whose gate is on the right side of 0.5, and of those with heat
+            n: {
+                "accuracy": float(np.mean((gates[:, k] > 0.5) == present[:, k])),
+                "with_heat": float(np.mean(present[:, k])),
+            }
+            for k, n in enumerate(cfg.heatmap_names)
+        }
+        if gates is not None
+        else {}
+    )
     readout.info |= {
         "skipped": len(records) - len(kept),
         "fit": table,
+        "gates": gate_fit,
         "model_weights": scorer.identity["weights_hash"],
     }
     return readout, table

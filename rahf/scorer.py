@@ -274,7 +274,7 @@ class RAHFScorer:
                 head_chunk=self.head_chunk,
             )
         if readout is not None and score in readout.score_names:
-            return readout.apply(out.scores, out.heatmaps)[score]
+            return readout.apply(out.scores, out.heatmaps)[0][score]
         return out.scores[score].float()
 
     @torch.inference_mode()
@@ -301,8 +301,9 @@ class RAHFScorer:
                 channels_last=self.channels_last,
                 head_chunk=self.head_chunk,
             )
-            if readout is not None:
-                out.scores = {**out.scores, **readout.apply(out.scores, out.heatmaps)}
+            if readout is not None:  # calibrated scores, and maps scaled by their presence gates
+                scores_cal, maps_cal = readout.apply(out.scores, out.heatmaps)
+                out.scores, out.heatmaps = {**out.scores, **scores_cal}, maps_cal
             sequences = None
             if keywords:
                 budgets = proc.keyword_budgets(text, model.config.max_keyword_tokens)

@@ -50,7 +50,7 @@ SYNTHETIC_RECIPE: dict[str, Any] = {
         "seed": 0,
     },
     # after training: a score read-out fit on the dev split (rahf.readout; docs/results.md round 20)
-    "readout": {"split": "dev", "lam": 10.0, "area_threshold": 0.25},
+    "readout": {"split": "dev", "lam": 10.0, "area_threshold": 0.25, "map_gates": True},
 }
 
 

@@ -450,7 +450,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from rahf.readout import READOUT_FILE, ReadoutConfig, fit_score_readout
 
     set_threads(args.threads)
-    config = ReadoutConfig(split=args.split, lam=args.lam, area_threshold=args.area_threshold)
+    config = ReadoutConfig(
+        split=args.split, lam=args.lam, area_threshold=args.area_threshold, map_gates=not args.no_map_gates
+    )
     readout, table = fit_score_readout(args.model, args.data, config, batch_size=args.batch_size, device=args.device)
     readout.save(args.model)
     print(f"score read-out fit on {readout.info['examples']} examples of {args.data}/{args.split} (in-sample):")
@@ -459,6 +461,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for name, t in table.items():
         head, fit = f"{t['head_plcc']:.3f} / {t['head_srcc']:.3f}", f"{t['readout_plcc']:.3f} / {t['readout_srcc']:.3f}"
         print(f"| {name} | {head} | {fit} |")
+    for name, t in readout.info["gates"].items():
+        print(
+            f"presence gate of the {name} map: right on {t['accuracy']:.1%} of the images "
+            f"({t['with_heat']:.0%} have heat); the map returned is scaled by it"
+        )
     if readout.info["skipped"]:
         print(f"{readout.info['skipped']} examples skipped: their image could not be read")
     print(f"wrote {Path(args.model) / READOUT_FILE}; scoring with this folder now uses it (eval --raw-scores: not)")
@@ -893,6 +900,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=ReadoutConfig.area_threshold,
         help="a heatmap pixel above this counts toward the hot-area feature",
+    )
+    p.add_argument(
+        "--no-map-gates",
+        action="store_true",
+        help="fit no presence gates: the maps are returned as the model makes them (only the scores calibrated)",
     )
     p.add_argument("--device", default="cpu", help="device of the model: cpu, cuda, ...")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")

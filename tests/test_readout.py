@@ -29,7 +29,8 @@ def _random_readout(n: int = 40, seed: int = 0) -> tuple[ScoreReadout, np.ndarra
     rng = np.random.default_rng(seed)
     x = rng.uniform(size=(n, F))
     truth = np.clip(x[:, :4] * 0.5 + x[:, 4:8] * 0.4 + rng.normal(scale=0.05, size=(n, 4)), 0, 1)
-    return ScoreReadout.fit(x, truth, SCORE_NAMES, HEATMAP_NAMES, ReadoutConfig(lam=1.0)), x
+    present = np.c_[x[:, 4] > 0.5, x[:, 7] > 0.3]  # heat where a map's mean column says so
+    return ScoreReadout.fit(x, truth, SCORE_NAMES, HEATMAP_NAMES, ReadoutConfig(lam=1.0), present), x
 
 
 def test_features_are_the_scores_then_each_map_s_mean_peak_and_hot_area():
@@ -70,13 +71,36 @@ def test_the_tensor_path_equals_the_numpy_path_and_stays_in_0_1():
         h: torch.rand(len(x), 8, 8, generator=torch.Generator().manual_seed(i)) for i, h in enumerate(HEATMAP_NAMES)
     }
     feats = output_features(scores, maps, SCORE_NAMES, HEATMAP_NAMES, readout.area_threshold).double().numpy()
-    got = readout.apply(scores, maps)
-    want = readout.apply_numpy(feats)
+    got, gated = readout.apply(scores, maps)
+    want, gates = readout.apply_numpy(feats), readout.gates_numpy(feats)
     for j, name in enumerate(SCORE_NAMES):
         assert got[name].dtype == torch.float32 and got[name].shape == (len(x),)
         assert np.allclose(got[name].numpy(), want[:, j], atol=1e-5)
+    for k, name in enumerate(HEATMAP_NAMES):  # each map scaled by its own presence probability
+        assert np.allclose(gated[name].numpy(), maps[name].numpy() * gates[:, k, None, None], atol=1e-6)
+    assert ((gates > 0) & (gates < 1)).all()
     far = readout.apply_numpy(np.full((1, F), 1e6))
     assert far.min() >= 0.0 and far.max() <= 1.0  # clipped, however far outside the fit the features are
+
+
+def test_presence_gates_learn_which_maps_have_heat():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, F))
+    present = np.c_[x[:, 4] + 0.3 * x[:, 5] > 0, x[:, 7] > 0.5]  # two rules a logistic gate can express
+    readout = ScoreReadout.fit(
+        x, rng.uniform(size=(300, 4)), SCORE_NAMES, HEATMAP_NAMES, ReadoutConfig(lam=0.1), present
+    )
+    fresh = rng.normal(size=(300, F))
+    truth = np.c_[fresh[:, 4] + 0.3 * fresh[:, 5] > 0, fresh[:, 7] > 0.5]
+    p = readout.gates_numpy(fresh)
+    assert p.shape == (300, 2) and np.mean((p > 0.5) == truth) > 0.95  # on images it was not fit on
+    assert readout.gate_weight[0, 4] > 0 and abs(readout.gate_weight[0, 4]) > abs(readout.gate_weight[0, 0])
+    plain = ScoreReadout.fit(x, rng.uniform(size=(300, 4)), SCORE_NAMES, HEATMAP_NAMES, ReadoutConfig(map_gates=False))
+    maps = {h: torch.ones(2, 3, 3) for h in HEATMAP_NAMES}
+    scores = {s: torch.zeros(2) for s in SCORE_NAMES}
+    assert plain.gates_numpy(x) is None and plain.apply(scores, maps)[1] == maps  # no gates: maps as given
+    with pytest.raises(ValueError, match="map gates need present"):
+        ScoreReadout.fit(x, x[:, :4], SCORE_NAMES, HEATMAP_NAMES, ReadoutConfig())
 
 
 def test_save_and_load_round_trip_and_refusals(tmp_path):
@@ -87,12 +111,13 @@ def test_save_and_load_round_trip_and_refusals(tmp_path):
     assert again is not None and again.score_names == readout.score_names
     assert again.heatmap_names == readout.heatmap_names and again.area_threshold == readout.area_threshold
     assert np.array_equal(again.apply_numpy(x), readout.apply_numpy(x)) and again.info == readout.info
+    assert np.array_equal(again.gates_numpy(x), readout.gates_numpy(x))
     assert ScoreReadout.load(tmp_path / "nowhere") is None
     (tmp_path / READOUT_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a score read-out"):
         ScoreReadout.load(tmp_path)
     with pytest.raises(ValueError, match="at least 12 labelled examples"):
-        ScoreReadout.fit(x[:11], x[:11, :4], SCORE_NAMES, HEATMAP_NAMES, ReadoutConfig())
+        ScoreReadout.fit(x[:11], x[:11, :4], SCORE_NAMES, HEATMAP_NAMES, ReadoutConfig(map_gates=False))
     with pytest.raises(ValueError, match="lam must be >= 0"):
         ReadoutConfig(lam=-1.0)
     with pytest.raises(ValueError, match="reads scores"):
@@ -157,11 +182,12 @@ def test_the_scorer_applies_a_saved_read_out_on_every_path(calibrated, tmp_path,
         HEATMAP_NAMES,
         readout.area_threshold,
     ).double()
-    want = readout.apply_numpy(feats.numpy())
+    want, gates = readout.apply_numpy(feats.numpy()), readout.gates_numpy(feats.numpy())
     got = np.array([[f.scores[s] for s in SCORE_NAMES] for f in after])
     assert np.allclose(got, want, atol=1e-5) and not np.allclose(got, feats[:, :4].numpy(), atol=1e-3)
-    for a, b in zip(before, after, strict=True):  # the maps are the model's, untouched
-        assert all(np.array_equal(a.heatmaps[h], b.heatmaps[h]) for h in HEATMAP_NAMES)
+    for i, (a, b) in enumerate(zip(before, after, strict=True)):  # the model's maps, each scaled by its gate
+        for k, h in enumerate(HEATMAP_NAMES):
+            assert np.allclose(b.heatmaps[h], a.heatmaps[h] * gates[i, k], atol=1e-6)
     only = cal.score(records.prompts, images, scores_only=True)
     assert np.allclose([[f.scores[s] for s in SCORE_NAMES] for f in only], got, atol=1e-6)
     assert all(f.heatmaps == {} for f in only)  # the maps the read-out needed are not returned
@@ -179,9 +205,11 @@ def test_the_scorer_applies_a_saved_read_out_on_every_path(calibrated, tmp_path,
 def test_calibrate_writes_the_read_out_and_eval_can_ignore_it(calibrated, tmp_path, capsys, one_torch_thread):
     data, _, _, _ = calibrated
     model_dir = save_tiny_rahf(tmp_path / "model")
-    assert main(["calibrate", "--model", model_dir, "--data", str(data), "--threads", "1"]) == 0
+    calibrate = ["calibrate", "--model", model_dir, "--data", str(data), "--threads", "1"]
+    assert main([*calibrate, "--no-map-gates"]) == 0
     out = capsys.readouterr().out
-    assert (tmp_path / "model" / READOUT_FILE).is_file() and "fit on 24 examples" in out
+    assert (tmp_path / "model" / READOUT_FILE).is_file() and "fit on 24 examples" in out and "gate" not in out
+    assert ScoreReadout.load(model_dir).gate_weight is None
     assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "/" in line][1:] == [
         f"| {s}" for s in SCORE_NAMES
     ]
@@ -194,3 +222,7 @@ def test_calibrate_writes_the_read_out_and_eval_can_ignore_it(calibrated, tmp_pa
         assert main(args + flag) == 0
         tables[len(flag)] = json.loads((folder / "metrics.json").read_text())["m"]
     assert tables[0]["heatmaps"] == tables[1]["heatmaps"] and tables[0]["scores"] != tables[1]["scores"]
+    capsys.readouterr()
+    assert main(calibrate) == 0  # with the presence gates (the default)
+    assert "presence gate of the implausibility map" in capsys.readouterr().out
+    assert ScoreReadout.load(model_dir).gate_weight.shape == (2, F)

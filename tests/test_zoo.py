@@ -24,7 +24,7 @@ TINY_RECIPE = {
         "warmup_steps": 1,
         "seed": 0,
     },
-    "readout": {"split": "dev", "lam": 10.0, "area_threshold": 0.25},
+    "readout": {"split": "dev", "lam": 10.0, "area_threshold": 0.25, "map_gates": True},
 }
 
 
