@@ -1073,7 +1073,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--raw-scores",
         action="store_true",
-        help="score with the models' score heads, not their score read-outs (`calibrate`) where they have one",
+        help="the models' own score heads and maps, not their read-outs (`calibrate`) where they have one",
     )
     _add_threads_arg(p)
     p.set_defaults(func=cmd_eval)
