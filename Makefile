@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/flow_overhead.py
 	$(PY) benchmarks/score_bounds.py
 	$(PY) benchmarks/train_memory.py
+	$(PY) benchmarks/readout_cost.py
 
 # Every GPU measurement in one run of under 8 minutes (needs CUDA); `--dry-run` checks it on the CPU.
 bench-gpu: $(STAMP)

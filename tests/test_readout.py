@@ -226,3 +226,14 @@ def test_calibrate_writes_the_read_out_and_eval_can_ignore_it(calibrated, tmp_pa
     assert main(calibrate) == 0  # with the presence gates (the default)
     assert "presence gate of the implausibility map" in capsys.readouterr().out
     assert ScoreReadout.load(model_dir).gate_weight.shape == (2, F)
+
+
+def test_the_cost_benchmark_times_the_demo_model_with_and_without_its_read_out(capsys, one_torch_thread):
+    from benchmarks.readout_cost import main as bench
+
+    assert bench(["--images", "4", "--batch-size", "4", "--repeats", "1", "--threads", "1", "--no-write"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "×" in line]
+    assert [r[0] for r in rows] == ["| scores only", "| everything"]
+    for r in rows:  # images per second, and their ratio
+        heads, readout, ratio = float(r[1]), float(r[2]), float(r[3].rstrip(" |×"))
+        assert heads > 0 and readout > 0 and ratio == pytest.approx(readout / heads, abs=0.006)
