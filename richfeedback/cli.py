@@ -631,6 +631,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg)
     if summary["main_process"]:  # several processes (accelerate launch / torchrun): one summary
         print(json.dumps(summary))
+        best = Path(cfg.out_dir) / "best"
+        print(  # on stderr: stdout stays the one JSON summary
+            f"to calibrate its scores and maps on the dev split: richfeedback calibrate --model {best} "
+            f"--data {cfg.data_dir} --split {cfg.dev_split}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -120,6 +120,18 @@ def test_threads_reaches_torch_in_train(monkeypatch, tmp_path, thread_calls):
     assert thread_calls == []  # left as it is
 
 
+def test_train_prints_its_summary_and_names_the_calibrate_command(monkeypatch, tmp_path, capsys):
+    import json
+
+    import rahf.train
+
+    monkeypatch.setattr(rahf.train, "train", lambda cfg: {"main_process": True, "step": 2})
+    assert main(["train", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"main_process": True, "step": 2}  # stdout: the summary alone
+    assert f"richfeedback calibrate --model {tmp_path / 'run' / 'best'} --data {tmp_path} --split dev" in err
+
+
 def test_threads_reaches_torch_in_eval_and_score(monkeypatch, tmp_path, thread_calls):
     import rahf.evaluate
     import rahf.scorer
