@@ -245,6 +245,7 @@ LOSS_WEIGHTS = (
 HeatmapLoss = Literal["mse", "bce"]
 HEATMAP_LOSSES = get_args(HeatmapLoss)  # per-pixel map losses (see heatmap_loss)
 ItmPool = Literal["mean", "mean_max"]
+ItmTarget = Literal["match", "alignment"]
 # Config fields that only shape the training loss: a training run may override them (rahf.train.TrainConfig).
 TRAINING_FIELDS = (
     *LOSS_WEIGHTS,
@@ -252,6 +253,7 @@ TRAINING_FIELDS = (
     "heatmap_weights",
     "itm_negatives",
     "itm_swaps",
+    "itm_target",
     "rank_temperature",
     "rank_min_gap",
 )
@@ -362,6 +364,10 @@ class RAHFConfig:
     # also gets an edited-prompt ITM negative: its own prompt with that word swapped for another of the class
     # (rahf.words.swap_word). A shifted prompt differs in everything; an edited one only in what the word binds.
     itm_swaps: tuple[tuple[str, ...], ...] = ()
+    # The ITM target of an image with its own prompt (or an identical one): "match", 1 whatever the image shows,
+    # or "alignment", the image's labelled alignment score, so a flawed image's own prompt is not taught as a
+    # perfect match (needs alignment labels). Another or an edited prompt's target stays 0 either way.
+    itm_target: ItmTarget = "match"
     # Within-prompt ranking (paper: none): a pairwise logistic loss on each score over the pairs of a batch's
     # images of the same prompt (RAHFLabels.groups) whose true scores differ by more than rank_min_gap.
     rank_loss_weight: NonNegative = 0.0
@@ -493,7 +499,7 @@ class RAHFOutput:
     text_mask: torch.Tensor | None = None  # (B, T) 1 = real token
     keyword_logits: torch.Tensor | None = None  # (B, L, V) under teacher forcing
     itm_logits: torch.Tensor | None = None  # (B + n,) matched-prompt logits: B own prompts, then n shifted ones
-    itm_targets: torch.Tensor | None = None  # (B + n,) 1 = the prompt is the image's own (or identical to it)
+    itm_targets: torch.Tensor | None = None  # (B + n,) 1 (or its alignment, config.itm_target) = the image's own prompt
     gate_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) "has this heat" logits
     word_logits: torch.Tensor | None = None  # (B, T) "this token's word is misaligned" logits (word head only)
     loss: torch.Tensor | None = None
@@ -692,7 +698,12 @@ class RAHFModel(nn.Module):
         pooled = torch.cat([self._itm_pool(grid), self._itm_pool(neg_grid)])
         out.itm_logits = self.itm_head(pooled).squeeze(1)
         same = (input_ids[shift] == input_ids[:n]).all(dim=1) & (attention_mask[shift] == attention_mask[:n]).all(dim=1)
-        out.itm_targets = torch.cat([torch.ones(b, device=same.device), same.float()])
+        own = torch.ones(b, device=same.device)
+        if self.config.itm_target == "alignment":
+            if labels is None or "alignment" not in labels.scores:
+                raise ValueError("itm_target 'alignment' needs alignment score labels")
+            own = labels.scores["alignment"].to(own.device, own.dtype)
+        out.itm_targets = torch.cat([own, same.float() * own[:n]])
         if labels is not None and labels.swap_rows is not None and len(labels.swap_rows):
             rows = labels.swap_rows
             swap_grid, _ = self.fuse(image_tokens[rows], labels.swap_ids, labels.swap_mask)

@@ -98,6 +98,7 @@ class TrainConfig:
     heatmap_weights: dict[str, float] | None = None  # override the per-map factors on the heatmap loss weight
     itm_negatives: int | None = None  # override how many images per batch get an ITM negative (0: all)
     itm_swaps: list[list[str]] | None = None  # override the word classes of edited-prompt ITM negatives
+    itm_target: str | None = None  # override the ITM target of an image's own prompt: "match" | "alignment"
     rank_loss_weight: float | None = None  # override the within-prompt ranking loss weight (> 0 turns it on)
     rank_temperature: float | None = None  # override its temperature
     rank_min_gap: float | None = None  # override the true-score gap below which a pair is a tie

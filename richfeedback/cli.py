@@ -1020,6 +1020,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the ITM head pools the fused image tokens (presets only; default: mean, or a saved folder's)",
     )
     p.add_argument(
+        "--itm-target",
+        dest="itm_target",
+        choices=("match", "alignment"),
+        default=None,
+        help="ITM target of an image's own prompt: 1 (match), or its labelled alignment score (default: match)",
+    )
+    p.add_argument(
         "--heatmap-loss",
         dest="heatmap_loss",
         choices=("mse", "bce"),

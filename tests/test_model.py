@@ -462,6 +462,24 @@ def test_itm_pairs_targets_and_loss(images):
     assert abs(float(out.itm_logits[3] - out.itm_logits[0])) > 1e-6
 
 
+def test_itm_target_alignment_makes_a_flawed_image_s_own_prompt_a_partial_match(images):
+    """With itm_target "alignment" an image's own (or an identical) prompt is targeted at its alignment label."""
+    model, processor = build_rahf(
+        "rahf-tiny", seed=0, config_overrides={"itm_loss_weight": 1.0, "itm_target": "alignment"}
+    )
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1]]
+    labels = labels_for(model, processor, prompts, [[1] * 7, [1] * 7, [1, 1]])
+    labels.scores["alignment"] = torch.tensor([1.0, 0.5, 0.25])
+    pixels, text = model_inputs(model, processor, images, prompts)
+    with torch.no_grad():
+        out = model(pixels, text.input_ids, text.attention_mask, labels=labels)
+    # own prompts: their alignment; shifted: image 1 with prompt 0 is its own prompt again (0.5), the rest 0
+    assert out.itm_targets.tolist() == [1.0, 0.5, 0.25, 0.0, 0.5, 0.0]
+    del labels.scores["alignment"]
+    with pytest.raises(ValueError, match="needs alignment score labels"), torch.no_grad():
+        model(pixels, text.input_ids, text.attention_mask, labels=labels)
+
+
 def test_itm_model_round_trips(tmp_path):
     model, _ = build_rahf("rahf-tiny", seed=3, config_overrides={"itm_loss_weight": 1.0})
     model.save_pretrained(tmp_path / "m")
