@@ -66,7 +66,8 @@ class RAHFScorer:
         head_chunk: feature maps per head call; bounds the memory of full-resolution heatmap activations
             (~0.5 GB per image at richhf-base size) without slowing down.
         score_readout: a fitted :class:`~rahf.readout.ScoreReadout`; the scores returned are then its calibrated
-            scores instead of the heads'. ``from_pretrained`` loads the folder's own unless ``score_readout=False``.
+            scores instead of the heads', and the maps are scaled by its presence gates when it has them.
+            ``from_pretrained`` loads the folder's own unless ``score_readout=False``.
     """
 
     def __init__(
@@ -257,18 +258,21 @@ class RAHFScorer:
         size = proc.image_size
         x = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = (x - proc.image_mean) / proc.image_std
+        readout = self.score_readout
+        maps = readout.heatmap_names if readout else ()
+        scores = tuple(dict.fromkeys((*readout.score_names, score))) if readout else (score,)
         if model.config.variant == "multi_head":
             text = proc.tokenize(list(prompts))
-        else:
-            text = proc.tokenize_tasks(list(prompts), [model.config.task_prefixes[score]])
-        readout = self.score_readout
+        else:  # one task row per output the forward computes
+            tasks = model.task_order(maps, scores, False)
+            text = proc.tokenize_tasks(list(prompts), [model.config.task_prefixes[t] for t in tasks])
         with self._autocast():
             out = model(
                 x,
                 text.input_ids.to(self.device),
                 text.attention_mask.to(self.device),
-                heatmaps=readout.heatmap_names if readout else (),
-                scores=readout.score_names if readout else (score,),
+                heatmaps=maps,
+                scores=scores,
                 keywords=False,
                 channels_last=self.channels_last,
                 head_chunk=self.head_chunk,

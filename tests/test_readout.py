@@ -237,3 +237,29 @@ def test_the_cost_benchmark_times_the_demo_model_with_and_without_its_read_out(c
     for r in rows:  # images per second, and their ratio
         heads, readout, ratio = float(r[1]), float(r[2]), float(r[3].rstrip(" |×"))
         assert heads > 0 and readout > 0 and ratio == pytest.approx(readout / heads, abs=0.006)
+
+
+def test_an_augmented_prompt_model_scores_through_its_read_out_on_every_path(tmp_path, one_torch_thread):
+    from rahf.presets import build_rahf
+
+    model, processor = build_rahf("rahf-tiny", variant="augmented_prompt")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    readout, _ = _random_readout()
+    readout.save(tmp_path)
+    scorer = RAHFScorer.from_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    from PIL import Image
+
+    pictures = [Image.fromarray(a) for a in images]
+    full = scorer.score(["a red circle", "two blue squares"], pictures, keywords=False)
+    only = scorer.score(["a red circle", "two blue squares"], pictures, scores_only=True)
+    assert np.allclose(
+        [[f.scores[s] for s in SCORE_NAMES] for f in full],
+        [[f.scores[s] for s in SCORE_NAMES] for f in only],
+        atol=1e-5,
+    )
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
+    value = scorer.score_tensor(["a red circle", "two blue squares"], pixels, SCORE_NAMES[1])
+    assert np.allclose(value.detach().numpy(), [f.scores[SCORE_NAMES[1]] for f in full], atol=1e-4)
