@@ -449,6 +449,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit a score read-out of a trained RAHF on a labelled split and save it in the model folder."""
     from rahf.readout import READOUT_FILE, ReadoutConfig, fit_score_readout
 
+    if not (Path(args.model) / "config.json").is_file():  # the read-out is written into the folder
+        print(
+            f"error: --model {args.model} is not a saved RAHF folder (no config.json); calibrate writes its "
+            "read-out into the model folder, so save or copy the model to a folder first",
+            file=sys.stderr,
+        )
+        return 2
     set_threads(args.threads)
     config = ReadoutConfig(
         split=args.split, lam=args.lam, area_threshold=args.area_threshold, map_gates=not args.no_map_gates

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -205,6 +207,8 @@ def test_the_scorer_applies_a_saved_read_out_on_every_path(calibrated, tmp_path,
 def test_calibrate_writes_the_read_out_and_eval_can_ignore_it(calibrated, tmp_path, capsys, one_torch_thread):
     data, _, _, _ = calibrated
     model_dir = save_tiny_rahf(tmp_path / "model")
+    assert main(["calibrate", "--model", "rahf-tiny", "--data", str(data)]) == 2  # a preset name: no folder to write
+    assert "not a saved RAHF folder" in capsys.readouterr().err and not (Path("rahf-tiny") / READOUT_FILE).exists()
     calibrate = ["calibrate", "--model", model_dir, "--data", str(data), "--threads", "1"]
     assert main([*calibrate, "--no-map-gates"]) == 0
     out = capsys.readouterr().out
