@@ -26,15 +26,10 @@ import numpy as np
 
 from common.names import HEATMAP_NAMES, SCORE_NAMES
 from rahf.metrics import plcc, srcc
-from rahf.readout import fit_ridge, predict
+from rahf.readout import feature_names, fit_ridge, output_features, predict
 
 #: the features of one image, in column order (scores, then per heatmap mean / max / area, then keywords)
-FEATURE_NAMES: tuple[str, ...] = (
-    *SCORE_NAMES,
-    *[f"{h}/{stat}" for h in HEATMAP_NAMES for stat in ("mean", "max", "area")],
-    "keywords/count",
-    "keywords/share",
-)
+FEATURE_NAMES: tuple[str, ...] = (*feature_names(SCORE_NAMES, HEATMAP_NAMES), "keywords/count", "keywords/share")
 
 
 def features(
@@ -44,14 +39,19 @@ def features(
     prompt: str,
     area_threshold: float = 0.25,
 ) -> np.ndarray:
-    """(len(FEATURE_NAMES),) float64: one image's summary of the model's outputs (maps in [0, 1])."""
-    row = [float(scores[s]) for s in SCORE_NAMES]
-    for h in HEATMAP_NAMES:
-        m = np.asarray(heatmaps[h], np.float64)
-        row += [float(m.mean()), float(m.max()), float((m > area_threshold).mean())]
+    """(len(FEATURE_NAMES),) float64: one image's summary of the model's outputs (maps in [0, 1]): the read-out's
+    features (:func:`rahf.readout.output_features`), then the keyword count and its share of the prompt's words."""
+    import torch
+
+    outputs = output_features(
+        {s: torch.tensor([float(scores[s])], dtype=torch.float64) for s in SCORE_NAMES},
+        {h: torch.from_numpy(np.asarray(heatmaps[h], np.float64))[None] for h in HEATMAP_NAMES},
+        SCORE_NAMES,
+        HEATMAP_NAMES,
+        area_threshold,
+    )[0]
     n_words = max(1, len(prompt.split()))
-    row += [float(len(keywords)), len(keywords) / n_words]
-    return np.asarray(row, np.float64)
+    return np.asarray([*outputs.tolist(), float(len(keywords)), len(keywords) / n_words], np.float64)
 
 
 def readout_table(
