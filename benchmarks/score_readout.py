@@ -44,8 +44,8 @@ def features(
     import torch
 
     outputs = output_features(
-        {s: torch.tensor([float(scores[s])], dtype=torch.float64) for s in SCORE_NAMES},
-        {h: torch.from_numpy(np.asarray(heatmaps[h], np.float64))[None] for h in HEATMAP_NAMES},
+        {s: torch.tensor([float(scores[s])]) for s in SCORE_NAMES},
+        {h: torch.as_tensor(np.asarray(heatmaps[h]))[None] for h in HEATMAP_NAMES},
         SCORE_NAMES,
         HEATMAP_NAMES,
         area_threshold,
