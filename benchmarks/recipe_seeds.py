@@ -3,7 +3,10 @@
 Each recipe is given as evaluation folders (``metrics.json`` of ``richfeedback eval``), one per seed. For every
 number the table shows each recipe's mean and its spread (max - min over its seeds), the difference of the means
 in the number's better direction, and whether the new recipe wins by more than the larger of the two spreads
-(``firm``) — a difference the seeds alone do not make.
+(``firm``) — a difference the seeds alone do not make. The summary line also counts two weaker readings of "better
+beyond the seeds": the gain is larger than the new recipe's own spread (``beyond_own``), and the new recipe's worst
+seed beats the base's best seed (``every_seed``). ``firm`` implies ``beyond_own`` but not ``every_seed``
+(the new recipe's worst seed can still fall short of the base's best).
 
 With ``--loop`` the folders are loop-gain benchmark outputs instead (``loop_gain.json`` of ``richfeedback
 bench-loop --rahf <model of one seed>``, all run with the same settings), and the numbers are what the RAHF scorer
@@ -115,7 +118,9 @@ def value(tables: dict, path: tuple[str, ...]) -> float | None:
 
 def compare(base: list[dict], new: list[dict], numbers=TABLE_NUMBERS) -> list[dict]:
     """One row per number: both recipes' values over seeds, the gain (new - base in the better direction) of the
-    means, the larger spread, and ``firm`` (gain > that spread); a number missing in a folder is skipped."""
+    means, the larger spread, ``firm`` (gain > that spread), ``beyond_own`` (gain > the new recipe's spread) and
+    ``every_seed`` (the new recipe's worst seed better than the base's best); a number missing in a folder is
+    skipped."""
     rows = []
     for table, path, higher in numbers:
         a = [value(t, path) for t in base]
@@ -125,6 +130,7 @@ def compare(base: list[dict], new: list[dict], numbers=TABLE_NUMBERS) -> list[di
         sign = 1.0 if higher else -1.0
         gain = sign * (statistics.fmean(b) - statistics.fmean(a)) + 0.0  # + 0.0: a tie is +0, never -0
         spread = max(max(a) - min(a), max(b) - min(b))
+        worst_new, best_base = (min(b), max(a)) if higher else (-max(b), -min(a))
         rows.append(
             {
                 "table": table,
@@ -135,6 +141,8 @@ def compare(base: list[dict], new: list[dict], numbers=TABLE_NUMBERS) -> list[di
                 "gain": gain,
                 "spread": spread,
                 "firm": gain > spread,
+                "beyond_own": gain > max(b) - min(b),
+                "every_seed": worst_new > best_base,
             }
         )
     return rows
@@ -165,7 +173,14 @@ def markdown(rows: list[dict], base_name: str, new_name: str, per_seed: bool = F
         )
     wins = sum(r["gain"] > 0 for r in rows)
     firm = sum(r["firm"] for r in rows)
-    lines += ["", f"{new_name} better on {wins} of {len(rows)}; by more than the seeds' spread on {firm}."]
+    own = sum(r["beyond_own"] for r in rows)
+    every = sum(r["every_seed"] for r in rows)
+    lines += [
+        "",
+        f"{new_name} better on {wins} of {len(rows)}; by more than the seeds' spread on {firm}.",
+        f"Weaker readings: by more than the spread of {new_name} alone on {own}; every seed of {new_name} better "
+        f"than every seed of {base_name} on {every}.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -24,9 +24,29 @@ def test_gain_is_in_the_better_direction_and_firm_only_beyond_the_spread():
     assert abs(mse["gain"] - 0.001) < 1e-12 and not mse["firm"]  # lower is better; 0.001 < spread 0.002
     text = markdown(list(rows.values()), "A", "B")
     assert "B better on 2 of 2; by more than the seeds' spread on 1." in text
+    assert plcc["beyond_own"] and plcc["every_seed"]  # 0.085 > B's spread 0.01; 0.60 > 0.54
+    assert not mse["beyond_own"] and not mse["every_seed"]  # 0.001 < 0.002; B's worst 0.021 > A's best 0.020
+    assert (
+        "Weaker readings: by more than the spread of B alone on 1; every seed of B better than every seed of A on 1."
+        in text
+    )
     assert "| 0.52 ± 0.02 | 0.605 ± 0.005 | +0.085 | 0.04 | **yes** |" in text
     per_seed = markdown(list(rows.values()), "A", "B", per_seed=True)
     assert "| 0.02 / 0.022 | 0.021 / 0.019 | +0.001 | 0.002 | no |" in per_seed  # a gain inside the spread
+
+
+def test_the_three_readings_differ():
+    def plcc_row(base: list[float], new: list[float]) -> dict:
+        rows = compare([_tables(v, 0.01) for v in base], [_tables(v, 0.01) for v in new])
+        return next(r for r in rows if r["metric"] == "plausibility/plcc")
+
+    readings = ("firm", "beyond_own", "every_seed")
+    # one outlying base seed: gain 1.33 beyond both spreads (1.0), yet B's worst seed only ties A's best
+    assert [plcc_row([0.0, 0.0, 1.0], [1.0, 2.0, 2.0])[k] for k in readings] == [True, True, False]
+    # B steady, A spread wide: gain 0.3 beyond B's spread (0) but not A's (1.0), and the seeds overlap
+    assert [plcc_row([0.0, 1.0], [0.8, 0.8])[k] for k in readings] == [False, True, False]
+    # B spread wide above a steady A: every seed better, gain 0.55 inside B's spread 0.8
+    assert [plcc_row([0.0, 0.1], [0.2, 1.0])[k] for k in readings] == [False, False, True]
 
 
 def test_a_loss_reads_worse_and_a_tie_tie():
