@@ -129,7 +129,7 @@ def compare(base: list[dict], new: list[dict], numbers=TABLE_NUMBERS) -> list[di
             continue
         sign = 1.0 if higher else -1.0
         gain = sign * (statistics.fmean(b) - statistics.fmean(a)) + 0.0  # + 0.0: a tie is +0, never -0
-        spread = max(max(a) - min(a), max(b) - min(b))
+        spread_base, spread_new = max(a) - min(a), max(b) - min(b)
         worst_new, best_base = (min(b), max(a)) if higher else (-max(b), -min(a))
         rows.append(
             {
@@ -139,9 +139,9 @@ def compare(base: list[dict], new: list[dict], numbers=TABLE_NUMBERS) -> list[di
                 "base": a,
                 "new": b,
                 "gain": gain,
-                "spread": spread,
-                "firm": gain > spread,
-                "beyond_own": gain > max(b) - min(b),
+                "spread": max(spread_base, spread_new),
+                "firm": gain > max(spread_base, spread_new),
+                "beyond_own": gain > spread_new,
                 "every_seed": worst_new > best_base,
             }
         )
