@@ -10,7 +10,8 @@ save a checkpoint. The loop, the config dump, the log and progress bar, the chec
 accelerate set-up are the shared training harness's (:mod:`training.harness`). A killed run resumes from its last
 checkpoint and ends with bit-identical weights to an uninterrupted run (on CPU): the data order is a function of
 the step, and the checkpoint holds the model (safetensors), the optimizer state and the torch RNG state
-(safetensors), and the step (JSON).
+(safetensors), the step (JSON), and with ``ema_decay`` > 0 the moving average of the weights (safetensors) that the
+dev loss and ``best/`` use.
 
 Splits are read lazily (:class:`rahf.data.richhf.RichHFSplit`): a batch is decoded when it is drawn, so memory
 does not grow with the dataset. Under ``accelerate launch`` / ``torchrun`` every process takes a disjoint slice of
@@ -20,6 +21,7 @@ the main process writes files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -53,6 +55,7 @@ from rahf.words import swap_word
 from training.harness import (
     Prefetcher,
     TrainingRun,
+    WeightAverage,
     accumulate_step,
     adamw,
     batches_per_epoch,
@@ -83,6 +86,9 @@ class TrainConfig:
     warmup_steps: int = 20  # linear warm-up, then cosine decay to 10 % of lr
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
+    # > 0: keep an exponential moving average of the weights with this decay (e.g. 0.999); the dev loss, best/ and
+    # the best checkpoint's weights are the average's (step checkpoints keep the live weights and the average)
+    ema_decay: float = 0.0
     checkpoint_every: int = 100
     eval_every: int = 100
     log_every: int = 10
@@ -510,6 +516,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     the checkpoints. Returns a summary: final step, best dev loss, seconds, examples, skipped example counts,
     processes and the global batch (per optimizer micro-step).
     """
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) (0: no weight average), got {cfg.ema_decay}")
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision, cfg.grad_accum)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run = TrainingRun(
@@ -557,7 +565,18 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     device = accelerator.device
+    average = WeightAverage(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None  # on the device, after prepare
+    if average is not None and resumed is not None:
+        average.load(resumed[0])
     write_model = _model_writer(raw, processor)
+
+    def write_checkpoint(folder: Path) -> None:  # the live weights, and the average to resume it
+        write_model(folder)
+        if average is not None:
+            average.save(folder)
+
+    def averaged():  # the model as it is evaluated and kept as best/: with the weight average in place, if any
+        return average.applied(raw) if average is not None else contextlib.nullcontext(raw)
 
     def micro_batch(k: int):  # micro-batch k of this process: a function of k alone (exact resume, prefetch)
         index = rank_batch_index(
@@ -596,6 +615,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         if world > 1:  # the mean over processes of the weighted parts is the global batch's part
             mean = accelerator.reduce(torch.tensor(list(parts_sum.values()), dtype=torch.float64, device=device))
             parts_sum = dict(zip(parts_sum, (v / world for v in mean.tolist()), strict=True))
+        if average is not None:
+            average.update(raw)
         return {"lr": lr_at(step, cfg), "loss": sum(parts_sum.values()), **parts_sum}
 
     def evaluate(step: int) -> None:
@@ -604,7 +625,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
             return
         batches.wait()  # the dev batches use the processor the prefetch thread uses
         spread: dict[str, float] = {}
-        loss_dev = dev_loss(raw, processor, dev_data, cfg.batch_size, device, accelerator, spread)
+        with averaged():
+            loss_dev = dev_loss(raw, processor, dev_data, cfg.batch_size, device, accelerator, spread)
         low = sorted(k for k, v in spread.items() if v < cfg.collapse_spread)
         run.log({"step": step, "dev_loss": loss_dev, "dev_spread": spread, **({"collapsed": low} if low else {})})
         collapsed[:] = low
@@ -618,13 +640,14 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
             )
         if loss_dev < best:  # the same on every process: the dev loss is reduced over them
             best = loss_dev
-            run.save(step, write_model, optimizer, {"best_dev_loss": best}, name="best")
+            with averaged():
+                run.save(step, write_model, optimizer, {"best_dev_loss": best}, name="best")
 
     collapsed: list[str] = []  # outputs collapsed at the latest dev evaluation
 
     def checkpoint(step: int) -> None:
         batches.wait()  # the checkpoint writes the processor's tokenizer
-        run.save(step, write_model, optimizer, {"best_dev_loss": best})
+        run.save(step, write_checkpoint, optimizer, {"best_dev_loss": best})
 
     started = time.perf_counter()
     step = run.loop(

@@ -978,6 +978,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("warmup_steps", int, "linear warm-up steps, then cosine decay to 10 %% of lr (TrainConfig default: 20)"),
         ("mixed_precision", str, "no | bf16 | fp16 (TrainConfig default: no)"),
         ("seed", int, "seed of initialisation and batch order (TrainConfig default: 0)"),
+        (
+            "ema_decay",
+            float,
+            "> 0: keep a moving average of the weights with this decay, e.g. 0.999; the dev loss and best/ use it, "
+            "0 keeps none (TrainConfig default: 0)",
+        ),
         ("checkpoint_every", int, "steps between checkpoints (TrainConfig default: 100)"),
         ("eval_every", int, "steps between dev evaluations (TrainConfig default: 100)"),
         ("log_every", int, "steps between log lines (TrainConfig default: 10)"),

@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from training.harness import (
+    AVERAGE_FILE,
     Prefetcher,
     TrainingRun,
+    WeightAverage,
     adamw,
     batches_per_epoch,
     biases_and_norms,
@@ -213,3 +215,37 @@ def test_prefetcher_makes_the_next_item_ahead_and_never_two_at_once():
     plain = Prefetcher(make, enabled=False)
     made.clear()
     assert [plain.get(k) for k in (0, 1)] == [0, 1] and [t for _, t in made] == ["MainThread"] * 2
+
+
+def test_weight_average_follows_its_formula_swaps_in_and_out_and_round_trips(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    model.bias.requires_grad_(False)  # only trainable parameters are averaged
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    avg = WeightAverage(model, decay=0.9)
+    expected = torch.ones(1, 2)
+    for n, value in enumerate([3.0, -1.0, 5.0, 2.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        avg.update(model)
+        keep = min(0.9, (1 + n) / (10 + n))  # 2/11, 3/12, 4/13, 5/14: the warm-up term, below 0.9
+        expected = keep * expected + (1 - keep) * value
+    assert avg.updates == 4 and set(avg.average) == {"weight"}
+    assert torch.allclose(avg.average["weight"], expected)
+    with pytest.raises(RuntimeError, match="inside"), avg.applied(model) as m:  # live weights come back after it
+        assert torch.allclose(m.weight, expected)
+        raise RuntimeError("inside")
+    assert torch.equal(model.weight, torch.full((1, 2), 2.0))
+    avg.save(tmp_path)
+    other = WeightAverage(model, decay=0.9)  # starts from the live weights, then takes the saved average
+    other.load(tmp_path)
+    assert other.updates == 4 and torch.equal(other.average["weight"], avg.average["weight"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without a weight average"):
+        other.load(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not this model's"):
+        WeightAverage(torch.nn.Linear(2, 3), 0.9).load(tmp_path)  # weight and bias against weight alone
+    assert (tmp_path / AVERAGE_FILE).is_file()
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="decay"):
+            WeightAverage(model, bad)

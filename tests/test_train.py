@@ -371,3 +371,40 @@ def test_itm_swaps_add_one_edited_negative_per_prompt_and_reach_the_saved_model(
     bad.write_text('["red", "blue"]')
     assert main(["train", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "d"), "--itm-swaps", str(bad)]) == 2
     assert "want a JSON list of lists of words" in capsys.readouterr().err
+
+
+def test_weight_average_leaves_training_alone_keeps_best_and_resumes_exactly(data_dir, tmp_path):
+    plain = train(config(data_dir, tmp_path / "plain"))
+    whole = train(config(data_dir, tmp_path / "ema", ema_decay=0.5))
+    assert plain["step"] == whole["step"] == 6
+
+    def weights(folder):
+        return load_file(str(folder / "model.safetensors"))
+
+    live = weights(tmp_path / "ema" / "checkpoints" / "step-6")
+    # the average never feeds back: the live weights are those of the run without it, bit for bit
+    assert all(torch.equal(live[k], v) for k, v in weights(tmp_path / "plain" / "checkpoints" / "step-6").items())
+    best_step = json.loads((tmp_path / "ema" / "best" / "trainer_state.json").read_text())["step"]
+    average = load_file(str(tmp_path / "ema" / "checkpoints" / f"step-{best_step}" / "weight_average.safetensors"))
+    best = weights(tmp_path / "ema" / "best")
+    assert all(torch.equal(best[k], v) for k, v in average.items())  # best/ holds the average, not the live weights
+    live_then = weights(tmp_path / "ema" / "checkpoints" / f"step-{best_step}")
+    assert max(float((best[k] - live_then[k]).abs().max()) for k in average) > 1e-4
+    # its dev loss is the average's, so it differs from the plain run's at the same step
+    dev = [json.loads(line)["dev_loss"] for line in (tmp_path / "ema" / "log.jsonl").open() if "dev_loss" in line]
+    dev_plain = [
+        json.loads(line)["dev_loss"] for line in (tmp_path / "plain" / "log.jsonl").open() if "dev_loss" in line
+    ]
+    assert len(dev) == len(dev_plain) == 2 and dev != dev_plain
+    # killed after step 4 and resumed from step 3: the same average and the same best/ as the whole run
+    train(config(data_dir, tmp_path / "part", ema_decay=0.5), stop_after=4)
+    train(config(data_dir, tmp_path / "part", ema_decay=0.5))
+    for name in ("checkpoints/step-6/weight_average.safetensors", "best/model.safetensors"):
+        a, b = load_file(str(tmp_path / "ema" / name)), load_file(str(tmp_path / "part" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # a run started without the average cannot resume with one: the checkpoint has none to continue
+    train(config(data_dir, tmp_path / "switch"), stop_after=3)
+    with pytest.raises(ValueError, match="without a weight average"):
+        train(config(data_dir, tmp_path / "switch", ema_decay=0.5))
+    with pytest.raises(ValueError, match="ema_decay"):
+        train(config(data_dir, tmp_path / "bad", ema_decay=1.0))

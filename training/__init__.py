@@ -5,11 +5,13 @@ It sits between ``common`` and ``rahf`` in the import order (it needs torch, so 
 """
 
 from training.harness import (
+    AVERAGE_FILE,
     CHECKPOINTS_DIR,
     LOG_FILE,
     OPTIMIZER_FILE,
     STATE_FILE,
     TrainingRun,
+    WeightAverage,
     accumulate_step,
     adamw,
     batches_per_epoch,
@@ -30,11 +32,13 @@ from training.harness import (
 )
 
 __all__ = [
+    "AVERAGE_FILE",
     "CHECKPOINTS_DIR",
     "LOG_FILE",
     "OPTIMIZER_FILE",
     "STATE_FILE",
     "TrainingRun",
+    "WeightAverage",
     "accumulate_step",
     "adamw",
     "batches_per_epoch",

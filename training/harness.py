@@ -24,6 +24,9 @@ A caller builds its model and its loss; the harness owns everything around them:
   n < batch_size an epoch is one batch of all n examples.
 * **Optimizer.** :func:`adamw` builds AdamW from the trainable parameters in one or two groups: with weight decay,
   and (when a ``no_decay`` rule is given) without.
+* **Weight average.** :class:`WeightAverage` keeps an exponential moving average of the trainable parameters,
+  updated after every optimizer step; the caller evaluates and saves with it swapped in, and a checkpoint carries it
+  (``weight_average.safetensors``) so a resumed run continues the same average.
 * **Accelerate.** :func:`make_accelerator` (device, mixed precision, gradient accumulation) and
   :func:`accumulate_step` (one micro-batch: forward under autocast, backward, step).
 * **Prefetch.** :class:`Prefetcher` makes the next batch in a background thread while the accelerator runs the
@@ -36,13 +39,15 @@ import dataclasses
 import json
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -51,6 +56,7 @@ from common.atomic import atomic_write_bytes, atomic_write_text, is_temp_name, t
 CHECKPOINTS_DIR = "checkpoints"
 LOG_FILE = "log.jsonl"
 OPTIMIZER_FILE = "optimizer.safetensors"
+AVERAGE_FILE = "weight_average.safetensors"
 STATE_FILE = "trainer_state.json"
 _STEP_PREFIX = "step-"
 _EPOCH_SEED_STRIDE = 100_003  # epoch e of seed s is permuted by torch.Generator().manual_seed(s * stride + e)
@@ -185,6 +191,68 @@ def adamw(
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` (``lr`` for every group)."""
     return torch.optim.AdamW(param_groups(model, weight_decay, no_decay), lr=lr)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's trainable parameters (Polyak averaging).
+
+    After the n-th :meth:`update` each average is ``a ← d·a + (1 − d)·p`` with ``d = min(decay, (1 + n) / (10 + n))``,
+    so the first updates are not dominated by the starting weights; the average spans about ``1 / (1 − decay)``
+    steps at the end. :meth:`applied` swaps the averages into the model (for a dev evaluation or a save) and puts
+    the live weights back after, so training never sees them. Parameters are matched by name.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the weight average's decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.average = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """Fold the model's current parameters into the average (once per optimizer step)."""
+        self.updates += 1
+        keep = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, p in model.named_parameters():
+            if name in self.average:
+                self.average[name].lerp_(p.detach(), 1.0 - keep)
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The model with the averaged parameters in place; the live ones come back on exit (error or not)."""
+        params = dict(model.named_parameters())
+        live = {n: params[n].detach().clone() for n in self.average}
+        with torch.no_grad():
+            for n, a in self.average.items():
+                params[n].copy_(a)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in live.items():
+                    params[n].copy_(p)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the averages and the update count to ``folder/weight_average.safetensors`` (atomically)."""
+        meta = {"updates": str(self.updates), "decay": repr(self.decay)}
+        data = safetensors_bytes({n: a.detach().cpu().contiguous() for n, a in self.average.items()}, metadata=meta)
+        return atomic_write_bytes(Path(folder) / AVERAGE_FILE, data)
+
+    def load(self, folder: str | Path) -> None:
+        """Restore what :meth:`save` wrote; a missing file or a different set of parameters raises ValueError."""
+        path = Path(folder) / AVERAGE_FILE
+        if not path.is_file():
+            raise ValueError(f"{folder} holds no {AVERAGE_FILE}: it was saved by a run without a weight average")
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if set(tensors) != set(self.average):
+            odd = sorted(set(tensors) ^ set(self.average))
+            raise ValueError(f"{path}: its parameters are not this model's ({len(odd)} names differ, e.g. {odd[0]})")
+        for n, t in tensors.items():
+            self.average[n].copy_(t)
+        self.updates = int(meta.get("updates", "0"))
 
 
 def pack_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
