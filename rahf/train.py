@@ -86,8 +86,8 @@ class TrainConfig:
     warmup_steps: int = 20  # linear warm-up, then cosine decay to 10 % of lr
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
-    # > 0: keep an exponential moving average of the weights with this decay (e.g. 0.999); the dev loss, best/ and
-    # the best checkpoint's weights are the average's (step checkpoints keep the live weights and the average)
+    # > 0: keep an exponential moving average of the weights with this decay (e.g. 0.999); the dev loss and best/
+    # use the average (step checkpoints keep the live weights and the average, to resume both)
     ema_decay: float = 0.0
     checkpoint_every: int = 100
     eval_every: int = 100
