@@ -244,9 +244,9 @@ class WeightAverage:
         path = Path(folder) / AVERAGE_FILE
         if not path.is_file():
             raise ValueError(f"{folder} holds no {AVERAGE_FILE}: it was saved by a run without a weight average")
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        with safe_open(str(path), framework="pt") as f:  # one read: the tensors and the update count
+            names = f.keys()
+            tensors, meta = {k: f.get_tensor(k) for k in names}, f.metadata() or {}
         if set(tensors) != set(self.average):
             odd = sorted(set(tensors) ^ set(self.average))
             raise ValueError(f"{path}: its parameters are not this model's ({len(odd)} names differ, e.g. {odd[0]})")
