@@ -48,6 +48,7 @@ from training.harness import (
     TrainingRun,
     accumulate_step,
     adamw,
+    check_grad_norm,
     epoch_batch_index,
     load_trainer_state,
     make_accelerator,
@@ -72,6 +73,8 @@ class LoraTrainConfig:
     steps: int = 100  # optimizer steps
     batch_size: int = 4
     grad_accum: int = 1
+    # > 0: scale the gradients down to this global L2 norm before each step (0: no clipping; grad_norm is logged)
+    max_grad_norm: float = 0.0
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
     checkpoint_every: int = 50
@@ -87,6 +90,7 @@ class LoraTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        check_grad_norm(self.max_grad_norm)
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> LoraTrainConfig:
@@ -379,15 +383,17 @@ def finetune(
     losses: list[float] = []
 
     def train_step(step: int) -> dict[str, Any]:
-        total = 0.0
+        total, norm = 0.0, None
         for micro in range(cfg.grad_accum):
             k = step * cfg.grad_accum + micro
             index = batch_index(k, len(images), cfg.batch_size, cfg.seed).to(device)
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
-            loss, _ = accumulate_step(accelerator, model, optimizer, lambda i=index, g=g: (task.loss(i, g), None))
+            loss, _, norm = accumulate_step(
+                accelerator, model, optimizer, lambda i=index, g=g: (task.loss(i, g), None), cfg.max_grad_norm
+            )
             total += float(loss.detach()) / cfg.grad_accum
         losses.append(total)
-        return {"loss": total}
+        return {"loss": total} | ({"grad_norm": norm} if norm is not None else {})
 
     def checkpoint(step: int) -> None:
         run.save(step, _lora_writer(accelerator.unwrap_model(model)), optimizer)

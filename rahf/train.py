@@ -59,6 +59,7 @@ from training.harness import (
     accumulate_step,
     adamw,
     batches_per_epoch,
+    check_grad_norm,
     due,
     epoch_batch_index,
     load_trainer_state,
@@ -89,6 +90,9 @@ class TrainConfig:
     # > 0: keep an exponential moving average of the weights with this decay (e.g. 0.999); the dev loss and best/
     # use the average (step checkpoints keep the live weights and the average, to resume both)
     ema_decay: float = 0.0
+    # > 0: scale the gradients down to this global L2 norm before each step (0: no clipping); the norm before
+    # clipping is logged as grad_norm either way
+    max_grad_norm: float = 0.0
     checkpoint_every: int = 100
     eval_every: int = 100
     log_every: int = 10
@@ -518,6 +522,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     """
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1) (0: no weight average), got {cfg.ema_decay}")
+    check_grad_norm(cfg.max_grad_norm)
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision, cfg.grad_accum)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run = TrainingRun(
@@ -590,6 +595,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         parts_sum: dict[str, float] = {}
+        norm = None
         for micro in range(cfg.grad_accum):
             k = step * cfg.grad_accum + micro
             px, ids, mask, labels = batches.get(k)
@@ -609,7 +615,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
                     parts = {k: parts[k] * float(c * world / totals[k]) for k, (_, c) in terms.items()}
                 return loss, parts
 
-            _, parts = accumulate_step(accelerator, model, optimizer, compute)
+            _, parts, norm = accumulate_step(accelerator, model, optimizer, compute, cfg.max_grad_norm)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
         if world > 1:  # the mean over processes of the weighted parts is the global batch's part
@@ -617,7 +623,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
             parts_sum = dict(zip(parts_sum, (v / world for v in mean.tolist()), strict=True))
         if average is not None:
             average.update(raw)
-        return {"lr": lr_at(step, cfg), "loss": sum(parts_sum.values()), **parts_sum}
+        row = {"lr": lr_at(step, cfg), "loss": sum(parts_sum.values()), **parts_sum}
+        return row | ({"grad_norm": norm} if norm is not None else {})
 
     def evaluate(step: int) -> None:
         nonlocal best

@@ -751,6 +751,7 @@ FINETUNE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("steps", int, "optimizer steps (default: 100)"),
     ("batch_size", int, "images per step (default: 4)"),
     ("grad_accum", int, "gradient accumulation steps (default: 1)"),
+    ("max_grad_norm", float, "> 0: clip the gradients' global norm to this before each step, 0: none (default: 0.0)"),
     ("mixed_precision", str, "no | bf16 | fp16 (default: no)"),
     ("seed", int, "(default: 0)"),
     ("checkpoint_every", int, "steps between resumable checkpoints (default: 50)"),
@@ -983,6 +984,12 @@ def build_parser() -> argparse.ArgumentParser:
             float,
             "> 0: keep a moving average of the weights with this decay, e.g. 0.999; the dev loss and best/ use it, "
             "0 keeps none (TrainConfig default: 0)",
+        ),
+        (
+            "max_grad_norm",
+            float,
+            "> 0: clip the gradients' global norm to this before each step, 0: no clipping; the norm is logged as "
+            "grad_norm either way (TrainConfig default: 0)",
         ),
         ("checkpoint_every", int, "steps between checkpoints (TrainConfig default: 100)"),
         ("eval_every", int, "steps between dev evaluations (TrainConfig default: 100)"),

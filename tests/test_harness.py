@@ -18,12 +18,15 @@ from training.harness import (
     Prefetcher,
     TrainingRun,
     WeightAverage,
+    accumulate_step,
     adamw,
     batches_per_epoch,
     biases_and_norms,
+    check_grad_norm,
     checkpoint_steps,
     epoch_batch_index,
     last_checkpoint,
+    make_accelerator,
     param_groups,
     show_progress,
 )
@@ -249,3 +252,48 @@ def test_weight_average_follows_its_formula_swaps_in_and_out_and_round_trips(tmp
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(ValueError, match="decay"):
             WeightAverage(model, bad)
+
+
+def test_accumulate_step_measures_the_gradient_norm_and_clips_only_when_asked():
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+
+    def model_and_grad():  # the same model each time, and its gradient of the loss below by plain autograd
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        loss = (model(x) ** 2).sum() * 5
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return model, grads, float(torch.sqrt(sum((g**2).sum() for g in grads)))
+
+    def stepped(max_norm: float, accum: int = 1):
+        model, grads, norm = model_and_grad()
+        start = [p.detach().clone() for p in model.parameters()]
+        accelerator = make_accelerator("cpu", "no", accum)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        norms = [
+            accumulate_step(accelerator, model, optimizer, lambda: ((model(x) ** 2).sum() * 5, None), max_norm)[2]
+            for _ in range(accum)
+        ]
+        return norms, start, [p.detach() for p in model.parameters()], grads, norm
+
+    norms, start, params, grads, norm = stepped(0.0)
+    assert norm > 1.0 and norms == [pytest.approx(norm, rel=1e-6)]  # measured, before any clipping
+    # without a threshold the gradients keep their bits: the step is a plain backward and SGD step, exactly
+    plain, *_ = model_and_grad()
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.1)
+    ((plain(x) ** 2).sum() * 5).backward()
+    sgd.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, plain.parameters(), strict=True))
+    assert any(not torch.equal(p, s) for p, s in zip(params, start, strict=True))
+    norms, start, params, grads, norm = stepped(0.5)
+    assert norms == [pytest.approx(norm, rel=1e-6)]  # the norm logged is the one before clipping
+    applied = torch.sqrt(sum((((s - p) / 0.1) ** 2).sum() for p, s in zip(params, start, strict=True)))
+    assert float(applied) == pytest.approx(0.5, rel=1e-4)  # the step used gradients of norm 0.5
+    for p, s, g in zip(params, start, grads, strict=True):
+        torch.testing.assert_close(s - p, 0.1 * g * 0.5 / norm, rtol=1e-4, atol=1e-7)  # same direction
+    # two micro-batches of one step: only the one that steps measures (the mean of two equal gradients)
+    norms, *_, norm = stepped(0.0, accum=2)
+    assert norms[0] is None and norms[1] == pytest.approx(norm, rel=1e-6)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_grad_norm must be a finite number >= 0"):
+            check_grad_norm(bad)

@@ -106,6 +106,8 @@ def test_resume_after_interruption_gives_the_same_adapter(four_images, tmp_path,
     r = load_file(resumed["adapter"] + "/pytorch_lora_weights.safetensors")
     assert w.keys() == r.keys() and all(torch.equal(w[k], r[k]) for k in w)  # bit-identical
     assert (tmp_path / "part" / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()
+    logged = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").open()]
+    assert logged and all(row["grad_norm"] > 0 for row in logged)  # the norm of every logged step
     saved = tmp_path / "part" / "checkpoints" / "step-6"
     assert sorted(p.name for p in saved.iterdir()) == [
         "lora.safetensors",
@@ -159,6 +161,8 @@ def test_config_errors():
         LoraTrainConfig("d", "o", rank=0)
     with pytest.raises(ValueError, match="mixed_precision"):
         LoraTrainConfig("d", "o", mixed_precision="fp8")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        LoraTrainConfig("d", "o", max_grad_norm=-0.5)
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         finetune(LoraTrainConfig("d", "o"), keep_checkpoints=0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import sys
 
 import pytest
@@ -408,3 +409,23 @@ def test_weight_average_leaves_training_alone_keeps_best_and_resumes_exactly(dat
         train(config(data_dir, tmp_path / "switch", ema_decay=0.5))
     with pytest.raises(ValueError, match="ema_decay"):
         train(config(data_dir, tmp_path / "bad", ema_decay=1.0))
+
+
+def test_gradient_norm_is_logged_and_clipping_changes_every_step(data_dir, tmp_path):
+    def rows(out):
+        return [json.loads(line) for line in (out / "log.jsonl").open() if '"loss"' in line]
+
+    train(config(data_dir, tmp_path / "plain"))
+    norms = [r["grad_norm"] for r in rows(tmp_path / "plain")]
+    assert len(norms) == 6 and all(math.isfinite(n) and n > 0 for n in norms)
+    low = min(norms) / 10  # below every step's norm: every step is clipped
+    train(config(data_dir, tmp_path / "clip", max_grad_norm=low))
+    clipped = [r["grad_norm"] for r in rows(tmp_path / "clip")]
+    assert clipped[0] == norms[0]  # step 1: the same weights and batch, so the same norm before clipping
+    a = load_file(str(tmp_path / "plain" / "checkpoints" / "step-6" / "model.safetensors"))
+    b = load_file(str(tmp_path / "clip" / "checkpoints" / "step-6" / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "clip" / "train_config.json").read_text())["max_grad_norm"] == low
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        train(config(data_dir, tmp_path / "bad", max_grad_norm=-1.0))
+    assert not (tmp_path / "bad").exists()  # refused before anything is written

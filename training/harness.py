@@ -28,7 +28,8 @@ A caller builds its model and its loss; the harness owns everything around them:
   updated after every optimizer step; the caller evaluates and saves with it swapped in, and a checkpoint carries it
   (``weight_average.safetensors``) so a resumed run continues the same average.
 * **Accelerate.** :func:`make_accelerator` (device, mixed precision, gradient accumulation) and
-  :func:`accumulate_step` (one micro-batch: forward under autocast, backward, step).
+  :func:`accumulate_step` (one micro-batch: forward under autocast, backward, step). Each optimizer step measures
+  the gradients' global norm, which the loops log as ``grad_norm``, and can clip it (``max_grad_norm``).
 * **Prefetch.** :class:`Prefetcher` makes the next batch in a background thread while the accelerator runs the
   current one (batches are functions of their index, so the order and the bits are those of a plain loop).
 """
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -104,15 +106,34 @@ def accumulate_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     compute: Callable[[], tuple[torch.Tensor, Any]],
-) -> tuple[torch.Tensor, Any]:
+    max_grad_norm: float = 0.0,
+) -> tuple[torch.Tensor, Any, float | None]:
     """One micro-batch: ``compute()`` -> (loss, anything) under autocast, backward, and the optimizer's step (which
-    the accelerator applies only on the last micro-batch of an optimizer step). Returns what ``compute`` did."""
+    the accelerator applies only on the last micro-batch of an optimizer step).
+
+    On that last micro-batch the global L2 norm of the gradients is measured (unscaled under fp16) and, when
+    ``max_grad_norm`` > 0, the gradients are scaled down to that norm before the step; 0 measures only and leaves
+    the gradients' bits as they are. Returns (loss, what ``compute`` returned, the norm before clipping — None on a
+    micro-batch that does not step)."""
+    check_grad_norm(max_grad_norm)
+    norm = None
     with accelerator.accumulate(model), accelerator.autocast():
         loss, extra = compute()
         accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            params = [p for p in model.parameters() if p.grad is not None]
+            # max_norm inf: the clip coefficient is clamped to 1, so every gradient is multiplied by exactly 1.0
+            total = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+            norm = float(total) if total is not None else None  # None: a backend that does not report it
         optimizer.step()
         optimizer.zero_grad()
-    return loss, extra
+    return loss, extra, norm
+
+
+def check_grad_norm(max_grad_norm: float) -> None:
+    """Refuse a clipping threshold that is negative or not finite (0 means: no clipping)."""
+    if not (max_grad_norm >= 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {max_grad_norm}")
 
 
 T = TypeVar("T")
