@@ -122,8 +122,11 @@ def accumulate_step(
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             params = [p for p in model.parameters() if p.grad is not None]
-            # max_norm inf: the clip coefficient is clamped to 1, so every gradient is multiplied by exactly 1.0
-            total = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+            if max_grad_norm > 0:
+                total = accelerator.clip_grad_norm_(params, max_grad_norm)
+            else:  # measure only: the gradients are read, never written (a non-finite norm changes nothing)
+                accelerator.unscale_gradients()  # fp16: the true gradients (a no-op otherwise)
+                total = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
             norm = float(total) if total is not None else None  # None: a backend that does not report it
         optimizer.step()
         optimizer.zero_grad()
