@@ -411,7 +411,7 @@ def test_weight_average_leaves_training_alone_keeps_best_and_resumes_exactly(dat
         train(config(data_dir, tmp_path / "bad", ema_decay=1.0))
 
 
-def test_gradient_norm_is_logged_and_clipping_changes_every_step(data_dir, tmp_path):
+def test_gradient_norm_is_logged_and_clipping_changes_the_run(data_dir, tmp_path):
     def rows(out):
         return [json.loads(line) for line in (out / "log.jsonl").open() if '"loss"' in line]
 

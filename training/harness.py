@@ -127,7 +127,7 @@ def accumulate_step(
             else:  # measure only: the gradients are read, never written (a non-finite norm changes nothing)
                 accelerator.unscale_gradients()  # fp16: the true gradients (a no-op otherwise)
                 total = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
-            norm = float(total) if total is not None else None  # None: a backend that does not report it
+            norm = float(total) if total is not None else None  # None: no gradients, or a backend without a norm
         optimizer.step()
         optimizer.zero_grad()
     return loss, extra, norm
