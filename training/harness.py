@@ -126,7 +126,9 @@ def accumulate_step(
                 total = accelerator.clip_grad_norm_(params, max_grad_norm)
             else:  # measure only: the gradients are read, never written (a non-finite norm changes nothing)
                 accelerator.unscale_gradients()  # fp16: the true gradients (a no-op otherwise)
-                total = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+                # the norm of the per-tensor norms, as clipping computes it (torch >= 2.4; no get_total_norm)
+                norms = [torch.linalg.vector_norm(p.grad) for p in params]
+                total = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
             norm = float(total) if total is not None else None  # None: no gradients, or a backend without a norm
         optimizer.step()
         optimizer.zero_grad()
