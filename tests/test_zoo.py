@@ -49,6 +49,7 @@ def test_the_demo_recipe_is_a_valid_training_config_of_the_bar_model():
     from rahf.model import TRAINING_FIELDS
     from rahf.presets import preset_config
     from rahf.train import TrainConfig
+    from rahf.words import load_swap_classes
     from rahf.zoo import SYNTHETIC_RECIPE
 
     train = SYNTHETIC_RECIPE["train"]
@@ -57,6 +58,8 @@ def test_the_demo_recipe_is_a_valid_training_config_of_the_bar_model():
     config = preset_config(cfg.preset, cfg.variant, overrides)
     assert (config.heatmap_loss, config.heatmap_weights["misalignment"], config.grid_size) == ("bce", 3.0, 16)
     assert cfg.steps * cfg.batch_size <= 4 * SYNTHETIC_RECIPE["data"]["train"]  # a few epochs, not an open budget
+    # the recipe spells out the synthetic world's swap classes (so its hash covers them); they must stay the world's
+    assert train["itm_swaps"] == load_swap_classes("synthetic") and config.itm_swaps
 
 
 def test_sample_prompts_are_distinct_parseable_and_seeded():
