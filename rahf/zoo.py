@@ -117,7 +117,7 @@ def ensure_synthetic_rahf(
 ) -> Path:
     """The folder of ``rahf-tiny-p4`` trained on the synthetic benchmark by ``recipe`` (default
     :data:`SYNTHETIC_RECIPE`): the shipped folder when it holds that recipe's model, else a cached training, made on
-    first use (about 78 minutes on a 2-core CPU for the default recipe)."""
+    first use (about 73 minutes on a 2-core CPU for the default recipe)."""
     recipe = recipe or SYNTHETIC_RECIPE
     if (SHIPPED_DIR / MANIFEST).is_file():
         problem = shipped_model_problem(recipe)
