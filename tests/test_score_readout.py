@@ -72,3 +72,31 @@ def test_command_skips_an_unreadable_image_and_names_it(tmp_path_factory, tmp_pa
     model_dir, text = _run_on_tiny_model(data, tmp_path)
     assert "Skipped 1 example(s) that could not be scored:" in text and f"- {broken}: " in text
     assert len([line for line in text.splitlines() if line.startswith(f"| {model_dir} |")]) == 4
+
+
+def test_mirror_prompt_swaps_left_and_right_as_whole_words():
+    from benchmarks.score_readout import mirror_prompt
+
+    assert mirror_prompt("two red circles at the left and a blue square at the Right") == (
+        "two red circles at the right and a blue square at the left"
+    )
+    assert mirror_prompt("a leftover square in the middle") == "a leftover square in the middle"
+
+
+def test_mirrored_features_are_the_mean_of_both_views(tmp_path_factory, tmp_path):
+    from PIL import Image, ImageOps
+
+    from benchmarks.score_readout import mirror_prompt, split_features
+    from rahf.data.richhf import read_split
+    from rahf.scorer import RAHFScorer
+
+    data = synthetic_split_folder(tmp_path_factory, "synth-mirror", {"test": 6}, seed=5)
+    model_dir = save_tiny_rahf(tmp_path / "model")
+    plain, truth, _ = split_features(model_dir, data, "test", 1, 8, 0.25)
+    both, truth_m, _ = split_features(model_dir, data, "test", 1, 8, 0.25, mirror=True)
+    assert np.array_equal(truth, truth_m) and not np.allclose(plain, both, rtol=0, atol=1e-9)
+    record = read_split(data, "test")[0][0]
+    view = ImageOps.mirror(Image.open(record.image).convert("RGB"))
+    fb = RAHFScorer.from_pretrained(model_dir, score_readout=False).score(mirror_prompt(record.prompt), [view])[0]
+    mirrored = features(fb.scores, fb.heatmaps, fb.misaligned_keywords, mirror_prompt(record.prompt))
+    np.testing.assert_allclose(both[0], (plain[0] + mirrored) / 2, rtol=1e-5, atol=1e-6)

@@ -63,3 +63,42 @@ def test_ceiling_is_perfect_without_the_pair_and_below_one_with_it(tmp_path, cap
     assert result["scores"]["alignment"]["plcc"] < 0.99 and result["scores"]["plausibility"]["plcc"] == 1.0
     assert f"| alignment | {result['scores']['alignment']['plcc']:.3f} |" in out.read_text()
     assert out.read_text() in capsys.readouterr().out
+
+
+def test_a_model_is_correlated_with_both_the_labels_and_what_the_images_show(tmp_path):
+    from benchmarks.visible_ceiling import against_both, split_scores
+
+    paired = FlawModel(wrong_colour=0.1, missing=0.6, extra=0.6)
+    write_split(tmp_path, "test", 40, size=32, seed=1, flaws=paired)
+    _, truth, seen = split_scores(tmp_path, "test")
+    ceiling = visible_ceiling(tmp_path, "test")["scores"]
+    reads_pixels = against_both(seen, truth, seen)  # a model that scores exactly what each image shows
+    for s in ("alignment", "overall"):
+        assert reads_pixels[s]["visible"]["plcc"] == pytest.approx(1.0)
+        assert reads_pixels[s]["labels"]["plcc"] == pytest.approx(ceiling[s]["plcc"])
+        assert ceiling[s]["plcc"] < 0.99
+    knows_labels = against_both(truth, truth, seen)  # one that knows the labels is above the ceiling
+    assert knows_labels["alignment"]["labels"]["plcc"] == pytest.approx(1.0)
+    assert knows_labels["alignment"]["visible"]["plcc"] == pytest.approx(ceiling["alignment"]["plcc"])
+
+
+def test_command_scores_a_saved_model_against_both(tmp_path_factory, tmp_path):
+    from benchmarks.visible_ceiling import against_both, model_scores, split_scores
+    from tests.conftest import save_tiny_rahf
+
+    data = tmp_path_factory.mktemp("ceiling-model")
+    write_split(data, "test", 12, size=64, seed=2, flaws=FlawModel(missing=0.6, extra=0.6))
+    model_dir = save_tiny_rahf(tmp_path / "model")
+    out = tmp_path / "ceiling.md"
+    assert main(["--data", str(data), "--model", f"tiny={model_dir}", "--threads", "1", "--out", str(out)]) == 0
+    predicted, kept, skipped = model_scores(model_dir, data, "test", 1)
+    assert skipped == [] and kept.tolist() == list(range(12))
+    _, truth, seen = split_scores(data, "test")
+    table = against_both(predicted, truth, seen)
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny |")]
+    assert [r.split(" | ")[1] for r in rows] == ["alignment", "overall"]
+    al = table["alignment"]
+    assert rows[0].endswith(
+        f"| {al['labels']['plcc']:.3f} / {al['labels']['srcc']:.3f} | "
+        f"{al['visible']['plcc']:.3f} / {al['visible']['srcc']:.3f} |"
+    )
