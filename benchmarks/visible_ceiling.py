@@ -54,7 +54,11 @@ def split_scores(data: Path, split: str) -> tuple[list[dict], np.ndarray, np.nda
 
 def visible_ceiling(data: Path, split: str) -> dict[str, object]:
     """PLCC / SRCC of the visible scores against the labels for every score of ``data``/``split``."""
-    rows, truth, seen = split_scores(data, split)
+    return ceiling_of(*split_scores(data, split))
+
+
+def ceiling_of(rows: Sequence[dict], truth: np.ndarray, seen: np.ndarray) -> dict[str, object]:
+    """:func:`visible_ceiling` of the rows, labels and visible scores :func:`split_scores` returns."""
     hidden = sum(1 for r in rows if cancelled_groups(r["flaws"]))
     per_score = {
         s: {"plcc": plcc(seen[:, j], truth[:, j]), "srcc": srcc(seen[:, j], truth[:, j])}
@@ -137,13 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the repository root is on sys.path under pytest and when run as a script
     from benchmarks import emit, named_models
 
-    _, truth, seen = split_scores(args.data, args.split)
+    rows, truth, seen = split_scores(args.data, args.split)
     models, skipped = {}, []
     for name, path in named_models(args.model):
         predicted, kept, bad = model_scores(path, args.data, args.split, args.threads)
         models[name] = against_both(predicted, truth[kept], seen[kept])
         skipped += [x for x in bad if x not in skipped]  # the same file fails for every model
-    text = markdown(visible_ceiling(args.data, args.split), args.data, args.split, models, skipped)
+    text = markdown(ceiling_of(rows, truth, seen), args.data, args.split, models, skipped)
     emit(text, args.out)
     return 0
 

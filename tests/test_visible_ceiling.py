@@ -102,3 +102,23 @@ def test_command_scores_a_saved_model_against_both(tmp_path_factory, tmp_path):
         f"| {al['labels']['plcc']:.3f} / {al['labels']['srcc']:.3f} | "
         f"{al['visible']['plcc']:.3f} / {al['visible']['srcc']:.3f} |"
     )
+
+
+def test_an_unreadable_image_is_skipped_for_the_model_and_named(tmp_path_factory, tmp_path):
+    from benchmarks import synthetic_rows
+    from benchmarks.visible_ceiling import model_scores
+    from tests.conftest import save_tiny_rahf
+
+    data = tmp_path_factory.mktemp("ceiling-bad")
+    write_split(data, "test", 10, size=64, seed=3, flaws=FlawModel(missing=0.6, extra=0.6))
+    broken = data / synthetic_rows(data, "test")[4]["image"]
+    broken.write_bytes(b"not a png")
+    model_dir = save_tiny_rahf(tmp_path / "model")
+    predicted, kept, skipped = model_scores(model_dir, data, "test", 1)
+    assert kept.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9] and predicted.shape == (9, 4)
+    assert len(skipped) == 1 and skipped[0].startswith(f"{broken}: ")
+    out = tmp_path / "ceiling.md"
+    assert main(["--data", str(data), "--model", f"tiny={model_dir}", "--threads", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Skipped 1 image(s) that could not be scored:" in text and f"- {broken}: " in text
+    assert len([line for line in text.splitlines() if line.startswith("| tiny |")]) == 2
